@@ -1,0 +1,359 @@
+//! `hub.v1.AdminService`: what operators call. The admin token is checked
+//! by an interceptor before any method runs (see `crate::server`).
+
+use std::pin::Pin;
+
+use hub_proto::v1 as proto;
+use hub_proto::v1::admin_service_server::AdminService;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::Hub;
+use crate::directives::{NewDirective, State, Target, parse_id};
+use crate::error::{Error, Result};
+use crate::spokes::{SpokeRecord, check_labels};
+use crate::store::{DirectiveFilter, MetricFilter, NewDirectiveRow};
+use crate::wire::{now_ms, ns_of};
+
+/// The AdminService implementation.
+#[derive(Clone)]
+pub struct AdminApi {
+    hub: Hub,
+}
+
+impl AdminApi {
+    /// A service over `hub`.
+    pub fn new(hub: Hub) -> Self {
+        Self { hub }
+    }
+
+    /// A spoke named by exactly one of `spoke_id` / `spoke_name`.
+    async fn spoke_ref(&self, spoke_id: &str, spoke_name: &str) -> Result<SpokeRecord> {
+        match (spoke_id.is_empty(), spoke_name.is_empty()) {
+            (false, false) => Err(Error::invalid(
+                "spoke_name",
+                "set spoke_id or spoke_name, not both",
+            )),
+            (true, true) => Err(Error::invalid("spoke_id", "required (or spoke_name)")),
+            (false, true) => self.spoke_by_id(parse_id(spoke_id, "spoke_id")?).await,
+            (true, false) => self.spoke_by_name(spoke_name).await,
+        }
+    }
+
+    /// An optional spoke filter: `None` when neither field is set.
+    async fn spoke_filter(&self, spoke_id: &str, spoke_name: &str) -> Result<Option<Uuid>> {
+        if spoke_id.is_empty() && spoke_name.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(self.spoke_ref(spoke_id, spoke_name).await?.id))
+    }
+
+    async fn spoke_by_id(&self, id: Uuid) -> Result<SpokeRecord> {
+        self.hub
+            .store()
+            .spoke_by_id(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("spoke {id} not found")))
+    }
+
+    async fn spoke_by_name(&self, name: &str) -> Result<SpokeRecord> {
+        self.hub
+            .store()
+            .spoke_by_name(name)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("spoke {name:?} not found")))
+    }
+
+    /// The spokes a create aims at, and how many matched but lack the type.
+    async fn resolve_targets(&self, new: &NewDirective) -> Result<(Vec<SpokeRecord>, u32)> {
+        let single = match &new.target {
+            Target::SpokeId(id) => Some(self.spoke_by_id(*id).await?),
+            Target::SpokeName(name) => Some(self.spoke_by_name(name).await?),
+            Target::Selector(_) | Target::All => None,
+        };
+        if let Some(spoke) = single {
+            if spoke.revoked_at.is_some() {
+                return Err(Error::FailedPrecondition(format!(
+                    "spoke {:?} is revoked",
+                    spoke.name
+                )));
+            }
+            if !new.force && !spoke.handles(&new.directive_type) {
+                return Err(Error::FailedPrecondition(format!(
+                    "spoke {:?} did not declare directive type {:?}; set force to send it anyway",
+                    spoke.name, new.directive_type
+                )));
+            }
+            return Ok((vec![spoke], 0));
+        }
+        let mut skipped = 0;
+        let mut targets = Vec::new();
+        for spoke in self.hub.store().active_spokes().await? {
+            let selected = match &new.target {
+                Target::Selector(selector) => spoke.matches(selector),
+                _ => true,
+            };
+            if !selected {
+                continue;
+            }
+            if new.force || spoke.handles(&new.directive_type) {
+                targets.push(spoke);
+            } else {
+                skipped += 1;
+            }
+        }
+        Ok((targets, skipped))
+    }
+}
+
+/// Page size from a request: 0 means 100, capped at 1000.
+fn page_size(requested: u32) -> u32 {
+    match requested {
+        0 => 100,
+        n => n.min(1000),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::WatchEventsResponse, Status>> + Send>>;
+
+fn later(what: &str) -> Status {
+    Status::unimplemented(format!(
+        "{what} is part of the contract but not implemented by this hub version yet"
+    ))
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn create_directive(
+        &self,
+        request: Request<proto::CreateDirectiveRequest>,
+    ) -> Result<Response<proto::CreateDirectiveResponse>, Status> {
+        let now = now_ms();
+        let new = NewDirective::parse(request.into_inner(), self.hub.create_defaults(), now)?;
+        let store = self.hub.store();
+        let (targets, skipped) = self.resolve_targets(&new).await?;
+        let rows: Vec<NewDirectiveRow> = targets
+            .iter()
+            .map(|spoke| NewDirectiveRow {
+                spoke_id: spoke.id,
+                directive_type: new.directive_type.clone(),
+                payload: new.payload.clone(),
+                priority: new.priority,
+                expires_at: new.expires_at,
+                ack_deadline_ms: new.ack_deadline_ms,
+                max_attempts: new.max_attempts,
+                coalesce_key: new.coalesce_key.clone(),
+            })
+            .collect();
+        let (group_id, created, replay) = store
+            .create_directives(&rows, new.idempotency_key.as_deref(), now)
+            .await?;
+        if !replay {
+            // Only after commit: a spoke never sees a directive that could
+            // still roll back.
+            for d in &created {
+                self.hub.dispatcher().wake(d.spoke_id);
+            }
+            tracing::info!(group_id = %group_id, count = created.len(), r#type = %new.directive_type, "directives created");
+        }
+        let directives = created
+            .iter()
+            .map(|d| d.to_proto())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Response::new(proto::CreateDirectiveResponse {
+            directives,
+            group_id: group_id.to_string(),
+            skipped_spokes: if replay { 0 } else { skipped },
+            idempotent_replay: replay,
+        }))
+    }
+
+    async fn cancel_directive(
+        &self,
+        _request: Request<proto::CancelDirectiveRequest>,
+    ) -> Result<Response<proto::CancelDirectiveResponse>, Status> {
+        Err(later("CancelDirective"))
+    }
+
+    async fn get_directive(
+        &self,
+        request: Request<proto::GetDirectiveRequest>,
+    ) -> Result<Response<proto::GetDirectiveResponse>, Status> {
+        let id = parse_id(&request.into_inner().directive_id, "directive_id")?;
+        let directive = self
+            .hub
+            .store()
+            .directive(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("directive {id} not found")))?;
+        Ok(Response::new(proto::GetDirectiveResponse {
+            directive: Some(directive.to_proto()?),
+        }))
+    }
+
+    async fn list_directives(
+        &self,
+        request: Request<proto::ListDirectivesRequest>,
+    ) -> Result<Response<proto::ListDirectivesResponse>, Status> {
+        let req = request.into_inner();
+        let filter = DirectiveFilter {
+            spoke_id: self.spoke_filter(&req.spoke_id, &req.spoke_name).await?,
+            state: State::from_proto(req.state, "state")?,
+            directive_type: Some(req.r#type).filter(|t| !t.is_empty()),
+            group_id: match req.group_id.as_str() {
+                "" => None,
+                g => Some(parse_id(g, "group_id")?),
+            },
+            before_id: match req.page_token.as_str() {
+                "" => None,
+                t => Some(
+                    Uuid::parse_str(t)
+                        .map_err(|_| Error::invalid("page_token", "not a token from this API"))?,
+                ),
+            },
+        };
+        let size = page_size(req.page_size);
+        let mut page = self.hub.store().list_directives(&filter, size + 1).await?;
+        let next_page_token = if page.len() > size as usize {
+            page.truncate(size as usize);
+            page.last().map(|d| d.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let directives = page
+            .iter()
+            .map(|d| d.to_proto())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Response::new(proto::ListDirectivesResponse {
+            directives,
+            next_page_token,
+        }))
+    }
+
+    async fn list_spokes(
+        &self,
+        request: Request<proto::ListSpokesRequest>,
+    ) -> Result<Response<proto::ListSpokesResponse>, Status> {
+        let req = request.into_inner();
+        let selector = req.selector.map(|s| s.match_labels).unwrap_or_default();
+        check_labels(&selector, "selector.match_labels")?;
+        let selector = selector.into_iter().collect();
+        let health = match proto::SpokeHealth::try_from(req.health) {
+            Ok(proto::SpokeHealth::Unspecified) => None,
+            Ok(h) => Some(h),
+            Err(_) => {
+                return Err(
+                    Error::invalid("health", format!("unknown health {}", req.health)).into(),
+                );
+            }
+        };
+        let size = page_size(req.page_size) as usize;
+        let mut after = req.page_token;
+        let mut spokes = Vec::new();
+        // Health is derived, not stored, so filtering happens here; read
+        // pages until this one is full or the spokes run out.
+        let next_page_token = 'pages: loop {
+            let chunk = self.hub.store().list_spokes(&after, size as u32).await?;
+            let exhausted = chunk.len() < size;
+            let mut chunk = chunk.into_iter().peekable();
+            while let Some(spoke) = chunk.next() {
+                after.clone_from(&spoke.name);
+                let wire = self.hub.spoke_to_proto(&spoke);
+                let keep =
+                    spoke.matches(&selector) && health.is_none_or(|h| wire.health == h as i32);
+                if keep {
+                    spokes.push(wire);
+                }
+                if spokes.len() == size {
+                    let more = chunk.peek().is_some() || !exhausted;
+                    break 'pages if more { after } else { String::new() };
+                }
+            }
+            if exhausted {
+                break String::new();
+            }
+        };
+        Ok(Response::new(proto::ListSpokesResponse {
+            spokes,
+            next_page_token,
+        }))
+    }
+
+    async fn get_spoke(
+        &self,
+        request: Request<proto::GetSpokeRequest>,
+    ) -> Result<Response<proto::GetSpokeResponse>, Status> {
+        let req = request.into_inner();
+        let spoke = self.spoke_ref(&req.spoke_id, &req.spoke_name).await?;
+        Ok(Response::new(proto::GetSpokeResponse {
+            spoke: Some(self.hub.spoke_to_proto(&spoke)),
+        }))
+    }
+
+    async fn revoke_spoke(
+        &self,
+        _request: Request<proto::RevokeSpokeRequest>,
+    ) -> Result<Response<proto::RevokeSpokeResponse>, Status> {
+        Err(later("RevokeSpoke"))
+    }
+
+    async fn rotate_spoke_key(
+        &self,
+        _request: Request<proto::RotateSpokeKeyRequest>,
+    ) -> Result<Response<proto::RotateSpokeKeyResponse>, Status> {
+        Err(later("RotateSpokeKey"))
+    }
+
+    async fn query_metrics(
+        &self,
+        request: Request<proto::QueryMetricsRequest>,
+    ) -> Result<Response<proto::QueryMetricsResponse>, Status> {
+        let req = request.into_inner();
+        let filter = MetricFilter {
+            spoke_id: self.spoke_filter(&req.spoke_id, &req.spoke_name).await?,
+            domain: Some(req.domain).filter(|d| !d.is_empty()),
+            name: Some(req.name).filter(|n| !n.is_empty()),
+            start_ns: req
+                .start_time
+                .as_ref()
+                .map(|t| ns_of(t, "start_time"))
+                .transpose()?,
+            end_ns: req
+                .end_time
+                .as_ref()
+                .map(|t| ns_of(t, "end_time"))
+                .transpose()?,
+            after_row: match req.page_token.as_str() {
+                "" => None,
+                t => Some(
+                    t.parse()
+                        .map_err(|_| Error::invalid("page_token", "not a token from this API"))?,
+                ),
+            },
+        };
+        let size = page_size(req.page_size);
+        let mut rows = self.hub.store().query_points(&filter, size + 1).await?;
+        let next_page_token = if rows.len() > size as usize {
+            rows.truncate(size as usize);
+            rows.last()
+                .map(|(row, _)| row.to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(proto::QueryMetricsResponse {
+            points: rows.into_iter().map(|(_, p)| p).collect(),
+            next_page_token,
+        }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        _request: Request<proto::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        Err(later("WatchEvents"))
+    }
+}

@@ -1,0 +1,131 @@
+//! The gRPC surface: `SpokeService` for spokes and `AdminService` for
+//! operators, over one shared [`Hub`] state. Requests are converted into
+//! domain values at this edge; errors leave through [`crate::error`].
+
+pub mod admin;
+pub mod spoke;
+
+use std::sync::Arc;
+
+use hub_proto::v1 as proto;
+use tonic::metadata::MetadataMap;
+
+use crate::auth::{TokenHash, bearer, hash_secret};
+use crate::directives::CreateDefaults;
+use crate::dispatch::Dispatcher;
+use crate::error::{Error, Result};
+use crate::settings::Settings;
+use crate::shutdown::Shutdown;
+use crate::spokes::SpokeRecord;
+use crate::store::Store;
+use crate::wire::duration_std;
+
+/// State shared by every call; cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    dispatcher: Dispatcher,
+    settings: Settings,
+    admin_token: TokenHash,
+    enrollment_token: TokenHash,
+    shutdown: Shutdown,
+}
+
+impl Hub {
+    /// Assembles the shared state.
+    pub fn new(
+        store: Store,
+        settings: Settings,
+        admin_token: TokenHash,
+        enrollment_token: TokenHash,
+        shutdown: Shutdown,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                dispatcher: Dispatcher::default(),
+                settings,
+                admin_token,
+                enrollment_token,
+                shutdown,
+            }),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Live streams.
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.inner.dispatcher
+    }
+
+    /// Settings.
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    fn shutdown(&self) -> Shutdown {
+        self.inner.shutdown.clone()
+    }
+
+    /// The spoke whose key the call carries; revoked keys are refused.
+    pub async fn authenticate_spoke(&self, metadata: &MetadataMap) -> Result<SpokeRecord> {
+        let key = bearer(metadata)?;
+        match self.store().spoke_by_key_hash(&hash_secret(key)).await? {
+            None => Err(Error::Unauthenticated("unknown spoke key")),
+            Some(spoke) if spoke.revoked_at.is_some() => {
+                Err(Error::Unauthenticated("spoke key revoked"))
+            }
+            Some(spoke) => Ok(spoke),
+        }
+    }
+
+    /// Checks the admin token of an AdminService call.
+    pub fn authenticate_admin(&self, metadata: &MetadataMap) -> Result<()> {
+        if self.inner.admin_token.matches(bearer(metadata)?) {
+            Ok(())
+        } else {
+            Err(Error::Unauthenticated("wrong admin token"))
+        }
+    }
+
+    fn is_enrollment_token(&self, secret: &str) -> bool {
+        self.inner.enrollment_token.matches(secret)
+    }
+
+    fn hints(&self, max_in_flight: u32) -> proto::HubHints {
+        let s = self.settings();
+        proto::HubHints {
+            heartbeat_interval: Some(duration_std(s.heartbeat_interval)),
+            keepalive_interval: Some(duration_std(s.keepalive_interval)),
+            retry_after: None,
+            max_in_flight,
+            max_points_per_batch: s.max_points_per_batch,
+        }
+    }
+
+    fn create_defaults(&self) -> CreateDefaults {
+        let s = self.settings();
+        CreateDefaults {
+            ack_deadline_ms: i64::try_from(s.ack_deadline.as_millis()).unwrap_or(i64::MAX),
+            max_attempts: s.max_attempts,
+            max_payload_bytes: s.max_payload_bytes,
+        }
+    }
+
+    /// The spoke in wire form, with health derived now.
+    fn spoke_to_proto(&self, spoke: &SpokeRecord) -> proto::Spoke {
+        let connected = self.dispatcher().is_connected(spoke.id);
+        let interval =
+            i64::try_from(self.settings().heartbeat_interval.as_millis()).unwrap_or(i64::MAX);
+        let health = spoke.health(crate::wire::now_ms(), interval, connected);
+        spoke.to_proto(health, connected)
+    }
+}

@@ -1,0 +1,450 @@
+//! Command-line and environment configuration, validated before any port is
+//! bound. Every error names the flag (and its environment variable).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::settings::Settings;
+
+/// The hub: a gRPC control plane that pushes directives to spokes.
+#[derive(Debug, Parser)]
+#[command(name = "hub", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands of the `hub` binary.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the hub server.
+    Serve(Box<ServeArgs>),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Options of `hub serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// gRPC listen address.
+    #[arg(long, env = "HUB_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// HTTP listen address (health, readiness, admin page).
+    #[arg(long, env = "HUB_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
+    /// Directory for the embedded database and generated tokens.
+    #[arg(long, env = "HUB_DATA_DIR", default_value = "./hub-data")]
+    pub data_dir: PathBuf,
+    /// Database URL [default: sqlite://<data-dir>/hub.db].
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Admin token for AdminService [default: generated into <data-dir>/admin.token].
+    #[arg(long, env = "HUB_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Enrollment token for registering new spokes [default: generated into <data-dir>/enrollment.token].
+    #[arg(long, env = "HUB_ENROLLMENT_TOKEN", hide_env_values = true)]
+    pub enrollment_token: Option<String>,
+    /// Interval spokes are told to heartbeat at (e.g. 10s, 500ms, 2m).
+    #[arg(long, env = "HUB_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Interval of keepalive messages on WatchDirectives.
+    #[arg(long, env = "HUB_KEEPALIVE_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub keepalive_interval: Duration,
+    /// Default ack deadline of a directive.
+    #[arg(long, env = "HUB_ACK_DEADLINE", default_value = "30s", value_parser = parse_duration)]
+    pub ack_deadline: Duration,
+    /// Default delivery attempts before a directive fails.
+    #[arg(long, env = "HUB_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+    /// Default in-flight window per spoke.
+    #[arg(long, env = "HUB_DEFAULT_IN_FLIGHT", default_value_t = 32)]
+    pub default_in_flight: u32,
+    /// Largest in-flight window a spoke may ask for.
+    #[arg(long, env = "HUB_MAX_IN_FLIGHT", default_value_t = 256)]
+    pub max_in_flight: u32,
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "HUB_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// Largest directive payload accepted (JSON-encoded), in bytes.
+    #[arg(long, env = "HUB_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
+    pub max_payload_bytes: usize,
+    /// Most points in one metric batch.
+    #[arg(long, env = "HUB_MAX_POINTS_PER_BATCH", default_value_t = 1000)]
+    pub max_points_per_batch: u32,
+    /// Most concurrent HTTP/2 streams per connection.
+    #[arg(long, env = "HUB_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub max_concurrent_streams: u32,
+    /// Interval of HTTP/2 keepalive pings.
+    #[arg(long, env = "HUB_HTTP2_KEEPALIVE_INTERVAL", default_value = "20s", value_parser = parse_duration)]
+    pub http2_keepalive_interval: Duration,
+    /// Time to wait for a keepalive ping's answer before closing the connection.
+    #[arg(long, env = "HUB_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+    /// Time to let in-flight calls finish on shutdown.
+    #[arg(long, env = "HUB_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Log format.
+    #[arg(long, env = "HUB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// A configuration problem, naming the option.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// An option's value is unusable.
+    #[error("{option}: {reason}")]
+    Invalid {
+        /// The flag and its environment variable.
+        option: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The data directory or a token file could not be used.
+    #[error("{option}: {path}: {source}")]
+    Io {
+        /// The flag and its environment variable.
+        option: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn invalid(option: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        option,
+        reason: reason.into(),
+    }
+}
+
+/// Where a secret came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// Given by flag or environment.
+    Configured,
+    /// Read from, or generated into, this file.
+    File(PathBuf),
+}
+
+/// Everything `hub serve` needs, validated.
+#[derive(Debug)]
+pub struct Config {
+    /// gRPC address.
+    pub listen: SocketAddr,
+    /// HTTP address.
+    pub http_listen: SocketAddr,
+    /// Database URL.
+    pub database_url: String,
+    /// Admin token (never logged).
+    pub admin_token: String,
+    /// Where the admin token came from.
+    pub admin_token_source: SecretSource,
+    /// Enrollment token (never logged).
+    pub enrollment_token: String,
+    /// Where the enrollment token came from.
+    pub enrollment_token_source: SecretSource,
+    /// Behaviour and limits.
+    pub settings: Settings,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+const MIN_TOKEN_LEN: usize = 16;
+
+impl Config {
+    /// Validates the options, creates the data directory, and reads or
+    /// generates the tokens. Binds nothing.
+    pub fn load(args: ServeArgs) -> Result<Self, ConfigError> {
+        let positive = |d: Duration, option| {
+            if d.is_zero() {
+                Err(invalid(option, "must be greater than zero"))
+            } else {
+                Ok(d)
+            }
+        };
+        positive(
+            args.heartbeat_interval,
+            "--heartbeat-interval (HUB_HEARTBEAT_INTERVAL)",
+        )?;
+        positive(
+            args.keepalive_interval,
+            "--keepalive-interval (HUB_KEEPALIVE_INTERVAL)",
+        )?;
+        positive(
+            args.http2_keepalive_interval,
+            "--http2-keepalive-interval (HUB_HTTP2_KEEPALIVE_INTERVAL)",
+        )?;
+        positive(
+            args.http2_keepalive_timeout,
+            "--http2-keepalive-timeout (HUB_HTTP2_KEEPALIVE_TIMEOUT)",
+        )?;
+        if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&args.ack_deadline) {
+            return Err(invalid(
+                "--ack-deadline (HUB_ACK_DEADLINE)",
+                "must be between 1s and 24h",
+            ));
+        }
+        if !(1..=100).contains(&args.max_attempts) {
+            return Err(invalid(
+                "--max-attempts (HUB_MAX_ATTEMPTS)",
+                "must be 1 to 100",
+            ));
+        }
+        if args.max_in_flight == 0 {
+            return Err(invalid(
+                "--max-in-flight (HUB_MAX_IN_FLIGHT)",
+                "must be at least 1",
+            ));
+        }
+        if args.default_in_flight == 0 || args.default_in_flight > args.max_in_flight {
+            return Err(invalid(
+                "--default-in-flight (HUB_DEFAULT_IN_FLIGHT)",
+                "must be at least 1 and at most --max-in-flight",
+            ));
+        }
+        if args.max_message_bytes < 64 * 1024 {
+            return Err(invalid(
+                "--max-message-bytes (HUB_MAX_MESSAGE_BYTES)",
+                "must be at least 65536",
+            ));
+        }
+        if args.max_payload_bytes == 0 || args.max_payload_bytes >= args.max_message_bytes {
+            return Err(invalid(
+                "--max-payload-bytes (HUB_MAX_PAYLOAD_BYTES)",
+                "must be at least 1 and less than --max-message-bytes",
+            ));
+        }
+        if args.max_points_per_batch == 0 {
+            return Err(invalid(
+                "--max-points-per-batch (HUB_MAX_POINTS_PER_BATCH)",
+                "must be at least 1",
+            ));
+        }
+        if args.max_concurrent_streams == 0 {
+            return Err(invalid(
+                "--max-concurrent-streams (HUB_MAX_CONCURRENT_STREAMS)",
+                "must be at least 1",
+            ));
+        }
+        if args.listen == args.http_listen && args.listen.port() != 0 {
+            return Err(invalid(
+                "--http-listen (HUB_HTTP_LISTEN)",
+                "must differ from --listen",
+            ));
+        }
+
+        let data_dir = &args.data_dir;
+        std::fs::create_dir_all(data_dir).map_err(|source| ConfigError::Io {
+            option: "--data-dir (HUB_DATA_DIR)",
+            path: data_dir.clone(),
+            source,
+        })?;
+        let database_url = match args.database_url {
+            Some(url) if url.starts_with("sqlite:") => url,
+            Some(_) => {
+                return Err(invalid(
+                    "--database-url (DATABASE_URL)",
+                    "must be a sqlite: URL in this build",
+                ));
+            }
+            None => format!("sqlite://{}", data_dir.join("hub.db").display()),
+        };
+        let (admin_token, admin_token_source) = secret(
+            args.admin_token,
+            data_dir,
+            "admin.token",
+            "--admin-token (HUB_ADMIN_TOKEN)",
+        )?;
+        let (enrollment_token, enrollment_token_source) = secret(
+            args.enrollment_token,
+            data_dir,
+            "enrollment.token",
+            "--enrollment-token (HUB_ENROLLMENT_TOKEN)",
+        )?;
+        if admin_token == enrollment_token {
+            return Err(invalid(
+                "--enrollment-token (HUB_ENROLLMENT_TOKEN)",
+                "must differ from the admin token",
+            ));
+        }
+
+        let settings = Settings {
+            heartbeat_interval: args.heartbeat_interval,
+            keepalive_interval: args.keepalive_interval,
+            ack_deadline: args.ack_deadline,
+            max_attempts: args.max_attempts,
+            default_in_flight: args.default_in_flight,
+            max_in_flight: args.max_in_flight,
+            max_message_bytes: args.max_message_bytes,
+            max_payload_bytes: args.max_payload_bytes,
+            max_points_per_batch: args.max_points_per_batch,
+            max_concurrent_streams: args.max_concurrent_streams,
+            http2_keepalive_interval: args.http2_keepalive_interval,
+            http2_keepalive_timeout: args.http2_keepalive_timeout,
+            shutdown_grace: args.shutdown_grace,
+        };
+        Ok(Self {
+            listen: args.listen,
+            http_listen: args.http_listen,
+            database_url,
+            admin_token,
+            admin_token_source,
+            enrollment_token,
+            enrollment_token_source,
+            settings,
+            log_format: args.log_format,
+        })
+    }
+}
+
+/// A configured secret, or the one in `dir/file`, generated (mode 0600) on
+/// first start.
+fn secret(
+    configured: Option<String>,
+    dir: &Path,
+    file: &str,
+    option: &'static str,
+) -> Result<(String, SecretSource), ConfigError> {
+    if let Some(token) = configured {
+        if token.trim().len() < MIN_TOKEN_LEN {
+            return Err(invalid(
+                option,
+                format!("must be at least {MIN_TOKEN_LEN} characters"),
+            ));
+        }
+        return Ok((token.trim().to_owned(), SecretSource::Configured));
+    }
+    let path = dir.join(file);
+    let io = |source| ConfigError::Io {
+        option,
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let token = text.trim().to_owned();
+            if token.len() < MIN_TOKEN_LEN {
+                return Err(invalid(
+                    option,
+                    format!("{} holds too short a token", path.display()),
+                ));
+            }
+            Ok((token, SecretSource::File(path)))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = crate::auth::generate_secret();
+            write_private(&path, &token).map_err(io)?;
+            Ok((token, SecretSource::File(path)))
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    std::fs::write(path, format!("{contents}\n"))
+}
+
+/// Parses durations like `10s`, `250ms`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 10s, 250ms, 2m or 1h"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("{s:?} is not a duration like 10s, 250ms, 2m or 1h")),
+    };
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(dir: &Path, extra: &[&str]) -> ServeArgs {
+        let mut argv = vec!["hub", "serve", "--data-dir", dir.to_str().unwrap()];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(a) => *a,
+        }
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5x").is_err());
+    }
+
+    #[test]
+    fn tokens_are_generated_once_with_private_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Config::load(args(dir.path(), &[])).unwrap();
+        let second = Config::load(args(dir.path(), &[])).unwrap();
+        assert_eq!(first.admin_token, second.admin_token);
+        assert_ne!(first.admin_token, first.enrollment_token);
+        let path = dir.path().join("admin.token");
+        assert_eq!(first.admin_token_source, SecretSource::File(path.clone()));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert!(first.database_url.ends_with("hub.db"));
+    }
+
+    #[test]
+    fn errors_name_the_option() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Config::load(args(dir.path(), &["--admin-token", "short"])).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--admin-token (HUB_ADMIN_TOKEN)"),
+            "{err}"
+        );
+        let err = Config::load(args(dir.path(), &["--default-in-flight", "500"])).unwrap_err();
+        assert!(err.to_string().starts_with("--default-in-flight"), "{err}");
+        let err = Config::load(args(dir.path(), &["--database-url", "mysql://x"])).unwrap_err();
+        assert!(
+            err.to_string().starts_with("--database-url (DATABASE_URL)"),
+            "{err}"
+        );
+        let parse = Cli::try_parse_from(["hub", "serve", "--listen", "nowhere"]).unwrap_err();
+        assert!(parse.to_string().contains("--listen"), "{parse}");
+    }
+}

@@ -1,0 +1,82 @@
+//! The hub's error type and the one place it becomes a gRPC status.
+
+use tonic::{Code, Status};
+
+/// Everything that can go wrong while serving a request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Missing, malformed or unknown credentials.
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    /// A request field is missing or malformed; the string names the field.
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// The field, as named in the proto (e.g. `payload` or `target.spoke_name`).
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The thing asked for does not exist (or belongs to another spoke).
+    #[error("{0}")]
+    NotFound(String),
+    /// The thing already exists.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The current state forbids the request.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A size or rate limit was exceeded.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The hub is shutting down.
+    #[error("hub is shutting down")]
+    ShuttingDown,
+    /// The database failed; details are logged, not sent to the caller.
+    #[error("database error")]
+    Database(#[source] sqlx::Error),
+    /// Stored data could not be decoded; details are logged.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+/// Short-hand for a result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An [`Error::InvalidArgument`] for `field`.
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(err: sqlx::Error) -> Self {
+        Self::Database(err)
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        let code = match &err {
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::InvalidArgument { .. } => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::ShuttingDown => Code::Unavailable,
+            Error::Database(source) => {
+                tracing::error!(error = %source, "database error");
+                return Status::internal("internal error");
+            }
+            Error::Corrupt(what) => {
+                tracing::error!(what = %what, "corrupt stored data");
+                return Status::internal("internal error");
+            }
+        };
+        Status::new(code, err.to_string())
+    }
+}

@@ -1,0 +1,37 @@
+//! The hub: a gRPC control plane that pushes directives to spokes, takes
+//! their acks and heartbeats, and stores their metrics.
+//!
+//! Components:
+//! - [`config`]: flags and environment, validated before anything binds;
+//! - [`server`]: assembles and runs the gRPC and HTTP servers ([`run`]);
+//! - [`api`]: `SpokeService` and `AdminService`, the edge where wire types
+//!   become domain values;
+//! - [`spokes`], [`directives`], [`metrics`]: domain rules and validation;
+//! - [`dispatch`]: in-memory wake-ups of live directive streams;
+//! - [`store`]: the database, the only module that touches sqlx;
+//! - [`auth`]: keys and tokens; [`limits`]: message-size statuses;
+//! - [`http`]: health and readiness over HTTP; [`shutdown`]: the drain signal;
+//! - [`wire`]: well-known protobuf types to and from stored values;
+//! - [`error`]: the error type and its one mapping to gRPC statuses.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod directives;
+pub mod dispatch;
+pub mod error;
+pub mod http;
+pub mod limits;
+pub mod metrics;
+pub mod server;
+pub mod settings;
+pub mod shutdown;
+pub mod spokes;
+pub mod store;
+pub mod wire;
+
+pub use error::{Error, Result};
+pub use server::{RunError, Secrets, run};
+pub use settings::Settings;
+pub use store::Store;

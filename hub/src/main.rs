@@ -1,0 +1,122 @@
+//! The `hub` binary: parse the configuration, bind, and hand over to
+//! [`hub::run`]. Everything else lives in the library.
+#![forbid(unsafe_code)]
+
+use anyhow::Context;
+use clap::Parser;
+use hub::auth::TokenHash;
+use hub::config::{Cli, Command, Config, LogFormat, SecretSource};
+use tokio::net::TcpListener;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            // Validated before any port is bound; errors name the option.
+            let config = match Config::load(*args) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("hub: configuration error: {e}");
+                    std::process::exit(2);
+                }
+            };
+            init_logging(config.log_format);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(serve(config))
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let store = hub::Store::open(&config.database_url)
+        .await
+        .with_context(|| {
+            format!(
+                "opening the database (--database-url / DATABASE_URL: {})",
+                redact(&config.database_url)
+            )
+        })?;
+    let grpc = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding --listen (HUB_LISTEN) {}", config.listen))?;
+    let http = TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "binding --http-listen (HUB_HTTP_LISTEN) {}",
+                config.http_listen
+            )
+        })?;
+    tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, database = %redact(&config.database_url), "hub listening");
+    for (name, source) in [
+        ("admin token", &config.admin_token_source),
+        ("enrollment token", &config.enrollment_token_source),
+    ] {
+        match source {
+            SecretSource::File(path) => tracing::info!("{name}: stored in {}", path.display()),
+            SecretSource::Configured => tracing::info!("{name}: from configuration"),
+        }
+    }
+    let secrets = hub::Secrets {
+        admin_token: TokenHash::new(&config.admin_token),
+        enrollment_token: TokenHash::new(&config.enrollment_token),
+    };
+    hub::run(
+        grpc,
+        http,
+        store,
+        config.settings,
+        secrets,
+        shutdown_signal(),
+    )
+    .await?;
+    tracing::info!("hub stopped");
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+/// A database URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

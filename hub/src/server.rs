@@ -1,0 +1,153 @@
+//! Assembles the running hub: the gRPC server (spoke and admin services,
+//! health, reflection), the HTTP server, and the shutdown drain.
+
+use std::future::Future;
+
+use hub_proto::v1::admin_service_server::AdminServiceServer;
+use hub_proto::v1::spoke_service_server::SpokeServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+use tower::util::MapResponseLayer;
+
+use crate::api::Hub;
+use crate::api::admin::AdminApi;
+use crate::api::spoke::SpokeApi;
+use crate::auth::TokenHash;
+use crate::settings::Settings;
+use crate::store::Store;
+use crate::{limits, shutdown};
+
+/// The secrets a hub checks callers against.
+pub struct Secrets {
+    /// Guards AdminService.
+    pub admin_token: TokenHash,
+    /// Lets new spokes register.
+    pub enrollment_token: TokenHash,
+}
+
+/// Errors that stop a running hub.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    /// The HTTP server failed.
+    #[error("HTTP server: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// Serves the hub on already-bound listeners until `signal` completes, then
+/// drains: streams end, in-flight calls finish within the grace period, the
+/// database is closed.
+pub async fn run(
+    grpc: TcpListener,
+    http: TcpListener,
+    store: Store,
+    settings: Settings,
+    secrets: Secrets,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let (trigger, shutdown) = shutdown::channel();
+    let grace = settings.shutdown_grace;
+    let hub = Hub::new(
+        store.clone(),
+        settings.clone(),
+        secrets.admin_token,
+        secrets.enrollment_token,
+        shutdown.clone(),
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<SpokeServiceServer<SpokeApi>>().await;
+    health.set_serving::<AdminServiceServer<AdminApi>>().await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hub_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor sets are valid");
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hub_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("the embedded descriptor sets are valid");
+
+    let max = settings.max_message_bytes;
+    let spoke_service = SpokeServiceServer::new(SpokeApi::new(hub.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let admin_hub = hub.clone();
+    let admin_service = AdminServiceServer::new(AdminApi::new(hub.clone()))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let admin_service = InterceptedService::new(admin_service, move |req: tonic::Request<()>| {
+        admin_hub.authenticate_admin(req.metadata())?;
+        Ok(req)
+    });
+
+    let mut grpc_shutdown = shutdown.clone();
+    let grpc_server = Server::builder()
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .http2_keepalive_interval(Some(settings.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(settings.http2_keepalive_timeout))
+        .layer(MapResponseLayer::new(limits::map_response))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(spoke_service)
+        .add_service(admin_service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+            grpc_shutdown.wait().await;
+        });
+
+    let mut http_shutdown = shutdown.clone();
+    let http_server = axum::serve(http, crate::http::router(store.clone()))
+        .with_graceful_shutdown(async move { http_shutdown.wait().await });
+
+    let grpc_task = tokio::spawn(grpc_server);
+    let http_task = tokio::spawn(async move { http_server.await });
+
+    let mut watcher = shutdown.clone();
+    tokio::select! {
+        () = signal => tracing::info!("shutdown requested; draining"),
+        () = watcher.wait() => {}
+    }
+    health
+        .set_not_serving::<SpokeServiceServer<SpokeApi>>()
+        .await;
+    health
+        .set_not_serving::<AdminServiceServer<AdminApi>>()
+        .await;
+    trigger.fire();
+
+    let drained = tokio::time::timeout(grace, async {
+        let grpc = grpc_task.await;
+        let http = http_task.await;
+        (grpc, http)
+    })
+    .await;
+    let result = match drained {
+        Ok((grpc, http)) => {
+            rethrow(grpc)?;
+            rethrow(http)?;
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!(grace = ?grace, "calls still running after the grace period; stopping anyway");
+            Ok(())
+        }
+    };
+    store.close().await;
+    result
+}
+
+/// Re-raises a panic of a server task; passes its result on.
+fn rethrow<T>(joined: Result<T, tokio::task::JoinError>) -> T {
+    match joined {
+        Ok(v) => v,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("server task cancelled: {e}"),
+    }
+}

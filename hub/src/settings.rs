@@ -1,0 +1,54 @@
+//! Behaviour and limits of a running hub, as validated by `config`.
+
+use std::time::Duration;
+
+/// Behaviour and limits of a running hub.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Heartbeat interval told to spokes.
+    pub heartbeat_interval: Duration,
+    /// Keepalive message interval on WatchDirectives.
+    pub keepalive_interval: Duration,
+    /// Default ack deadline.
+    pub ack_deadline: Duration,
+    /// Default delivery attempts.
+    pub max_attempts: u32,
+    /// Default in-flight window.
+    pub default_in_flight: u32,
+    /// Largest in-flight window.
+    pub max_in_flight: u32,
+    /// Largest gRPC message, bytes.
+    pub max_message_bytes: usize,
+    /// Largest directive payload, bytes.
+    pub max_payload_bytes: usize,
+    /// Most points per metric batch.
+    pub max_points_per_batch: u32,
+    /// Most concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 keepalive ping interval.
+    pub http2_keepalive_interval: Duration,
+    /// HTTP/2 keepalive ping timeout.
+    pub http2_keepalive_timeout: Duration,
+    /// Drain time on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(15),
+            ack_deadline: Duration::from_secs(30),
+            max_attempts: 5,
+            default_in_flight: 32,
+            max_in_flight: 256,
+            max_message_bytes: 4 * 1024 * 1024,
+            max_payload_bytes: 1024 * 1024,
+            max_points_per_batch: 1000,
+            max_concurrent_streams: 256,
+            http2_keepalive_interval: Duration::from_secs(20),
+            http2_keepalive_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! Spokes: registration input, the stored record, and derived health.
+
+use std::collections::BTreeMap;
+
+use hub_proto::v1 as proto;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::wire::timestamp_ms;
+
+/// Validated contents of a `RegisterRequest`.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// Unique spoke name.
+    pub name: String,
+    /// Labels for selectors.
+    pub labels: BTreeMap<String, String>,
+    /// Declared directive types and handler versions.
+    pub capabilities: Vec<(String, String)>,
+    /// The spoke's version string.
+    pub version: String,
+    /// The granted in-flight window.
+    pub max_in_flight: u32,
+}
+
+impl Registration {
+    /// Validates a request; the window is granted within the hub's limits.
+    pub fn parse(
+        req: proto::RegisterRequest,
+        default_window: u32,
+        max_window: u32,
+    ) -> Result<Self> {
+        check_name(&req.name, "name")?;
+        check_labels(&req.labels, "labels")?;
+        if req.capabilities.len() > 256 {
+            return Err(Error::invalid("capabilities", "at most 256 entries"));
+        }
+        let mut capabilities = Vec::with_capacity(req.capabilities.len());
+        for (i, cap) in req.capabilities.into_iter().enumerate() {
+            check_directive_type(
+                &cap.directive_type,
+                &format!("capabilities[{i}].directive_type"),
+            )?;
+            check_len(&cap.version, 64, &format!("capabilities[{i}].version"))?;
+            if capabilities.iter().any(|(t, _)| *t == cap.directive_type) {
+                return Err(Error::invalid(
+                    format!("capabilities[{i}].directive_type"),
+                    format!("{:?} is declared twice", cap.directive_type),
+                ));
+            }
+            capabilities.push((cap.directive_type, cap.version));
+        }
+        check_len(&req.version, 64, "version")?;
+        let max_in_flight = match req.max_in_flight {
+            0 => default_window,
+            n => n.min(max_window),
+        };
+        Ok(Self {
+            name: req.name,
+            labels: req.labels.into_iter().collect(),
+            capabilities,
+            version: req.version,
+            max_in_flight,
+        })
+    }
+}
+
+/// A spoke as stored, plus the hub-side counts read with it.
+#[derive(Debug, Clone)]
+pub struct SpokeRecord {
+    /// Hub-assigned id.
+    pub id: Uuid,
+    /// Unique name.
+    pub name: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Declared directive types and handler versions.
+    pub capabilities: Vec<(String, String)>,
+    /// Version string.
+    pub version: String,
+    /// In-flight window.
+    pub max_in_flight: u32,
+    /// First registration, Unix ms.
+    pub registered_at: i64,
+    /// When revoked, if revoked.
+    pub revoked_at: Option<i64>,
+    /// Latest heartbeat, Unix ms.
+    pub last_heartbeat_at: Option<i64>,
+    /// Latest reported status.
+    pub status: proto::SpokeStatus,
+    /// Latest status message.
+    pub status_message: String,
+    /// Reported in-flight directives.
+    pub reported_in_flight: u32,
+    /// Reported buffered metric points.
+    pub reported_buffered_points: u64,
+    /// Reported failed metric pushes.
+    pub reported_failed_pushes: u64,
+    /// Directives not final yet.
+    pub outstanding: u64,
+}
+
+impl SpokeRecord {
+    /// Whether the spoke declared `directive_type`.
+    pub fn handles(&self, directive_type: &str) -> bool {
+        self.capabilities.iter().any(|(t, _)| t == directive_type)
+    }
+
+    /// Whether every pair of `selector` is among the spoke's labels.
+    pub fn matches(&self, selector: &BTreeMap<String, String>) -> bool {
+        selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+
+    /// Health derived at `now`: ONLINE while connected or while the latest
+    /// heartbeat is at most 3 intervals old, STALE up to 10, then OFFLINE.
+    pub fn health(&self, now_ms: i64, interval_ms: i64, connected: bool) -> proto::SpokeHealth {
+        if self.revoked_at.is_some() {
+            return proto::SpokeHealth::Revoked;
+        }
+        if connected {
+            return proto::SpokeHealth::Online;
+        }
+        match self.last_heartbeat_at.map(|at| now_ms - at) {
+            Some(age) if age <= 3 * interval_ms => proto::SpokeHealth::Online,
+            Some(age) if age <= 10 * interval_ms => proto::SpokeHealth::Stale,
+            _ => proto::SpokeHealth::Offline,
+        }
+    }
+
+    /// The wire form, with health derived by the caller.
+    pub fn to_proto(&self, health: proto::SpokeHealth, connected: bool) -> proto::Spoke {
+        proto::Spoke {
+            id: self.id.to_string(),
+            name: self.name.clone(),
+            labels: self.labels.clone().into_iter().collect(),
+            capabilities: self
+                .capabilities
+                .iter()
+                .map(|(t, v)| proto::Capability {
+                    directive_type: t.clone(),
+                    version: v.clone(),
+                })
+                .collect(),
+            version: self.version.clone(),
+            health: health.into(),
+            status: self.status.into(),
+            status_message: self.status_message.clone(),
+            registered_at: Some(timestamp_ms(self.registered_at)),
+            last_heartbeat_at: self.last_heartbeat_at.map(timestamp_ms),
+            connected,
+            reported_in_flight: self.reported_in_flight,
+            reported_buffered_points: self.reported_buffered_points,
+            reported_failed_pushes: self.reported_failed_pushes,
+            outstanding_directives: self.outstanding,
+            max_in_flight: self.max_in_flight,
+        }
+    }
+}
+
+/// Validated contents of a `HeartbeatRequest`.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    /// Reported status.
+    pub status: proto::SpokeStatus,
+    /// Status message.
+    pub status_message: String,
+    /// Directives in flight at the spoke.
+    pub in_flight: u32,
+    /// Points in the spoke's buffer.
+    pub buffered_points: u64,
+    /// Failed pushes so far.
+    pub failed_pushes: u64,
+    /// New version string, if any.
+    pub version: Option<String>,
+}
+
+impl TryFrom<proto::HeartbeatRequest> for Heartbeat {
+    type Error = Error;
+
+    fn try_from(req: proto::HeartbeatRequest) -> Result<Self> {
+        let status = match proto::SpokeStatus::try_from(req.status) {
+            Ok(proto::SpokeStatus::Unspecified) | Err(_) => {
+                return Err(Error::invalid("status", "must be OK, DEGRADED or ERROR"));
+            }
+            Ok(s) => s,
+        };
+        check_len(&req.status_message, 1024, "status_message")?;
+        check_len(&req.version, 64, "version")?;
+        Ok(Self {
+            status,
+            status_message: req.status_message,
+            in_flight: req.in_flight_directives,
+            buffered_points: req.buffered_metric_points,
+            failed_pushes: req.failed_metric_pushes,
+            version: Some(req.version).filter(|v| !v.is_empty()),
+        })
+    }
+}
+
+/// Checks a spoke name: 1 to 63 of `[a-z0-9._-]`, starting alphanumeric.
+pub fn check_name(name: &str, field: &str) -> Result<()> {
+    let ok = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            "must be 1 to 63 characters of a-z, 0-9, '-', '_', '.', starting with a letter or digit",
+        ))
+    }
+}
+
+/// Checks labels (or a label selector): at most 32; keys of
+/// `[A-Za-z0-9._/-]{1,63}`, values up to 256 characters.
+pub fn check_labels<'a>(
+    labels: impl IntoIterator<Item = (&'a String, &'a String)>,
+    field: &str,
+) -> Result<()> {
+    for (n, (k, v)) in labels.into_iter().enumerate() {
+        if n >= 32 {
+            return Err(Error::invalid(field, "at most 32 labels"));
+        }
+        let key_ok = (1..=63).contains(&k.len())
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+        if !key_ok {
+            return Err(Error::invalid(
+                format!("{field}[{k:?}]"),
+                "key must be 1 to 63 characters of A-Z, a-z, 0-9, '-', '_', '.', '/'",
+            ));
+        }
+        check_len(v, 256, &format!("{field}[{k:?}]"))?;
+    }
+    Ok(())
+}
+
+/// Checks a directive type: 1 to 64 of `[A-Za-z0-9_.\-/]`.
+pub fn check_directive_type(t: &str, field: &str) -> Result<()> {
+    let ok = (1..=64).contains(&t.len())
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-./".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            field,
+            "must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-', '.', '/'",
+        ))
+    }
+}
+
+/// Checks a free-text field's length in characters.
+pub fn check_len(s: &str, max: usize, field: &str) -> Result<()> {
+    if s.chars().count() > max {
+        Err(Error::invalid(field, format!("at most {max} characters")))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_documented_rule() {
+        for ok in ["a", "billing-eu-1", "x.y_z", "0abc"] {
+            assert!(check_name(ok, "name").is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", "Abc", "a b", "a<script>", &"a".repeat(64)] {
+            assert!(check_name(bad, "name").is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn window_is_granted_within_the_hub_maximum() {
+        let req = |w| proto::RegisterRequest {
+            name: "s".into(),
+            max_in_flight: w,
+            ..Default::default()
+        };
+        assert_eq!(
+            Registration::parse(req(0), 16, 64).unwrap().max_in_flight,
+            16
+        );
+        assert_eq!(
+            Registration::parse(req(8), 16, 64).unwrap().max_in_flight,
+            8
+        );
+        assert_eq!(
+            Registration::parse(req(1000), 16, 64)
+                .unwrap()
+                .max_in_flight,
+            64
+        );
+    }
+
+    #[test]
+    fn health_follows_heartbeat_age() {
+        let mut spoke = SpokeRecord {
+            id: Uuid::nil(),
+            name: "s".into(),
+            labels: BTreeMap::new(),
+            capabilities: vec![],
+            version: String::new(),
+            max_in_flight: 1,
+            registered_at: 0,
+            revoked_at: None,
+            last_heartbeat_at: None,
+            status: proto::SpokeStatus::Unspecified,
+            status_message: String::new(),
+            reported_in_flight: 0,
+            reported_buffered_points: 0,
+            reported_failed_pushes: 0,
+            outstanding: 0,
+        };
+        assert_eq!(
+            spoke.health(100_000, 10_000, false),
+            proto::SpokeHealth::Offline
+        );
+        assert_eq!(
+            spoke.health(100_000, 10_000, true),
+            proto::SpokeHealth::Online
+        );
+        spoke.last_heartbeat_at = Some(80_000);
+        assert_eq!(
+            spoke.health(100_000, 10_000, false),
+            proto::SpokeHealth::Online
+        );
+        assert_eq!(
+            spoke.health(150_000, 10_000, false),
+            proto::SpokeHealth::Stale
+        );
+        assert_eq!(
+            spoke.health(181_000, 10_000, false),
+            proto::SpokeHealth::Offline
+        );
+        spoke.revoked_at = Some(1);
+        assert_eq!(
+            spoke.health(100_000, 10_000, true),
+            proto::SpokeHealth::Revoked
+        );
+    }
+}

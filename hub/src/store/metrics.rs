@@ -1,0 +1,149 @@
+//! Metric rows: storing a batch exactly once, and querying points.
+
+use hub_proto::v1 as proto;
+use sqlx::{QueryBuilder, Row, Sqlite};
+use uuid::Uuid;
+
+use super::Store;
+use crate::error::{Error, Result};
+use crate::metrics::Batch;
+use crate::wire::timestamp_ns;
+
+/// What storing a batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredBatch {
+    /// Stored now, with this many points.
+    Accepted(u32),
+    /// Stored before, with this many points; nothing stored now.
+    Duplicate(u32),
+}
+
+/// Filters of a metric query.
+#[derive(Debug, Clone, Default)]
+pub struct MetricFilter {
+    /// Only this spoke.
+    pub spoke_id: Option<Uuid>,
+    /// Only this domain.
+    pub domain: Option<String>,
+    /// Only this name.
+    pub name: Option<String>,
+    /// Only points at or after this time, Unix ns.
+    pub start_ns: Option<i64>,
+    /// Only points before this time, Unix ns.
+    pub end_ns: Option<i64>,
+    /// Only rows after this row id (the page token).
+    pub after_row: Option<i64>,
+}
+
+/// Rows per multi-row INSERT: 9 parameters each, well under SQLite's limit.
+const INSERT_CHUNK: usize = 500;
+
+impl Store {
+    /// Stores a batch's valid points in one transaction, unless the spoke
+    /// already stored a batch with this id.
+    pub async fn store_batch(
+        &self,
+        spoke_id: Uuid,
+        batch: &Batch,
+        now_ms: i64,
+    ) -> Result<StoredBatch> {
+        let spoke = spoke_id.to_string();
+        let mut tx = self.writer.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO metric_batches (spoke_id, batch_id, accepted, rejected, received_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (spoke_id, batch_id) DO NOTHING",
+        )
+        .bind(&spoke)
+        .bind(&batch.batch_id)
+        .bind(batch.points.len() as i64)
+        .bind(batch.rejected.len() as i64)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            let accepted: i64 = sqlx::query_scalar(
+                "SELECT accepted FROM metric_batches WHERE spoke_id = $1 AND batch_id = $2",
+            )
+            .bind(&spoke)
+            .bind(&batch.batch_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.rollback().await?;
+            return Ok(StoredBatch::Duplicate(accepted as u32));
+        }
+        for chunk in batch.points.chunks(INSERT_CHUNK) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO metric_points (spoke_id, batch_id, domain, name, value, unit, labels, time_ns) ",
+            );
+            q.push_values(chunk, |mut b, p| {
+                b.push_bind(&spoke)
+                    .push_bind(&batch.batch_id)
+                    .push_bind(&p.domain)
+                    .push_bind(&p.name)
+                    .push_bind(p.value)
+                    .push_bind(&p.unit)
+                    .push_bind(serde_json::to_string(&p.labels).unwrap_or_else(|_| "{}".to_owned()))
+                    .push_bind(p.time_ns);
+            });
+            q.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(StoredBatch::Accepted(batch.points.len() as u32))
+    }
+
+    /// Points matching `filter`, oldest first (by arrival), with their row
+    /// ids for paging.
+    pub async fn query_points(
+        &self,
+        filter: &MetricFilter,
+        limit: u32,
+    ) -> Result<Vec<(i64, proto::StoredMetricPoint)>> {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT p.id, p.spoke_id, s.name AS spoke_name, p.batch_id, p.domain, p.name, p.value, \
+             p.unit, p.labels, p.time_ns FROM metric_points p JOIN spokes s ON s.id = p.spoke_id WHERE 1 = 1",
+        );
+        if let Some(spoke) = filter.spoke_id {
+            q.push(" AND p.spoke_id = ").push_bind(spoke.to_string());
+        }
+        if let Some(domain) = &filter.domain {
+            q.push(" AND p.domain = ").push_bind(domain.clone());
+        }
+        if let Some(name) = &filter.name {
+            q.push(" AND p.name = ").push_bind(name.clone());
+        }
+        if let Some(start) = filter.start_ns {
+            q.push(" AND p.time_ns >= ").push_bind(start);
+        }
+        if let Some(end) = filter.end_ns {
+            q.push(" AND p.time_ns < ").push_bind(end);
+        }
+        if let Some(after) = filter.after_row {
+            q.push(" AND p.id > ").push_bind(after);
+        }
+        q.push(" ORDER BY p.id LIMIT ").push_bind(i64::from(limit));
+        let rows = q.build().fetch_all(&self.reader).await?;
+        rows.iter()
+            .map(|r| {
+                let labels: String = r.try_get("labels")?;
+                let point = proto::MetricPoint {
+                    domain: r.try_get("domain")?,
+                    name: r.try_get("name")?,
+                    value: r.try_get("value")?,
+                    unit: r.try_get("unit")?,
+                    labels: serde_json::from_str(&labels)
+                        .map_err(|e| Error::Corrupt(format!("labels: {e}")))?,
+                    time: Some(timestamp_ns(r.try_get("time_ns")?)),
+                };
+                Ok((
+                    r.try_get("id")?,
+                    proto::StoredMetricPoint {
+                        spoke_id: r.try_get("spoke_id")?,
+                        spoke_name: r.try_get("spoke_name")?,
+                        batch_id: r.try_get("batch_id")?,
+                        point: Some(point),
+                    },
+                ))
+            })
+            .collect()
+    }
+}
