@@ -71,11 +71,43 @@ pub fn ms_of_duration(d: &Duration, field: &str) -> Result<i64> {
         .ok_or_else(|| Error::invalid(field, "duration out of range"))
 }
 
-/// A Struct as the JSON text stored in the database.
+/// A Struct as the JSON text stored in the database. Whole numbers are
+/// written without a fraction (`3`, not `3.0`), so stored payloads read the
+/// way operators typed them.
 pub fn json_of_struct(s: Option<&Struct>) -> String {
     match s {
-        Some(s) => serde_json::to_string(s).unwrap_or_else(|_| "{}".to_owned()),
+        Some(s) => value_of_struct(s).to_string(),
         None => "{}".to_owned(),
+    }
+}
+
+/// A Struct as a JSON object value.
+pub fn value_of_struct(s: &Struct) -> serde_json::Value {
+    serde_json::Value::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), value_of(v)))
+            .collect(),
+    )
+}
+
+fn value_of(v: &pbjson_types::Value) -> serde_json::Value {
+    use pbjson_types::value::Kind;
+    use serde_json::Value as J;
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => J::Null,
+        Some(Kind::BoolValue(b)) => J::Bool(*b),
+        Some(Kind::StringValue(s)) => J::String(s.clone()),
+        Some(Kind::NumberValue(n)) => {
+            // 2^53: beyond it not every integer is exact in a double.
+            if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
+                J::from(*n as i64)
+            } else {
+                serde_json::Number::from_f64(*n).map_or(J::Null, J::Number)
+            }
+        }
+        Some(Kind::StructValue(s)) => value_of_struct(s),
+        Some(Kind::ListValue(l)) => J::Array(l.values.iter().map(value_of).collect()),
     }
 }
 

@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# Proves the grpcurl walk-through in tests/grpcurl/WALKTHROUGH.md works
+# verbatim: starts the real hub with its defaults in a fresh directory, runs
+# the ```sh block with bash there (twice, as a user running it again would),
+# and checks what a user would see. Also checks a few error statuses with
+# grpcurl directly.
+#
+#   cargo build -p hub && bash tests/grpcurl/run.sh
+#
+# HUB_BIN: the hub binary (default: target/debug/hub). Needs grpcurl, curl,
+# python3 and timeout on PATH. Builds nothing.
+#
+# The hub listens on ports the kernel picks (so a busy 50051/8080 cannot break
+# the test); the block's 127.0.0.1:50051 is rewritten to the real address.
+# Everything else (data dir, generated token files) is the hub's default.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+WALKTHROUGH=$ROOT/tests/grpcurl/WALKTHROUGH.md
+HUB_BIN=${HUB_BIN:-target/debug/hub}
+case $HUB_BIN in /*) ;; *) HUB_BIN=$ROOT/$HUB_BIN ;; esac
+DEFAULT_GRPC=127.0.0.1:50051
+
+for tool in grpcurl curl python3 timeout; do
+  command -v "$tool" >/dev/null || { echo "run.sh: $tool is not on PATH" >&2; exit 1; }
+done
+[[ -x $HUB_BIN ]] || { echo "run.sh: no hub binary at $HUB_BIN (cargo build -p hub, or set HUB_BIN)" >&2; exit 1; }
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/hub-grpcurl.XXXXXX")
+HUB_LOG=$WORK/hub.log
+HUB_PID=
+PASSED=0
+
+cleanup() {
+  local status=$?
+  if [[ -n $HUB_PID ]] && kill -0 "$HUB_PID" 2>/dev/null; then
+    kill "$HUB_PID" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$HUB_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$HUB_PID" 2>/dev/null || true
+    wait "$HUB_PID" 2>/dev/null || true
+  fi
+  if [[ $status -ne 0 && -f $HUB_LOG ]]; then
+    echo "----- hub log ($HUB_LOG) -----" >&2
+    cat "$HUB_LOG" >&2
+    echo "----- end of hub log; work dir kept: $WORK -----" >&2
+  else
+    rm -rf "$WORK"
+  fi
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+pass() {
+  PASSED=$((PASSED + 1))
+  echo "ok $PASSED - $1"
+}
+
+# fail DESCRIPTION [DETAIL]: stop at the first failure.
+fail() {
+  echo "FAIL: $1" >&2
+  if [[ -n ${2:-} ]]; then printf '%s\n' "$2" | sed 's/^/    | /' >&2; fi
+  echo "grpcurl walk-through: $PASSED passed, 1 failed" >&2
+  exit 1
+}
+
+# expect_contains DESCRIPTION TEXT NEEDLE...: TEXT contains every NEEDLE.
+expect_contains() {
+  local what=$1 text=$2 needle
+  shift 2
+  for needle in "$@"; do
+    [[ $text == *"$needle"* ]] || fail "$what: expected to find '$needle' in:" "$text"
+  done
+  pass "$what"
+}
+
+# --- start the hub ---------------------------------------------------------
+
+# Its own defaults only: nothing from the caller's environment.
+(
+  cd "$WORK"
+  exec env -u HUB_DATA_DIR -u DATABASE_URL -u HUB_ADMIN_TOKEN -u HUB_ENROLLMENT_TOKEN \
+    "$HUB_BIN" serve --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --log-format json
+) >"$HUB_LOG" 2>&1 &
+HUB_PID=$!
+
+# The "hub listening" line names the bound addresses; then /healthz answers.
+GRPC_ADDR= HTTP_ADDR=
+for _ in $(seq 100); do
+  kill -0 "$HUB_PID" 2>/dev/null || fail "the hub exited during startup"
+  if [[ -z $GRPC_ADDR ]]; then
+    read -r GRPC_ADDR HTTP_ADDR < <(python3 - "$HUB_LOG" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    try:
+        fields = json.loads(line).get("fields", {})
+    except ValueError:
+        continue
+    if fields.get("message") == "hub listening":
+        print(fields["grpc"], fields["http"])
+        break
+EOF
+    ) || true
+  fi
+  if [[ -n $GRPC_ADDR ]] && curl -sf "http://$HTTP_ADDR/healthz" >/dev/null; then
+    break
+  fi
+  sleep 0.1
+done
+[[ -n $GRPC_ADDR ]] && curl -sf "http://$HTTP_ADDR/healthz" >/dev/null \
+  || fail "the hub was not ready within 10 s"
+[[ -s $WORK/hub-data/admin.token && -s $WORK/hub-data/enrollment.token ]] \
+  || fail "the hub did not generate hub-data/admin.token and hub-data/enrollment.token"
+pass "hub ready on $GRPC_ADDR (http $HTTP_ADDR) with generated tokens in ./hub-data"
+
+# --- extract the walk-through ------------------------------------------------
+
+BLOCKS=$(grep -c '^```sh$' "$WALKTHROUGH" || true)
+[[ $BLOCKS == 1 ]] || fail "WALKTHROUGH.md must hold exactly one \`\`\`sh block (found $BLOCKS)"
+BLOCK=$(awk '/^```sh$/ { on = 1; next } on && /^```$/ { exit } on' "$WALKTHROUGH")
+expect_contains "the walk-through block targets the default address" "$BLOCK" "$DEFAULT_GRPC"
+# The block runs unchanged after a two-line prelude whose DEBUG trap prints
+# "### step: <command>" before each top-level command, so that each command's
+# output can be told apart.
+{
+  # shellcheck disable=SC2016
+  printf '%s\n' 'step_nl=$'"'\\n'" \
+    'trap '"'"'printf "### step: %s\n" "${BASH_COMMAND//$step_nl/ }"'"'"' DEBUG'
+  printf '%s\n' "$BLOCK" | sed 's/127\.0\.0\.1:50051/'"$GRPC_ADDR"'/g'
+} >"$WORK/walkthrough.sh"
+
+# run_walkthrough N: runs the block in a clean bash in the hub's working
+# directory. -eu and pipefail make any failing step fail the run (the
+# `|| true` after the stream is part of the block).
+run_walkthrough() {
+  local out=$WORK/walkthrough.$1.out status=0
+  (cd "$WORK" && env -i PATH="$PATH" HOME="$HOME" \
+    bash -euo pipefail walkthrough.sh </dev/null >"$out" 2>&1) || status=$?
+  if [[ $status -ne 0 ]]; then
+    fail "walk-through run $1 exited with status $status" "$(cat "$out")"
+  fi
+  pass "walk-through run $1 exits 0"
+}
+
+# step_output N PATTERN: what run N of the walk-through printed from the
+# grpcurl command matching PATTERN up to the next grpcurl command (so the
+# `echo "$OUT"` after a captured call counts as that call's output).
+step_output() {
+  STEP="$2" awk '
+    /^### step: / {
+      if ($0 ~ /grpcurl /) on = ($0 ~ ENVIRON["STEP"])
+      next
+    }
+    on' "$WORK/walkthrough.$1.out"
+}
+
+check_run() {
+  local n=$1 out id
+  run_walkthrough "$n"
+
+  out=$(step_output "$n" ' list$')
+  expect_contains "[$n] list shows both services and health" "$out" \
+    hub.v1.SpokeService hub.v1.AdminService grpc.health.v1.Health
+  out=$(step_output "$n" ' describe hub\.v1\.SpokeService$')
+  expect_contains "[$n] describe prints the SpokeService contract" "$out" \
+    "hub.v1.SpokeService is a service:" "rpc Register" "rpc WatchDirectives" "rpc Ack"
+  out=$(step_output "$n" 'grpc\.health\.v1\.Health/Check$')
+  expect_contains "[$n] health check says SERVING" "$out" '"status": "SERVING"'
+  out=$(step_output "$n" 'SpokeService/Register[)]$')
+  expect_contains "[$n] Register returns the new spoke and its key" "$out" \
+    '"name": "billing-' '"spokeKey": "' '"directiveType": "sync_doc"'
+  out=$(step_output "$n" 'AdminService/CreateDirective[)]$')
+  expect_contains "[$n] CreateDirective returns a PENDING sync_doc directive" "$out" \
+    '"type": "sync_doc"' '"state": "DIRECTIVE_STATE_PENDING"'
+  id=$(printf '%s\n' "$out" | sed -n 's/^ *"id": "\([0-9a-f-]\{36\}\)".*/\1/p' | head -n 1)
+  [[ -n $id ]] || fail "[$n] no directive id in the CreateDirective output" "$out"
+  out=$(step_output "$n" 'SpokeService/WatchDirectives$')
+  expect_contains "[$n] WatchDirectives delivers the directive with its payload" "$out" \
+    '"directive": {' "\"id\": \"$id\"" '"doc": "invoices/2026-11"' '"mode": "full"' \
+    '"state": "DIRECTIVE_STATE_DELIVERED"' '"attempt": 1'
+  out=$(step_output "$n" 'SpokeService/Ack$')
+  expect_contains "[$n] Ack answers COMPLETED" "$out" '"state": "DIRECTIVE_STATE_COMPLETED"'
+  out=$(step_output "$n" 'AdminService/GetDirective$')
+  expect_contains "[$n] GetDirective shows COMPLETED with the result" "$out" \
+    "\"id\": \"$id\"" '"state": "DIRECTIVE_STATE_COMPLETED"' '"result": {' '"pages_synced": 12'
+  if grep -q 'ERROR:' "$WORK/walkthrough.$n.out"; then
+    fail "[$n] the walk-through printed a gRPC error" "$(cat "$WORK/walkthrough.$n.out")"
+  fi
+  pass "[$n] the walk-through printed no gRPC error"
+}
+
+# --- the walk-through, twice on the same data dir ----------------------------
+
+check_run 1
+check_run 2
+
+# --- error statuses and describe, with grpcurl directly ---------------------
+
+# grpc CMD...: runs grpcurl in the hub's directory; prints stdout and stderr,
+# then "exit=<status>" on the last line.
+grpc() {
+  local status=0 out
+  out=$(cd "$WORK" && grpcurl -plaintext "$@" 2>&1) || status=$?
+  printf '%s\nexit=%s\n' "$out" "$status"
+}
+ADMIN_TOKEN=$(cat "$WORK/hub-data/admin.token")
+
+out=$(grpc -d '{"directive_id": "00000000-0000-7000-8000-000000000000",
+               "outcome": "ACK_OUTCOME_COMPLETED"}' \
+  "$GRPC_ADDR" hub.v1.SpokeService/Ack)
+expect_contains "Ack without authorization answers Unauthenticated" "$out" \
+  "Code: Unauthenticated" "exit=80"
+
+out=$(grpc -H "authorization: Bearer $ADMIN_TOKEN" \
+  -d '{"target": {"spoke_name": "billing"}, "payload": {"doc": "x"}}' \
+  "$GRPC_ADDR" hub.v1.AdminService/CreateDirective)
+expect_contains "CreateDirective without a type answers InvalidArgument naming type" "$out" \
+  "Code: InvalidArgument" "Message: type" "exit=67"
+
+out=$(grpc "$GRPC_ADDR" describe hub.v1.Directive)
+expect_contains "describe hub.v1.Directive prints the message" "$out" \
+  "hub.v1.Directive is a message:" "message Directive {" "string id = 1;" \
+  "hub.v1.DirectiveState state = 6;" "exit=0"
+
+echo "grpcurl walk-through: $PASSED passed, 0 failed"

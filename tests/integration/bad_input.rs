@@ -1,0 +1,332 @@
+//! Bad input gets a precise status and changes nothing.
+
+use hub::Settings;
+use hub_proto::v1 as proto;
+use hub_proto::v1::directive_target::Target;
+use serde_json::json;
+use tonic::{Code, Request};
+
+use crate::metrics::{point, push};
+use crate::support::*;
+
+/// Everything an operator can read, to compare before and after.
+async fn snapshot(
+    hub: &TestHub,
+) -> (
+    Vec<proto::Directive>,
+    Vec<proto::Spoke>,
+    Vec<proto::StoredMetricPoint>,
+) {
+    let spokes = hub
+        .admin()
+        .await
+        .list_spokes(authed(proto::ListSpokesRequest::default(), ADMIN_TOKEN))
+        .await
+        .unwrap()
+        .into_inner()
+        .spokes;
+    let points = hub.points(proto::QueryMetricsRequest::default()).await;
+    (hub.all_directives().await, spokes, points)
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_precise_status_and_changes_nothing() {
+    let settings = Settings {
+        max_message_bytes: 64 * 1024,
+        max_payload_bytes: 8 * 1024,
+        max_points_per_batch: 10,
+        ..Settings::default()
+    };
+    let hub = TestHub::start_with(settings).await;
+    let mut alice = hub.register("alice", &["t"], &[("team", "a")]).await;
+    let mut bob = hub.register("bob", &["t"], &[]).await;
+    let alices = hub.send("alice", "t", json!({"mine": true})).await;
+    let bobs = hub.send("bob", "t", json!({})).await;
+    {
+        let mut stream = bob.watch().await;
+        next_directive(&mut stream).await;
+        bob.ack(&bobs.id, proto::AckOutcome::Completed, json!({"r": 1}))
+            .await
+            .unwrap();
+    }
+    push(
+        &mut alice,
+        vec![proto::PushMetricsRequest {
+            batch_id: "once".into(),
+            points: vec![point("statistics", "orders", 1.0)],
+        }],
+    )
+    .await
+    .unwrap();
+    let before = snapshot(&hub).await;
+
+    let mut spoke = hub.spoke_client().await;
+    let mut admin = hub.admin().await;
+    let ack = |id: &str| proto::AckRequest {
+        directive_id: id.into(),
+        outcome: proto::AckOutcome::Completed.into(),
+        ..Default::default()
+    };
+
+    // Credentials.
+    assert_code(
+        spoke.ack(Request::new(ack(&alices.id))).await,
+        Code::Unauthenticated,
+        "authorization",
+    );
+    assert_code(
+        spoke
+            .ack(authed(ack(&alices.id), "wrong-key-0123456789"))
+            .await,
+        Code::Unauthenticated,
+        "unknown spoke key",
+    );
+    assert_code(
+        spoke
+            .watch_directives(authed(proto::WatchDirectivesRequest {}, ADMIN_TOKEN))
+            .await,
+        Code::Unauthenticated,
+        "unknown spoke key",
+    );
+    assert_code(
+        admin
+            .list_spokes(Request::new(proto::ListSpokesRequest::default()))
+            .await,
+        Code::Unauthenticated,
+        "authorization",
+    );
+    assert_code(
+        admin
+            .list_spokes(authed(proto::ListSpokesRequest::default(), &alice.key))
+            .await,
+        Code::Unauthenticated,
+        "admin token",
+    );
+    assert_code(
+        admin
+            .create_directive(authed(
+                create_for("alice", "t", json!({})),
+                ENROLLMENT_TOKEN,
+            ))
+            .await,
+        Code::Unauthenticated,
+        "admin token",
+    );
+
+    // Another spoke's directive looks exactly like one that does not exist.
+    let foreign = bob
+        .ack(&alices.id, proto::AckOutcome::Completed, json!({}))
+        .await
+        .unwrap_err();
+    let missing_id = uuid::Uuid::now_v7().to_string();
+    let missing = bob
+        .ack(&missing_id, proto::AckOutcome::Completed, json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!(foreign.code(), Code::NotFound);
+    assert_eq!(missing.code(), Code::NotFound);
+    assert_eq!(
+        foreign.message().replace(&alices.id, "ID"),
+        missing.message().replace(&missing_id, "ID")
+    );
+
+    // Missing or malformed fields name the field.
+    assert_code(
+        alice.client.ack(alice.req(ack("not-a-uuid"))).await,
+        Code::InvalidArgument,
+        "directive_id",
+    );
+    assert_code(
+        alice
+            .client
+            .ack(alice.req(proto::AckRequest {
+                directive_id: alices.id.clone(),
+                ..Default::default()
+            }))
+            .await,
+        Code::InvalidArgument,
+        "outcome",
+    );
+    assert_code(
+        alice
+            .client
+            .ack(alice.req(proto::AckRequest {
+                directive_id: alices.id.clone(),
+                outcome: proto::AckOutcome::InProgress.into(),
+                progress: Some(101),
+                ..Default::default()
+            }))
+            .await,
+        Code::InvalidArgument,
+        "progress",
+    );
+    assert_code(
+        alice
+            .client
+            .heartbeat(alice.req(proto::HeartbeatRequest::default()))
+            .await,
+        Code::InvalidArgument,
+        "status",
+    );
+    let bad_name = proto::RegisterRequest {
+        name: "Bad Name<script>".into(),
+        ..Default::default()
+    };
+    assert_code(
+        spoke.register(authed(bad_name, ENROLLMENT_TOKEN)).await,
+        Code::InvalidArgument,
+        "name",
+    );
+    let no_target = proto::CreateDirectiveRequest {
+        r#type: "t".into(),
+        ..Default::default()
+    };
+    assert_code(
+        admin.create_directive(authed(no_target, ADMIN_TOKEN)).await,
+        Code::InvalidArgument,
+        "target",
+    );
+    assert_code(
+        admin
+            .create_directive(authed(create_for("alice", "", json!({})), ADMIN_TOKEN))
+            .await,
+        Code::InvalidArgument,
+        "type",
+    );
+    let mut past = create_for("alice", "t", json!({}));
+    past.expires_at = Some(pbjson_types::Timestamp {
+        seconds: 1,
+        nanos: 0,
+    });
+    assert_code(
+        admin.create_directive(authed(past, ADMIN_TOKEN)).await,
+        Code::InvalidArgument,
+        "expires_at",
+    );
+    let empty_selector = proto::CreateDirectiveRequest {
+        target: Some(proto::DirectiveTarget {
+            target: Some(Target::Selector(proto::LabelSelector::default())),
+        }),
+        r#type: "t".into(),
+        ..Default::default()
+    };
+    assert_code(
+        admin
+            .create_directive(authed(empty_selector, ADMIN_TOKEN))
+            .await,
+        Code::InvalidArgument,
+        "target.selector.match_labels",
+    );
+    assert_code(
+        admin
+            .create_directive(authed(create_for("nobody", "t", json!({})), ADMIN_TOKEN))
+            .await,
+        Code::NotFound,
+        "nobody",
+    );
+    assert_code(
+        admin
+            .get_directive(authed(
+                proto::GetDirectiveRequest {
+                    directive_id: "x".into(),
+                },
+                ADMIN_TOKEN,
+            ))
+            .await,
+        Code::InvalidArgument,
+        "directive_id",
+    );
+    assert_code(
+        admin
+            .get_spoke(authed(
+                proto::GetSpokeRequest {
+                    spoke_id: alice.id.clone(),
+                    spoke_name: "alice".into(),
+                },
+                ADMIN_TOKEN,
+            ))
+            .await,
+        Code::InvalidArgument,
+        "spoke_name",
+    );
+    assert_code(
+        push(
+            &mut alice,
+            vec![proto::PushMetricsRequest {
+                batch_id: String::new(),
+                points: vec![point("statistics", "orders", 1.0)],
+            }],
+        )
+        .await,
+        Code::InvalidArgument,
+        "batch_id",
+    );
+
+    // State rules.
+    assert_code(
+        bob.ack(&bobs.id, proto::AckOutcome::Failed, json!({}))
+            .await,
+        Code::FailedPrecondition,
+        "COMPLETED",
+    );
+    assert_code(
+        alice
+            .ack(&alices.id, proto::AckOutcome::Completed, json!({}))
+            .await,
+        Code::FailedPrecondition,
+        "PENDING",
+    );
+
+    // A duplicate batch is reported, not stored again.
+    let dup = push(
+        &mut alice,
+        vec![proto::PushMetricsRequest {
+            batch_id: "once".into(),
+            points: vec![point("statistics", "orders", 1.0)],
+        }],
+    )
+    .await
+    .unwrap();
+    assert_eq!(dup.batches[0].status, proto::BatchStatus::Duplicate as i32);
+
+    // Size limits.
+    let big = create_for("alice", "t", json!({"blob": "x".repeat(100 * 1024)}));
+    assert_code(
+        admin.create_directive(authed(big, ADMIN_TOKEN)).await,
+        Code::ResourceExhausted,
+        "too large",
+    );
+    let over_payload = create_for("alice", "t", json!({"blob": "x".repeat(20 * 1024)}));
+    assert_code(
+        admin
+            .create_directive(authed(over_payload, ADMIN_TOKEN))
+            .await,
+        Code::ResourceExhausted,
+        "payload",
+    );
+    let too_many = proto::PushMetricsRequest {
+        batch_id: "many".into(),
+        points: vec![point("statistics", "orders", 1.0); 11],
+    };
+    assert_code(
+        push(&mut alice, vec![too_many]).await,
+        Code::ResourceExhausted,
+        "limit is 10",
+    );
+    let mut huge_point = point("statistics", "orders", 1.0);
+    huge_point.unit = "u".repeat(100 * 1024);
+    let huge = proto::PushMetricsRequest {
+        batch_id: "huge".into(),
+        points: vec![huge_point],
+    };
+    assert_code(
+        push(&mut alice, vec![huge]).await,
+        Code::ResourceExhausted,
+        "too large",
+    );
+
+    let after = snapshot(&hub).await;
+    assert_eq!(before.0, after.0, "directives unchanged");
+    assert_eq!(before.1, after.1, "spokes unchanged");
+    assert_eq!(before.2, after.2, "metric points unchanged");
+}

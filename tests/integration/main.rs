@@ -1,0 +1,10 @@
+//! Integration tests: the real hub in process, real SQLite files, real
+//! gRPC clients generated from `proto/`.
+
+mod support;
+
+mod bad_input;
+mod delivery;
+mod lifecycle;
+mod metrics;
+mod registration;

@@ -1,0 +1,361 @@
+//! Starts the real hub in process on 127.0.0.1:0 with a fresh SQLite file,
+//! and gives tests clients and small helpers.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use hub::Settings;
+use hub::auth::TokenHash;
+use hub_proto::v1 as proto;
+use hub_proto::v1::admin_service_client::AdminServiceClient;
+use hub_proto::v1::spoke_service_client::SpokeServiceClient;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+pub const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
+pub const ENROLLMENT_TOKEN: &str = "enrollment-token-for-tests-012345";
+
+/// A hub running in this process.
+pub struct TestHub {
+    pub addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    dir: PathBuf,
+    settings: Settings,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), hub::RunError>>>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl TestHub {
+    /// A hub with default settings on a fresh data directory.
+    pub async fn start() -> Self {
+        Self::start_with(Settings::default()).await
+    }
+
+    /// A hub with `settings` on a fresh data directory.
+    pub async fn start_with(settings: Settings) -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let mut hub = Self::start_in(tmp.path(), settings).await;
+        hub._tmp = Some(tmp);
+        hub
+    }
+
+    async fn start_in(dir: &Path, settings: Settings) -> Self {
+        let url = format!("sqlite://{}", dir.join("hub.db").display());
+        let store = hub::Store::open(&url).await.expect("open store");
+        // Bound before the server task starts, so clients can connect at once.
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap();
+        let http_addr = http.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let secrets = hub::Secrets {
+            admin_token: TokenHash::new(ADMIN_TOKEN),
+            enrollment_token: TokenHash::new(ENROLLMENT_TOKEN),
+        };
+        let task = tokio::spawn(hub::run(
+            grpc,
+            http,
+            store,
+            settings.clone(),
+            secrets,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            addr,
+            http_addr,
+            dir: dir.to_path_buf(),
+            settings,
+            stop: Some(stop),
+            task: Some(task),
+            _tmp: None,
+        }
+    }
+
+    /// Shuts the hub down gracefully and waits for it; re-raises a panic of
+    /// the server task.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            match task.await {
+                Ok(result) => result.expect("hub run returned an error"),
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => panic!("hub task failed: {e}"),
+            }
+        }
+    }
+
+    /// Stops the hub and starts it again on the same data directory (new
+    /// ports).
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let tmp = self._tmp.take();
+        let dir = self.dir.clone();
+        *self = Self::start_in(&dir, self.settings.clone()).await;
+        self._tmp = tmp;
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to hub")
+    }
+
+    pub async fn spoke_client(&self) -> SpokeServiceClient<Channel> {
+        SpokeServiceClient::new(self.channel().await)
+    }
+
+    pub async fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::new(self.channel().await)
+    }
+
+    /// Registers a spoke handling `types`, returning its id and key.
+    pub async fn register(&self, name: &str, types: &[&str], labels: &[(&str, &str)]) -> Spoke {
+        let req = proto::RegisterRequest {
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            capabilities: types
+                .iter()
+                .map(|t| proto::Capability {
+                    directive_type: t.to_string(),
+                    version: "1".into(),
+                })
+                .collect(),
+            version: "1.0.0".into(),
+            max_in_flight: 0,
+        };
+        let res = self
+            .spoke_client()
+            .await
+            .register(authed(req, ENROLLMENT_TOKEN))
+            .await
+            .expect("register")
+            .into_inner();
+        let spoke = res.spoke.unwrap();
+        assert!(!res.spoke_key.is_empty(), "a new spoke gets a key");
+        Spoke {
+            id: spoke.id,
+            name: spoke.name,
+            key: res.spoke_key,
+            client: self.spoke_client().await,
+        }
+    }
+
+    /// Creates a directive of `kind` for the spoke named `name`.
+    pub async fn send(
+        &self,
+        name: &str,
+        kind: &str,
+        payload: serde_json::Value,
+    ) -> proto::Directive {
+        self.create(create_for(name, kind, payload))
+            .await
+            .directives
+            .remove(0)
+    }
+
+    pub async fn create(
+        &self,
+        req: proto::CreateDirectiveRequest,
+    ) -> proto::CreateDirectiveResponse {
+        self.admin()
+            .await
+            .create_directive(authed(req, ADMIN_TOKEN))
+            .await
+            .expect("create directive")
+            .into_inner()
+    }
+
+    pub async fn directive(&self, id: &str) -> proto::Directive {
+        let req = proto::GetDirectiveRequest {
+            directive_id: id.into(),
+        };
+        self.admin()
+            .await
+            .get_directive(authed(req, ADMIN_TOKEN))
+            .await
+            .expect("get directive")
+            .into_inner()
+            .directive
+            .unwrap()
+    }
+
+    pub async fn spoke(&self, name: &str) -> proto::Spoke {
+        let req = proto::GetSpokeRequest {
+            spoke_name: name.into(),
+            ..Default::default()
+        };
+        self.admin()
+            .await
+            .get_spoke(authed(req, ADMIN_TOKEN))
+            .await
+            .expect("get spoke")
+            .into_inner()
+            .spoke
+            .unwrap()
+    }
+
+    /// Every directive, newest first (all pages).
+    pub async fn all_directives(&self) -> Vec<proto::Directive> {
+        let mut admin = self.admin().await;
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let req = proto::ListDirectivesRequest {
+                page_token: token,
+                page_size: 1000,
+                ..Default::default()
+            };
+            let page = admin
+                .list_directives(authed(req, ADMIN_TOKEN))
+                .await
+                .unwrap()
+                .into_inner();
+            out.extend(page.directives);
+            if page.next_page_token.is_empty() {
+                return out;
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    pub async fn points(&self, req: proto::QueryMetricsRequest) -> Vec<proto::StoredMetricPoint> {
+        self.admin()
+            .await
+            .query_metrics(authed(req, ADMIN_TOKEN))
+            .await
+            .expect("query metrics")
+            .into_inner()
+            .points
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A registered spoke with its own client.
+pub struct Spoke {
+    pub id: String,
+    pub name: String,
+    pub key: String,
+    pub client: SpokeServiceClient<Channel>,
+}
+
+impl Spoke {
+    pub fn req<T>(&self, msg: T) -> Request<T> {
+        authed(msg, &self.key)
+    }
+
+    pub async fn watch(&mut self) -> tonic::Streaming<proto::WatchDirectivesResponse> {
+        let req = self.req(proto::WatchDirectivesRequest {});
+        self.client
+            .watch_directives(req)
+            .await
+            .expect("watch")
+            .into_inner()
+    }
+
+    pub async fn ack(
+        &mut self,
+        id: &str,
+        outcome: proto::AckOutcome,
+        result: serde_json::Value,
+    ) -> Result<proto::AckResponse, Status> {
+        let req = proto::AckRequest {
+            directive_id: id.into(),
+            outcome: outcome.into(),
+            result: Some(json_struct(result)),
+            error: if matches!(
+                outcome,
+                proto::AckOutcome::Failed | proto::AckOutcome::Rejected
+            ) {
+                "it broke".into()
+            } else {
+                String::new()
+            },
+            ..Default::default()
+        };
+        let req = self.req(req);
+        self.client.ack(req).await.map(|r| r.into_inner())
+    }
+}
+
+/// Adds `authorization: Bearer <token>`.
+pub fn authed<T>(msg: T, token: &str) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+pub fn json_struct(value: serde_json::Value) -> pbjson_types::Struct {
+    serde_json::from_value(value).expect("a JSON object")
+}
+
+/// A Struct as JSON, whole numbers without a fraction (as the hub stores it).
+pub fn struct_json(s: &pbjson_types::Struct) -> serde_json::Value {
+    hub::wire::value_of_struct(s)
+}
+
+pub fn create_for(
+    name: &str,
+    kind: &str,
+    payload: serde_json::Value,
+) -> proto::CreateDirectiveRequest {
+    proto::CreateDirectiveRequest {
+        target: Some(proto::DirectiveTarget {
+            target: Some(proto::directive_target::Target::SpokeName(name.into())),
+        }),
+        r#type: kind.into(),
+        payload: Some(json_struct(payload)),
+        ..Default::default()
+    }
+}
+
+/// The next directive on a stream, skipping keepalives; panics after 10 s.
+pub async fn next_directive(
+    stream: &mut tonic::Streaming<proto::WatchDirectivesResponse>,
+) -> proto::Directive {
+    use proto::watch_directives_response::Message;
+    loop {
+        let msg = tokio::time::timeout(std::time::Duration::from_secs(10), stream.message())
+            .await
+            .expect("a directive within 10 s")
+            .expect("stream ok")
+            .expect("stream open");
+        if let Some(Message::Directive(d)) = msg.message {
+            return d;
+        }
+    }
+}
+
+pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, needle: &str) {
+    match result {
+        Ok(v) => panic!("expected {code:?}, got Ok({v:?})"),
+        Err(status) => {
+            assert_eq!(status.code(), code, "status: {status:?}");
+            assert!(
+                status.message().contains(needle),
+                "message {:?} should mention {needle:?}",
+                status.message()
+            );
+        }
+    }
+}
