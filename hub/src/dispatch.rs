@@ -45,7 +45,7 @@ struct Inner {
 }
 
 /// A stream's registration; dropping it frees the slot (if still its own).
-pub struct Registration {
+pub struct Subscription {
     dispatcher: Dispatcher,
     spoke_id: Uuid,
     generation: u64,
@@ -61,7 +61,7 @@ impl Dispatcher {
     }
 
     /// Registers a new live stream for `spoke_id`, ending the older one.
-    pub fn register(&self, spoke_id: Uuid) -> Registration {
+    pub fn register(&self, spoke_id: Uuid) -> Subscription {
         let (tx, rx) = mpsc::channel(64);
         let wake = Arc::new(Notify::new());
         let mut inner = self.lock();
@@ -81,7 +81,7 @@ impl Dispatcher {
             // closed sender once its slot is gone.
             let _ = old.control.try_send(Control::Superseded);
         }
-        Registration {
+        Subscription {
             dispatcher: self.clone(),
             spoke_id,
             generation,
@@ -123,7 +123,7 @@ impl Dispatcher {
     }
 }
 
-impl Drop for Registration {
+impl Drop for Subscription {
     fn drop(&mut self) {
         let mut inner = self.dispatcher.lock();
         if inner

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Proves the grpcurl walk-through in tests/grpcurl/WALKTHROUGH.md works
+# Proves the grpcurl walk-through in README.md (between the walkthrough
+# markers) works
 # verbatim: starts the real hub with its defaults in a fresh directory, runs
 # the ```sh block with bash there (twice, as a user running it again would),
 # and checks what a user would see. Also checks a few error statuses with
@@ -16,7 +17,7 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-WALKTHROUGH=$ROOT/tests/grpcurl/WALKTHROUGH.md
+README=$ROOT/README.md
 HUB_BIN=${HUB_BIN:-target/debug/hub}
 case $HUB_BIN in /*) ;; *) HUB_BIN=$ROOT/$HUB_BIN ;; esac
 DEFAULT_GRPC=127.0.0.1:50051
@@ -85,7 +86,8 @@ expect_contains() {
 HUB_PID=$!
 
 # The "hub listening" line names the bound addresses; then /healthz answers.
-GRPC_ADDR= HTTP_ADDR=
+GRPC_ADDR=''
+HTTP_ADDR=''
 for _ in $(seq 100); do
   kill -0 "$HUB_PID" 2>/dev/null || fail "the hub exited during startup"
   if [[ -z $GRPC_ADDR ]]; then
@@ -107,25 +109,28 @@ EOF
   fi
   sleep 0.1
 done
-[[ -n $GRPC_ADDR ]] && curl -sf "http://$HTTP_ADDR/healthz" >/dev/null \
-  || fail "the hub was not ready within 10 s"
+if [[ -z $GRPC_ADDR ]] || ! curl -sf "http://$HTTP_ADDR/healthz" >/dev/null; then
+  fail "the hub was not ready within 10 s"
+fi
 [[ -s $WORK/hub-data/admin.token && -s $WORK/hub-data/enrollment.token ]] \
   || fail "the hub did not generate hub-data/admin.token and hub-data/enrollment.token"
 pass "hub ready on $GRPC_ADDR (http $HTTP_ADDR) with generated tokens in ./hub-data"
 
 # --- extract the walk-through ------------------------------------------------
 
-BLOCKS=$(grep -c '^```sh$' "$WALKTHROUGH" || true)
-[[ $BLOCKS == 1 ]] || fail "WALKTHROUGH.md must hold exactly one \`\`\`sh block (found $BLOCKS)"
-BLOCK=$(awk '/^```sh$/ { on = 1; next } on && /^```$/ { exit } on' "$WALKTHROUGH")
+SECTION=$(awk '/<!-- walkthrough:start -->/ { on = 1; next } /<!-- walkthrough:end -->/ { exit } on' "$README")
+BLOCKS=$(grep -c '^```sh$' <<<"$SECTION" || true)
+[[ $BLOCKS == 1 ]] || fail "README.md's walkthrough section must hold exactly one \`\`\`sh block (found $BLOCKS)"
+BLOCK=$(awk '/^```sh$/ { on = 1; next } on && /^```$/ { exit } on' <<<"$SECTION")
 expect_contains "the walk-through block targets the default address" "$BLOCK" "$DEFAULT_GRPC"
 # The block runs unchanged after a two-line prelude whose DEBUG trap prints
 # "### step: <command>" before each top-level command, so that each command's
 # output can be told apart.
 {
-  # shellcheck disable=SC2016
-  printf '%s\n' 'step_nl=$'"'\\n'" \
-    'trap '"'"'printf "### step: %s\n" "${BASH_COMMAND//$step_nl/ }"'"'"' DEBUG'
+  cat <<'PRELUDE'
+step_nl=$'\n'
+trap 'printf "### step: %s\n" "${BASH_COMMAND//$step_nl/ }"' DEBUG
+PRELUDE
   printf '%s\n' "$BLOCK" | sed 's/127\.0\.0\.1:50051/'"$GRPC_ADDR"'/g'
 } >"$WORK/walkthrough.sh"
 
@@ -154,6 +159,8 @@ step_output() {
     on' "$WORK/walkthrough.$1.out"
 }
 
+# check_run N: runs the walk-through and checks each step's output; sets
+# SPOKE_NAME to the spoke it registered.
 check_run() {
   local n=$1 out id
   run_walkthrough "$n"
@@ -169,6 +176,7 @@ check_run() {
   out=$(step_output "$n" 'SpokeService/Register[)]$')
   expect_contains "[$n] Register returns the new spoke and its key" "$out" \
     '"name": "billing-' '"spokeKey": "' '"directiveType": "sync_doc"'
+  SPOKE_NAME=$(printf '%s\n' "$out" | sed -n 's/^ *"name": "\(billing-[0-9]*\)".*/\1/p' | head -n 1)
   out=$(step_output "$n" 'AdminService/CreateDirective[)]$')
   expect_contains "[$n] CreateDirective returns a PENDING sync_doc directive" "$out" \
     '"type": "sync_doc"' '"state": "DIRECTIVE_STATE_PENDING"'
@@ -192,7 +200,11 @@ check_run() {
 # --- the walk-through, twice on the same data dir ----------------------------
 
 check_run 1
+FIRST_SPOKE=$SPOKE_NAME
 check_run 2
+[[ $SPOKE_NAME != "$FIRST_SPOKE" ]] \
+  || fail "both runs registered the same spoke name $SPOKE_NAME"
+pass "the two runs registered different spokes ($FIRST_SPOKE, $SPOKE_NAME)"
 
 # --- error statuses and describe, with grpcurl directly ---------------------
 
@@ -204,6 +216,13 @@ grpc() {
   printf '%s\nexit=%s\n' "$out" "$status"
 }
 ADMIN_TOKEN=$(cat "$WORK/hub-data/admin.token")
+ENROLLMENT_TOKEN=$(cat "$WORK/hub-data/enrollment.token")
+
+# Why the walk-through picks a fresh name each run.
+out=$(grpc -H "authorization: Bearer $ENROLLMENT_TOKEN" -d '{"name": "'"$SPOKE_NAME"'"}' \
+  "$GRPC_ADDR" hub.v1.SpokeService/Register)
+expect_contains "Register of an existing name with the enrollment token answers AlreadyExists" \
+  "$out" "Code: AlreadyExists" "exit=70"
 
 out=$(grpc -d '{"directive_id": "00000000-0000-7000-8000-000000000000",
                "outcome": "ACK_OUTCOME_COMPLETED"}' \
@@ -212,7 +231,7 @@ expect_contains "Ack without authorization answers Unauthenticated" "$out" \
   "Code: Unauthenticated" "exit=80"
 
 out=$(grpc -H "authorization: Bearer $ADMIN_TOKEN" \
-  -d '{"target": {"spoke_name": "billing"}, "payload": {"doc": "x"}}' \
+  -d '{"target": {"spoke_name": "'"$SPOKE_NAME"'"}, "payload": {"doc": "x"}}' \
   "$GRPC_ADDR" hub.v1.AdminService/CreateDirective)
 expect_contains "CreateDirective without a type answers InvalidArgument naming type" "$out" \
   "Code: InvalidArgument" "Message: type" "exit=67"

@@ -50,44 +50,52 @@ impl SpokeService for SpokeApi {
         request: Request<proto::RegisterRequest>,
     ) -> Result<Response<proto::RegisterResponse>, Status> {
         let hub = &self.hub;
-        let secret = bearer(request.metadata())?.to_owned();
+        // Who is calling comes first: an unauthenticated caller learns
+        // nothing, not even whether its request was well-formed.
+        let secret = bearer(request.metadata())?;
+        let existing = if hub.is_enrollment_token(secret) {
+            None
+        } else {
+            let spoke = hub
+                .store()
+                .spoke_by_key_hash(&hash_secret(secret))
+                .await?
+                .ok_or(Error::Unauthenticated(
+                    "unknown enrollment token or spoke key",
+                ))?;
+            if spoke.revoked_at.is_some() {
+                return Err(Error::Unauthenticated("spoke key revoked").into());
+            }
+            Some(spoke)
+        };
         let settings = hub.settings();
         let reg = Registration::parse(
             request.into_inner(),
             settings.default_in_flight,
             settings.max_in_flight,
         )?;
-        if hub.is_enrollment_token(&secret) {
-            let key = generate_secret();
-            let spoke = hub
-                .store()
-                .insert_spoke(&reg, &hash_secret(&key), now_ms())
-                .await?;
-            tracing::info!(spoke_id = %spoke.id, spoke = %spoke.name, "spoke registered");
-            return Ok(Response::new(proto::RegisterResponse {
-                spoke: Some(hub.spoke_to_proto(&spoke)),
-                spoke_key: key,
-                hints: Some(hub.hints(spoke.max_in_flight)),
-            }));
-        }
-        let existing = hub
-            .store()
-            .spoke_by_key_hash(&hash_secret(&secret))
-            .await?
-            .ok_or(Error::Unauthenticated(
-                "unknown enrollment token or spoke key",
-            ))?;
-        if existing.revoked_at.is_some() {
-            return Err(Error::Unauthenticated("spoke key revoked").into());
-        }
-        if existing.name != reg.name {
-            return Err(Error::Unauthenticated("the key belongs to another spoke name").into());
-        }
-        let spoke = hub.store().update_registration(existing.id, &reg).await?;
-        tracing::info!(spoke_id = %spoke.id, spoke = %spoke.name, "spoke re-registered");
+        let (spoke, spoke_key) = match existing {
+            None => {
+                let key = generate_secret();
+                let spoke = hub
+                    .store()
+                    .insert_spoke(&reg, &hash_secret(&key), now_ms())
+                    .await?;
+                tracing::info!(spoke_id = %spoke.id, spoke = %spoke.name, "spoke registered");
+                (spoke, key)
+            }
+            Some(existing) if existing.name != reg.name => {
+                return Err(Error::Unauthenticated("the key belongs to another spoke name").into());
+            }
+            Some(existing) => {
+                let spoke = hub.store().update_registration(existing.id, &reg).await?;
+                tracing::info!(spoke_id = %spoke.id, spoke = %spoke.name, "spoke re-registered");
+                (spoke, String::new())
+            }
+        };
         Ok(Response::new(proto::RegisterResponse {
             spoke: Some(hub.spoke_to_proto(&spoke)),
-            spoke_key: String::new(),
+            spoke_key,
             hints: Some(hub.hints(spoke.max_in_flight)),
         }))
     }
@@ -228,7 +236,7 @@ enum End {
 async fn stream_directives(
     hub: Hub,
     spoke: SpokeRecord,
-    mut registration: dispatch::Registration,
+    mut registration: dispatch::Subscription,
     tx: mpsc::Sender<Result<proto::WatchDirectivesResponse, Status>>,
 ) {
     let end = match run_stream(&hub, &spoke, &mut registration, &tx).await {
@@ -244,7 +252,7 @@ async fn stream_directives(
 async fn run_stream(
     hub: &Hub,
     spoke: &SpokeRecord,
-    registration: &mut dispatch::Registration,
+    registration: &mut dispatch::Subscription,
     tx: &mpsc::Sender<Result<proto::WatchDirectivesResponse, Status>>,
 ) -> Result<End> {
     use proto::watch_directives_response::Message;

