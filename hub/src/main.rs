@@ -2,6 +2,8 @@
 //! [`hub::run`]. Everything else lives in the library.
 #![forbid(unsafe_code)]
 
+use std::io::IsTerminal;
+
 use anyhow::Context;
 use clap::Parser;
 use hub::auth::TokenHash;
@@ -114,7 +116,8 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
