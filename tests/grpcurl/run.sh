@@ -241,4 +241,42 @@ expect_contains "describe hub.v1.Directive prints the message" "$out" \
   "hub.v1.Directive is a message:" "message Directive {" "string id = 1;" \
   "hub.v1.DirectiveState state = 6;" "exit=0"
 
+# --- graceful shutdown of the real binary -----------------------------------
+
+# A spoke holds a stream open; SIGTERM ends it with UNAVAILABLE and the hub
+# exits 0.
+SPOKE_KEY=$(cd "$WORK" && grpcurl -plaintext -H "authorization: Bearer $ENROLLMENT_TOKEN" \
+  -d '{"name": "shutdown-watcher"}' "$GRPC_ADDR" hub.v1.SpokeService/Register \
+  | python3 -c 'import json, sys; print(json.load(sys.stdin)["spokeKey"])')
+(cd "$WORK" && exec grpcurl -plaintext -H "authorization: Bearer $SPOKE_KEY" \
+  "$GRPC_ADDR" hub.v1.SpokeService/WatchDirectives) >"$WORK/watch.out" 2>&1 &
+WATCH_PID=$!
+for _ in $(seq 100); do
+  grep -q '"connected": true' <(grpc -H "authorization: Bearer $ADMIN_TOKEN" \
+    -d '{"spoke_name": "shutdown-watcher"}' "$GRPC_ADDR" hub.v1.AdminService/GetSpoke) && break
+  sleep 0.1
+done
+kill -TERM "$HUB_PID"
+hub_status=0
+wait "$HUB_PID" || hub_status=$?
+HUB_PID=
+[[ $hub_status == 0 ]] || fail "the hub exited with $hub_status after SIGTERM" "$(tail -20 "$HUB_LOG")"
+pass "SIGTERM stops the hub with exit status 0"
+watch_status=0
+wait "$WATCH_PID" || watch_status=$?
+expect_contains "SIGTERM ends an open WatchDirectives stream with Unavailable" \
+  "$(cat "$WORK/watch.out")" "Code: Unavailable" "retryAfter"
+
+# --- bad configuration fails before binding, naming the option --------------
+
+out=$(cd "$WORK" && "$HUB_BIN" serve --listen nowhere 2>&1) && fail "--listen nowhere was accepted" "$out"
+expect_contains "a malformed --listen is refused naming the option" "$out" "--listen"
+status=0
+out=$(cd "$WORK" && HUB_MAX_ATTEMPTS=0 "$HUB_BIN" serve --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 2>&1) \
+  || status=$?
+[[ $status == 2 ]] || fail "HUB_MAX_ATTEMPTS=0 should exit 2, got $status" "$out"
+[[ $out != *"hub listening"* ]] || fail "the hub bound its ports despite bad configuration" "$out"
+expect_contains "a bad HUB_MAX_ATTEMPTS is refused before listening, naming flag and variable" "$out" \
+  "--max-attempts (HUB_MAX_ATTEMPTS)"
+
 echo "grpcurl walk-through: $PASSED passed, 0 failed"
