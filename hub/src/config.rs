@@ -94,6 +94,12 @@ pub struct ServeArgs {
     /// Time to let in-flight calls finish on shutdown.
     #[arg(long, env = "HUB_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// How long events are kept (e.g. 7d).
+    #[arg(long, env = "HUB_EVENT_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub event_retention: Duration,
+    /// How long metric points are kept (e.g. 30d).
+    #[arg(long, env = "HUB_METRIC_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub metric_retention: Duration,
     /// Log format.
     #[arg(long, env = "HUB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -190,6 +196,14 @@ impl Config {
         positive(
             args.http2_keepalive_timeout,
             "--http2-keepalive-timeout (HUB_HTTP2_KEEPALIVE_TIMEOUT)",
+        )?;
+        positive(
+            args.event_retention,
+            "--event-retention (HUB_EVENT_RETENTION)",
+        )?;
+        positive(
+            args.metric_retention,
+            "--metric-retention (HUB_METRIC_RETENTION)",
         )?;
         if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&args.ack_deadline) {
             return Err(invalid(
@@ -295,6 +309,9 @@ impl Config {
             http2_keepalive_interval: args.http2_keepalive_interval,
             http2_keepalive_timeout: args.http2_keepalive_timeout,
             shutdown_grace: args.shutdown_grace,
+            event_retention: args.event_retention,
+            metric_retention: args.metric_retention,
+            ..Settings::default()
         };
         Ok(Self {
             listen: args.listen,
@@ -379,13 +396,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(split);
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 10s, 250ms, 2m or 1h"))?;
+        .map_err(|_| format!("{s:?} is not a duration like 10s, 250ms, 2m, 1h or 7d"))?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("{s:?} is not a duration like 10s, 250ms, 2m or 1h")),
+        "d" => Duration::from_secs(n.saturating_mul(86_400)),
+        _ => {
+            return Err(format!(
+                "{s:?} is not a duration like 10s, 250ms, 2m, 1h or 7d"
+            ));
+        }
     };
     Ok(d)
 }

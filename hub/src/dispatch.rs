@@ -7,7 +7,7 @@
 //! that lands between "query the database" and "wait" is never lost.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use tokio::sync::{Notify, mpsc};
 use uuid::Uuid;
@@ -17,6 +17,9 @@ use uuid::Uuid;
 pub enum Control {
     /// A newer stream of the same spoke took over; end this one.
     Superseded,
+    /// The spoke's key stopped working (revoked or rotated); end this one
+    /// with UNAUTHENTICATED and this reason.
+    KeyInvalidated(&'static str),
     /// A delivered directive was cancelled; tell the spoke.
     Cancelled {
         /// The directive.
@@ -42,6 +45,8 @@ pub struct Dispatcher {
 struct Inner {
     next_generation: u64,
     slots: HashMap<Uuid, Slot>,
+    /// Long polls waiting for work, per spoke.
+    pollers: HashMap<Uuid, Weak<Notify>>,
 }
 
 /// A stream's registration; dropping it frees the slot (if still its own).
@@ -90,11 +95,32 @@ impl Dispatcher {
         }
     }
 
-    /// Wakes the spoke's live stream, if it has one.
+    /// Wakes the spoke's live stream and long polls, if it has any.
     pub fn wake(&self, spoke_id: Uuid) {
-        if let Some(slot) = self.lock().slots.get(&spoke_id) {
+        let mut inner = self.lock();
+        if let Some(slot) = inner.slots.get(&spoke_id) {
             slot.wake.notify_one();
         }
+        if let Some(poller) = inner.pollers.get(&spoke_id) {
+            match poller.upgrade() {
+                Some(notify) => notify.notify_waiters(),
+                None => {
+                    inner.pollers.remove(&spoke_id);
+                }
+            }
+        }
+    }
+
+    /// The wake-up long polls of `spoke_id` wait on (shared by concurrent
+    /// polls; it lives as long as one of them holds it).
+    pub fn poll_waker(&self, spoke_id: Uuid) -> Arc<Notify> {
+        let mut inner = self.lock();
+        if let Some(notify) = inner.pollers.get(&spoke_id).and_then(Weak::upgrade) {
+            return notify;
+        }
+        let notify = Arc::new(Notify::new());
+        inner.pollers.insert(spoke_id, Arc::downgrade(&notify));
+        notify
     }
 
     /// Sends a control message to the spoke's live stream, if it has one.
@@ -110,10 +136,10 @@ impl Dispatcher {
         self.lock().slots.contains_key(&spoke_id)
     }
 
-    /// Ends every live stream of `spoke_id` (e.g. revoked).
-    pub fn end(&self, spoke_id: Uuid) {
+    /// Ends the spoke's live stream because its key stopped working.
+    pub fn invalidate_key(&self, spoke_id: Uuid, reason: &'static str) {
         if let Some(slot) = self.lock().slots.remove(&spoke_id) {
-            let _ = slot.control.try_send(Control::Superseded);
+            let _ = slot.control.try_send(Control::KeyInvalidated(reason));
         }
     }
 

@@ -7,7 +7,9 @@
 //! - [`api`]: `SpokeService` and `AdminService`, the edge where wire types
 //!   become domain values;
 //! - [`spokes`], [`directives`], [`metrics`]: domain rules and validation;
-//! - [`dispatch`]: in-memory wake-ups of live directive streams;
+//! - [`dispatch`]: in-memory wake-ups of live directive streams and polls;
+//! - [`events`]: the event log's types; [`timers`]: redelivery, expiry,
+//!   the health sweeper and retention; [`clock`]: system or manual time;
 //! - [`store`]: the database, the only module that touches sqlx;
 //! - [`auth`]: keys and tokens; [`limits`]: message-size statuses;
 //! - [`http`]: health and readiness over HTTP; [`shutdown`]: the drain signal;
@@ -17,10 +19,12 @@
 
 pub mod api;
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod directives;
 pub mod dispatch;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod limits;
 pub mod metrics;
@@ -29,8 +33,10 @@ pub mod settings;
 pub mod shutdown;
 pub mod spokes;
 pub mod store;
+pub mod timers;
 pub mod wire;
 
+pub use clock::Clock;
 pub use error::{Error, Result};
 pub use server::{RunError, Secrets, run};
 pub use settings::Settings;

@@ -1,5 +1,6 @@
 //! Assembles the running hub: the gRPC server (spoke and admin services,
-//! health, reflection), the HTTP server, and the shutdown drain.
+//! health, reflection), the HTTP server, the background timers, and the
+//! shutdown drain.
 
 use std::future::Future;
 
@@ -17,7 +18,7 @@ use crate::api::spoke::SpokeApi;
 use crate::auth::TokenHash;
 use crate::settings::Settings;
 use crate::store::Store;
-use crate::{limits, shutdown};
+use crate::{limits, shutdown, timers};
 
 /// The secrets a hub checks callers against.
 pub struct Secrets {
@@ -58,6 +59,12 @@ pub async fn run(
         secrets.enrollment_token,
         shutdown.clone(),
     );
+
+    let background = [
+        tokio::spawn(timers::run_delivery_timer(hub.clone())),
+        tokio::spawn(timers::run_health_sweeper(hub.clone())),
+        tokio::spawn(timers::run_retention(hub.clone())),
+    ];
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SpokeServiceServer<SpokeApi>>().await;
@@ -125,6 +132,9 @@ pub async fn run(
     let drained = tokio::time::timeout(grace, async {
         let grpc = grpc_task.await;
         let http = http_task.await;
+        for task in background {
+            rethrow(task.await);
+        }
         (grpc, http)
     })
     .await;

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::clock::Clock;
+
 /// Behaviour and limits of a running hub.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -31,6 +33,14 @@ pub struct Settings {
     pub http2_keepalive_timeout: Duration,
     /// Drain time on shutdown.
     pub shutdown_grace: Duration,
+    /// How long events are kept.
+    pub event_retention: Duration,
+    /// How long metric points are kept.
+    pub metric_retention: Duration,
+    /// How often the retention task runs.
+    pub retention_interval: Duration,
+    /// Where "now" comes from (tests use a manual clock).
+    pub clock: Clock,
 }
 
 impl Default for Settings {
@@ -49,6 +59,10 @@ impl Default for Settings {
             http2_keepalive_interval: Duration::from_secs(20),
             http2_keepalive_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            event_retention: Duration::from_secs(7 * 86_400),
+            metric_retention: Duration::from_secs(30 * 86_400),
+            retention_interval: Duration::from_secs(60),
+            clock: Clock::system(),
         }
     }
 }

@@ -86,6 +86,8 @@ pub struct SpokeRecord {
     pub revoked_at: Option<i64>,
     /// Latest heartbeat, Unix ms.
     pub last_heartbeat_at: Option<i64>,
+    /// Latest sign of life (registration, heartbeat, stream), Unix ms.
+    pub last_seen_at: Option<i64>,
     /// Latest reported status.
     pub status: proto::SpokeStatus,
     /// Latest status message.
@@ -111,20 +113,12 @@ impl SpokeRecord {
         selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
     }
 
-    /// Health derived at `now`: ONLINE while connected or while the latest
-    /// heartbeat is at most 3 intervals old, STALE up to 10, then OFFLINE.
+    /// Health derived at `now` (see [`health_at`]).
     pub fn health(&self, now_ms: i64, interval_ms: i64, connected: bool) -> proto::SpokeHealth {
         if self.revoked_at.is_some() {
             return proto::SpokeHealth::Revoked;
         }
-        if connected {
-            return proto::SpokeHealth::Online;
-        }
-        match self.last_heartbeat_at.map(|at| now_ms - at) {
-            Some(age) if age <= 3 * interval_ms => proto::SpokeHealth::Online,
-            Some(age) if age <= 10 * interval_ms => proto::SpokeHealth::Stale,
-            _ => proto::SpokeHealth::Offline,
-        }
+        health_at(self.last_seen_at, now_ms, interval_ms, connected)
     }
 
     /// The wire form, with health derived by the caller.
@@ -154,6 +148,40 @@ impl SpokeRecord {
             outstanding_directives: self.outstanding,
             max_in_flight: self.max_in_flight,
         }
+    }
+}
+
+/// Heartbeat intervals without a sign of life before a spoke is STALE.
+pub const STALE_AFTER_INTERVALS: i64 = 3;
+/// Heartbeat intervals without a sign of life before a spoke is OFFLINE.
+pub const OFFLINE_AFTER_INTERVALS: i64 = 10;
+
+/// Health of a spoke last seen at `last_seen_ms`: ONLINE while connected or
+/// seen within [`STALE_AFTER_INTERVALS`] heartbeat intervals, STALE up to
+/// [`OFFLINE_AFTER_INTERVALS`], then OFFLINE.
+pub fn health_at(
+    last_seen_ms: Option<i64>,
+    now_ms: i64,
+    interval_ms: i64,
+    connected: bool,
+) -> proto::SpokeHealth {
+    if connected {
+        return proto::SpokeHealth::Online;
+    }
+    match last_seen_ms.map(|at| now_ms - at) {
+        Some(age) if age <= STALE_AFTER_INTERVALS * interval_ms => proto::SpokeHealth::Online,
+        Some(age) if age <= OFFLINE_AFTER_INTERVALS * interval_ms => proto::SpokeHealth::Stale,
+        _ => proto::SpokeHealth::Offline,
+    }
+}
+
+/// The name a health is stored under.
+pub fn health_name(health: proto::SpokeHealth) -> &'static str {
+    match health {
+        proto::SpokeHealth::Online => "ONLINE",
+        proto::SpokeHealth::Stale => "STALE",
+        proto::SpokeHealth::Revoked => "REVOKED",
+        proto::SpokeHealth::Offline | proto::SpokeHealth::Unspecified => "OFFLINE",
     }
 }
 
@@ -314,6 +342,7 @@ mod tests {
             registered_at: 0,
             revoked_at: None,
             last_heartbeat_at: None,
+            last_seen_at: None,
             status: proto::SpokeStatus::Unspecified,
             status_message: String::new(),
             reported_in_flight: 0,
@@ -329,7 +358,7 @@ mod tests {
             spoke.health(100_000, 10_000, true),
             proto::SpokeHealth::Online
         );
-        spoke.last_heartbeat_at = Some(80_000);
+        spoke.last_seen_at = Some(80_000);
         assert_eq!(
             spoke.health(100_000, 10_000, false),
             proto::SpokeHealth::Online

@@ -6,11 +6,6 @@ use pbjson_types::{Duration, Struct, Timestamp};
 
 use crate::error::{Error, Result};
 
-/// The current time in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
-}
-
 /// A Unix-millisecond time as a protobuf Timestamp.
 pub fn timestamp_ms(ms: i64) -> Timestamp {
     Timestamp {

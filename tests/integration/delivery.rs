@@ -84,7 +84,13 @@ async fn creates_racing_the_backlog_arrive_exactly_once() {
     let mut stream = spoke.watch().await;
     let mut seen = Vec::new();
     while seen.len() < 120 {
-        seen.push(next_directive(&mut stream).await.id);
+        let id = next_directive(&mut stream).await.id;
+        // Acking frees the slot in the in-flight window for the next one.
+        spoke
+            .ack(&id, proto::AckOutcome::Completed, json!({}))
+            .await
+            .unwrap();
+        seen.push(id);
     }
     expected.extend(racing.await.unwrap());
     // A sentinel created last marks the end: nothing may arrive before it

@@ -68,19 +68,28 @@ async fn register_issues_a_key_once_and_re_register_needs_it() {
 
 #[tokio::test]
 async fn heartbeats_store_status_and_make_the_spoke_online() {
+    let clock = hub::Clock::manual(1_800_000_000_000);
     let settings = Settings {
         heartbeat_interval: std::time::Duration::from_secs(7),
+        clock: clock.clone(),
         ..Settings::default()
     };
     let hub = TestHub::start_with(settings).await;
     let mut spoke = hub.register("worker", &[], &[]).await;
+    let fresh = hub.spoke("worker").await;
+    assert_eq!(
+        fresh.health,
+        proto::SpokeHealth::Online as i32,
+        "it just registered"
+    );
+    assert!(fresh.last_heartbeat_at.is_none());
+    clock.advance(std::time::Duration::from_secs(7 * 11));
     let before = hub.spoke("worker").await;
     assert_eq!(
         before.health,
         proto::SpokeHealth::Offline as i32,
-        "never heard from"
+        "silent for 11 intervals"
     );
-    assert!(before.last_heartbeat_at.is_none());
 
     let req = spoke.req(proto::HeartbeatRequest {
         status: proto::SpokeStatus::Degraded.into(),
@@ -111,7 +120,12 @@ async fn heartbeats_store_status_and_make_the_spoke_online() {
 
 #[tokio::test]
 async fn list_spokes_shows_health_outstanding_and_filters() {
-    let hub = TestHub::start().await;
+    let clock = hub::Clock::manual(1_800_000_000_000);
+    let hub = TestHub::start_with(Settings {
+        clock: clock.clone(),
+        ..Settings::default()
+    })
+    .await;
     let mut eu = hub
         .register("eu-1", &["sync_doc"], &[("region", "eu")])
         .await;
@@ -119,6 +133,8 @@ async fn list_spokes_shows_health_outstanding_and_filters() {
         .await;
     hub.send("eu-1", "sync_doc", serde_json::json!({})).await;
     hub.send("eu-1", "sync_doc", serde_json::json!({})).await;
+    // Four heartbeat intervals later only eu-1 has been heard from.
+    clock.advance(Settings::default().heartbeat_interval * 4);
     let hb = eu.req(proto::HeartbeatRequest {
         status: proto::SpokeStatus::Ok.into(),
         ..Default::default()

@@ -10,11 +10,14 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::Hub;
+use crate::auth::{generate_secret, hash_secret};
 use crate::directives::{NewDirective, State, Target, parse_id};
+use crate::dispatch::Control;
 use crate::error::{Error, Result};
-use crate::spokes::{SpokeRecord, check_labels};
+use crate::events::{EventFilter, Kind};
+use crate::spokes::{SpokeRecord, check_labels, check_len};
 use crate::store::{DirectiveFilter, MetricFilter, NewDirectiveRow};
-use crate::wire::{now_ms, ns_of};
+use crate::wire::ns_of;
 
 /// The AdminService implementation.
 #[derive(Clone)]
@@ -117,19 +120,13 @@ fn page_size(requested: u32) -> u32 {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::WatchEventsResponse, Status>> + Send>>;
 
-fn later(what: &str) -> Status {
-    Status::unimplemented(format!(
-        "{what} is part of the contract but not implemented by this hub version yet"
-    ))
-}
-
 #[tonic::async_trait]
 impl AdminService for AdminApi {
     async fn create_directive(
         &self,
         request: Request<proto::CreateDirectiveRequest>,
     ) -> Result<Response<proto::CreateDirectiveResponse>, Status> {
-        let now = now_ms();
+        let now = self.hub.now_ms();
         let new = NewDirective::parse(request.into_inner(), self.hub.create_defaults(), now)?;
         let store = self.hub.store();
         let (targets, skipped) = self.resolve_targets(&new).await?;
@@ -155,6 +152,9 @@ impl AdminService for AdminApi {
             for d in &created {
                 self.hub.dispatcher().wake(d.spoke_id);
             }
+            if let Some(at) = new.expires_at {
+                self.hub.timer_plan().schedule(at);
+            }
             tracing::info!(group_id = %group_id, count = created.len(), r#type = %new.directive_type, "directives created");
         }
         let directives = created
@@ -171,9 +171,36 @@ impl AdminService for AdminApi {
 
     async fn cancel_directive(
         &self,
-        _request: Request<proto::CancelDirectiveRequest>,
+        request: Request<proto::CancelDirectiveRequest>,
     ) -> Result<Response<proto::CancelDirectiveResponse>, Status> {
-        Err(later("CancelDirective"))
+        let req = request.into_inner();
+        let id = parse_id(&req.directive_id, "directive_id")?;
+        check_len(&req.reason, 1024, "reason")?;
+        let reason = match req.reason.trim() {
+            "" => "cancelled by an operator".to_owned(),
+            r => r.to_owned(),
+        };
+        let cancelled = self
+            .hub
+            .store()
+            .cancel_directive(id, &reason, self.hub.now_ms())
+            .await?;
+        let spoke_id = cancelled.directive.spoke_id;
+        if cancelled.was_delivered && !cancelled.already {
+            let sent = self.hub.dispatcher().send(
+                spoke_id,
+                Control::Cancelled {
+                    directive_id: id,
+                    reason,
+                },
+            );
+            tracing::info!(directive_id = %id, spoke_id = %spoke_id, told_spoke = sent, "directive cancelled");
+            // Its slot in the window is free again.
+            self.hub.dispatcher().wake(spoke_id);
+        }
+        Ok(Response::new(proto::CancelDirectiveResponse {
+            directive: Some(cancelled.directive.to_proto()?),
+        }))
     }
 
     async fn get_directive(
@@ -293,16 +320,43 @@ impl AdminService for AdminApi {
 
     async fn revoke_spoke(
         &self,
-        _request: Request<proto::RevokeSpokeRequest>,
+        request: Request<proto::RevokeSpokeRequest>,
     ) -> Result<Response<proto::RevokeSpokeResponse>, Status> {
-        Err(later("RevokeSpoke"))
+        let req = request.into_inner();
+        let spoke = self.spoke_ref(&req.spoke_id, &req.spoke_name).await?;
+        self.hub
+            .store()
+            .revoke_spoke(spoke.id, self.hub.now_ms())
+            .await?;
+        self.hub
+            .dispatcher()
+            .invalidate_key(spoke.id, "spoke key revoked");
+        tracing::info!(spoke_id = %spoke.id, spoke = %spoke.name, "spoke revoked");
+        let spoke = self.spoke_by_id(spoke.id).await?;
+        Ok(Response::new(proto::RevokeSpokeResponse {
+            spoke: Some(self.hub.spoke_to_proto(&spoke)),
+        }))
     }
 
     async fn rotate_spoke_key(
         &self,
-        _request: Request<proto::RotateSpokeKeyRequest>,
+        request: Request<proto::RotateSpokeKeyRequest>,
     ) -> Result<Response<proto::RotateSpokeKeyResponse>, Status> {
-        Err(later("RotateSpokeKey"))
+        let req = request.into_inner();
+        let spoke = self.spoke_ref(&req.spoke_id, &req.spoke_name).await?;
+        let key = generate_secret();
+        self.hub
+            .store()
+            .rotate_key(spoke.id, &hash_secret(&key), self.hub.now_ms())
+            .await?;
+        self.hub
+            .dispatcher()
+            .invalidate_key(spoke.id, "spoke key rotated");
+        tracing::info!(spoke_id = %spoke.id, spoke = %spoke.name, "spoke key rotated");
+        Ok(Response::new(proto::RotateSpokeKeyResponse {
+            spoke: Some(self.hub.spoke_to_proto(&spoke)),
+            spoke_key: key,
+        }))
     }
 
     async fn query_metrics(
@@ -352,8 +406,89 @@ impl AdminService for AdminApi {
 
     async fn watch_events(
         &self,
-        _request: Request<proto::WatchEventsRequest>,
+        request: Request<proto::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        Err(later("WatchEvents"))
+        let req = request.into_inner();
+        let filter = EventFilter {
+            kinds: req
+                .types
+                .iter()
+                .map(|t| Kind::from_proto(*t, "types"))
+                .collect::<Result<_>>()?,
+            spoke_id: match req.spoke_id.as_str() {
+                "" => None,
+                id => Some(parse_id(id, "spoke_id")?),
+            },
+        };
+        let after = i64::try_from(req.after_sequence)
+            .map_err(|_| Error::invalid("after_sequence", "out of range"))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
+        tokio::spawn(stream_events(self.hub.clone(), filter, after, tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// Events per query while replaying.
+const EVENT_PAGE: u32 = 500;
+/// Events buffered per WatchEvents stream.
+const EVENT_BUFFER: usize = 64;
+
+/// Feeds one WatchEvents stream: stored events after `after`, then each
+/// newly committed range. Every event up to the published sequence is
+/// committed and readable, so reading ranges `(after, committed]` leaves
+/// no gap and sends nothing twice.
+async fn stream_events(
+    hub: Hub,
+    filter: EventFilter,
+    mut after: i64,
+    tx: tokio::sync::mpsc::Sender<Result<proto::WatchEventsResponse, Status>>,
+) {
+    let mut committed = hub.store().committed_events();
+    let mut shutdown = hub.shutdown();
+    loop {
+        let upto = *committed.borrow_and_update();
+        while after < upto {
+            let page = match hub
+                .store()
+                .events_between(after, upto, &filter, EVENT_PAGE)
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
+            for event in &page {
+                let event = match event.to_proto() {
+                    Ok(event) => event,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                if tx
+                    .send(Ok(proto::WatchEventsResponse { event: Some(event) }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            after = match page.last() {
+                Some(last) if page.len() == EVENT_PAGE as usize => last.seq,
+                _ => upto,
+            };
+        }
+        tokio::select! {
+            changed = committed.changed() => if changed.is_err() { return },
+            () = shutdown.wait() => {
+                let _ = tx.send(Err(Status::unavailable("hub is shutting down; resume with after_sequence"))).await;
+                return;
+            }
+            () = tx.closed() => return,
+        }
     }
 }

@@ -11,6 +11,7 @@ use hub_proto::v1 as proto;
 use tonic::metadata::MetadataMap;
 
 use crate::auth::{TokenHash, bearer, hash_secret};
+use crate::clock::Clock;
 use crate::directives::CreateDefaults;
 use crate::dispatch::Dispatcher;
 use crate::error::{Error, Result};
@@ -18,6 +19,7 @@ use crate::settings::Settings;
 use crate::shutdown::Shutdown;
 use crate::spokes::SpokeRecord;
 use crate::store::Store;
+use crate::timers::TimerPlan;
 use crate::wire::duration_std;
 
 /// State shared by every call; cheap to clone.
@@ -29,6 +31,7 @@ pub struct Hub {
 struct Inner {
     store: Store,
     dispatcher: Dispatcher,
+    timer_plan: TimerPlan,
     settings: Settings,
     admin_token: TokenHash,
     enrollment_token: TokenHash,
@@ -48,6 +51,7 @@ impl Hub {
             inner: Arc::new(Inner {
                 store,
                 dispatcher: Dispatcher::default(),
+                timer_plan: TimerPlan::default(),
                 settings,
                 admin_token,
                 enrollment_token,
@@ -71,8 +75,24 @@ impl Hub {
         &self.inner.settings
     }
 
-    fn shutdown(&self) -> Shutdown {
+    /// The shutdown signal.
+    pub fn shutdown(&self) -> Shutdown {
         self.inner.shutdown.clone()
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Clock {
+        &self.inner.settings.clock
+    }
+
+    /// Now, Unix ms, by the hub's clock.
+    pub fn now_ms(&self) -> i64 {
+        self.clock().now_ms()
+    }
+
+    /// The delivery timer's plan.
+    pub fn timer_plan(&self) -> &TimerPlan {
+        &self.inner.timer_plan
     }
 
     /// The spoke whose key the call carries; revoked keys are refused.
@@ -125,7 +145,7 @@ impl Hub {
         let connected = self.dispatcher().is_connected(spoke.id);
         let interval =
             i64::try_from(self.settings().heartbeat_interval.as_millis()).unwrap_or(i64::MAX);
-        let health = spoke.health(crate::wire::now_ms(), interval, connected);
+        let health = spoke.health(self.now_ms(), interval, connected);
         spoke.to_proto(health, connected)
     }
 }

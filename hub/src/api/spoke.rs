@@ -18,12 +18,14 @@ use crate::limits;
 use crate::metrics::Batch;
 use crate::spokes::{Heartbeat, Registration, SpokeRecord};
 use crate::store::StoredBatch;
-use crate::wire::{duration_std, now_ms, timestamp_ms};
+use crate::wire::{duration_std, ms_of_duration, timestamp_ms};
 
 /// Directives taken from the store per query while streaming.
 const TAKE_CHUNK: u32 = 64;
 /// Messages buffered per stream before the stream task waits for the spoke.
 const STREAM_BUFFER: usize = 32;
+/// Longest a long poll waits, ms.
+const MAX_POLL_WAIT_MS: i64 = 30_000;
 /// Most batches one PushMetrics call may carry.
 const MAX_BATCHES_PER_CALL: usize = 1000;
 
@@ -79,7 +81,7 @@ impl SpokeService for SpokeApi {
                 let key = generate_secret();
                 let spoke = hub
                     .store()
-                    .insert_spoke(&reg, &hash_secret(&key), now_ms())
+                    .insert_spoke(&reg, &hash_secret(&key), hub.now_ms())
                     .await?;
                 tracing::info!(spoke_id = %spoke.id, spoke = %spoke.name, "spoke registered");
                 (spoke, key)
@@ -88,7 +90,10 @@ impl SpokeService for SpokeApi {
                 return Err(Error::Unauthenticated("the key belongs to another spoke name").into());
             }
             Some(existing) => {
-                let spoke = hub.store().update_registration(existing.id, &reg).await?;
+                let spoke = hub
+                    .store()
+                    .update_registration(existing.id, &reg, hub.now_ms())
+                    .await?;
                 tracing::info!(spoke_id = %spoke.id, spoke = %spoke.name, "spoke re-registered");
                 (spoke, String::new())
             }
@@ -108,6 +113,10 @@ impl SpokeService for SpokeApi {
     ) -> Result<Response<Self::WatchDirectivesStream>, Status> {
         let spoke = self.hub.authenticate_spoke(request.metadata()).await?;
         let registration = self.hub.dispatcher().register(spoke.id);
+        self.hub
+            .store()
+            .mark_seen(spoke.id, self.hub.now_ms())
+            .await?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tracing::debug!(spoke_id = %spoke.id, "directive stream opened");
         tokio::spawn(stream_directives(self.hub.clone(), spoke, registration, tx));
@@ -123,11 +132,15 @@ impl SpokeService for SpokeApi {
         let applied = self
             .hub
             .store()
-            .apply_ack(spoke.id, &ack, now_ms())
+            .apply_ack(spoke.id, &ack, self.hub.now_ms())
             .await
             .inspect_err(|e| {
                 tracing::info!(spoke_id = %spoke.id, directive_id = %ack.directive_id, error = %e, "ack refused");
             })?;
+        if applied.state.is_final() && !applied.duplicate {
+            // A final ack frees a slot in the spoke's in-flight window.
+            self.hub.dispatcher().wake(spoke.id);
+        }
         Ok(Response::new(proto::AckResponse {
             state: applied.state.to_proto().into(),
             duplicate: applied.duplicate,
@@ -140,7 +153,7 @@ impl SpokeService for SpokeApi {
     ) -> Result<Response<proto::HeartbeatResponse>, Status> {
         let spoke = self.hub.authenticate_spoke(request.metadata()).await?;
         let heartbeat = Heartbeat::try_from(request.into_inner())?;
-        let now = now_ms();
+        let now = self.hub.now_ms();
         self.hub
             .store()
             .record_heartbeat(spoke.id, &heartbeat, now)
@@ -166,7 +179,7 @@ impl SpokeService for SpokeApi {
                 ))
                 .into());
             }
-            let now = now_ms();
+            let now = self.hub.now_ms();
             let batch = Batch::parse(msg, max_points, now.saturating_mul(1_000_000))?;
             let rejected = batch
                 .rejected
@@ -206,19 +219,56 @@ impl SpokeService for SpokeApi {
             n if n <= 100 => n,
             _ => return Err(Error::invalid("max_directives", "at most 100").into()),
         };
-        let taken = self
-            .hub
-            .store()
-            .take_pending(spoke.id, &spoke.name, max, now_ms())
-            .await?;
+        let wait_ms = match &req.wait {
+            None => 0,
+            Some(d) => ms_of_duration(d, "wait")?.min(MAX_POLL_WAIT_MS),
+        };
+        let hub = &self.hub;
+        hub.store().mark_seen(spoke.id, hub.now_ms()).await?;
+        let deadline =
+            tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms as u64);
+        let waker = hub.dispatcher().poll_waker(spoke.id);
+        let mut shutdown = hub.shutdown();
+        // Waits between queries hold no database connection.
+        let taken = loop {
+            let notified = waker.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let taken = hub
+                .store()
+                .take_pending(
+                    spoke.id,
+                    &spoke.name,
+                    spoke.max_in_flight,
+                    max,
+                    hub.now_ms(),
+                )
+                .await?;
+            if !taken.is_empty() || tokio::time::Instant::now() >= deadline {
+                break taken;
+            }
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep_until(deadline) => {}
+                () = shutdown.wait() => break Vec::new(),
+            }
+        };
+        schedule_deadlines(hub, &taken);
         let directives = taken
             .iter()
             .map(|d| d.to_proto())
             .collect::<Result<Vec<_>>>()?;
         Ok(Response::new(proto::PollDirectivesResponse {
             directives,
-            hints: Some(self.hub.hints(spoke.max_in_flight)),
+            hints: Some(hub.hints(spoke.max_in_flight)),
         }))
+    }
+}
+
+/// Makes sure the delivery timer wakes for the ack deadlines of `taken`.
+fn schedule_deadlines(hub: &Hub, taken: &[crate::directives::DirectiveRecord]) {
+    if let Some(due) = taken.iter().filter_map(|d| d.ack_due_at).min() {
+        hub.timer_plan().schedule(due);
     }
 }
 
@@ -246,6 +296,11 @@ async fn stream_directives(
     if let End::Status(status) = end {
         let _ = tx.send(Err(status)).await;
     }
+    drop(registration);
+    // Staleness counts from the moment the stream went away.
+    if let Err(e) = hub.store().mark_seen(spoke.id, hub.now_ms()).await {
+        tracing::warn!(spoke_id = %spoke.id, error = %e, "recording the end of a stream failed");
+    }
     tracing::debug!(spoke_id = %spoke.id, "directive stream closed");
 }
 
@@ -263,10 +318,12 @@ async fn run_stream(
 
     // The slot is registered before the backlog query, so a directive
     // committed from here on either is in the backlog or wakes us below.
+    let window = spoke.max_in_flight;
     let backlog = hub
         .store()
-        .take_outstanding(spoke.id, &spoke.name, u32::MAX, now_ms())
+        .take_backlog(spoke.id, &spoke.name, window, hub.now_ms())
         .await?;
+    schedule_deadlines(hub, &backlog);
     if !send_directives(tx, &backlog).await? {
         return Ok(End::Quiet);
     }
@@ -274,7 +331,11 @@ async fn run_stream(
         tokio::select! {
             () = registration.wake.notified() => {
                 loop {
-                    let taken = hub.store().take_pending(spoke.id, &spoke.name, TAKE_CHUNK, now_ms()).await?;
+                    let taken = hub
+                        .store()
+                        .take_pending(spoke.id, &spoke.name, window, TAKE_CHUNK, hub.now_ms())
+                        .await?;
+                    schedule_deadlines(hub, &taken);
                     if !send_directives(tx, &taken).await? {
                         return Ok(End::Quiet);
                     }
@@ -284,7 +345,7 @@ async fn run_stream(
                 }
             }
             _ = keepalive.tick() => {
-                let msg = Message::Keepalive(proto::Keepalive { hub_time: Some(timestamp_ms(now_ms())) });
+                let msg = Message::Keepalive(proto::Keepalive { hub_time: Some(timestamp_ms(hub.now_ms())) });
                 if !send(tx, msg).await {
                     return Ok(End::Quiet);
                 }
@@ -298,6 +359,9 @@ async fn run_stream(
                     if !send(tx, msg).await {
                         return Ok(End::Quiet);
                     }
+                }
+                Some(Control::KeyInvalidated(reason)) => {
+                    return Ok(End::Status(Status::unauthenticated(reason)));
                 }
                 Some(Control::Superseded) | None => {
                     return Ok(End::Status(Status::aborted(

@@ -5,9 +5,12 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
-use super::Store;
+use serde_json::json;
+
+use super::{Store, Write};
 use crate::directives::{Ack, AckOutcome, DirectiveRecord, State};
 use crate::error::{Error, Result};
+use crate::events::{Kind, NewEvent};
 
 const DIRECTIVE_COLUMNS: &str = "d.id, d.spoke_id, s.name AS spoke_name, d.type, d.payload, d.state, \
     d.attempts, d.max_attempts, d.priority, d.created_at, d.updated_at, d.expires_at, \
@@ -19,7 +22,7 @@ const RETURNING_COLUMNS: &str = "id, spoke_id, type, payload, state, attempts, m
     created_at, updated_at, expires_at, ack_deadline_ms, ack_due_at, group_id, idempotency_key, \
     coalesce_key, result, error, progress, progress_message";
 
-fn uuid_of(row: &SqliteRow, col: &str) -> Result<Uuid> {
+pub(super) fn uuid_of(row: &SqliteRow, col: &str) -> Result<Uuid> {
     let s: String = row.try_get(col)?;
     Uuid::parse_str(&s).map_err(|e| Error::Corrupt(format!("{col}: {e}")))
 }
@@ -96,6 +99,17 @@ pub struct DirectiveFilter {
     pub before_id: Option<Uuid>,
 }
 
+/// A directive an operator cancelled.
+#[derive(Debug, Clone)]
+pub struct Cancelled {
+    /// The directive after the cancel.
+    pub directive: DirectiveRecord,
+    /// Whether the spoke had received it (so it must be told).
+    pub was_delivered: bool,
+    /// Whether it was already cancelled (nothing changed).
+    pub already: bool,
+}
+
 /// The result of applying an ack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AckApplied {
@@ -107,52 +121,57 @@ pub struct AckApplied {
 
 impl Store {
     /// Inserts one directive per row, sharing a new group id, in one
-    /// transaction. With an idempotency key already used, returns the
-    /// directives of that earlier create instead (and `true`).
+    /// transaction, with their events. A coalesce key cancels the spoke's
+    /// PENDING directive with the same key. With an idempotency key already
+    /// used, returns the directives of that earlier create instead (and
+    /// `true`).
     pub async fn create_directives(
         &self,
         rows: &[NewDirectiveRow],
         idempotency_key: Option<&str>,
         now_ms: i64,
     ) -> Result<(Uuid, Vec<DirectiveRecord>, bool)> {
-        let mut tx = self.writer.begin().await?;
+        let mut w = self.write(now_ms).await?;
         if let Some(key) = idempotency_key {
             let existing: Option<String> =
                 sqlx::query_scalar("SELECT group_id FROM idempotency_keys WHERE key = $1")
                     .bind(key)
-                    .fetch_optional(&mut *tx)
+                    .fetch_optional(&mut *w.tx)
                     .await?;
             if let Some(group) = existing {
-                tx.rollback().await?;
+                w.tx.rollback().await?;
                 let group_id = Uuid::parse_str(&group)
                     .map_err(|e| Error::Corrupt(format!("group_id: {e}")))?;
-                let filter = DirectiveFilter {
-                    group_id: Some(group_id),
-                    ..Default::default()
-                };
-                let mut directives = self
-                    .list_directives_from(&self.writer, &filter, u32::MAX)
-                    .await?;
-                directives.sort_by_key(|d| d.id);
-                return Ok((group_id, directives, true));
+                return Ok((group_id, self.group(group_id).await?, true));
             }
         }
         let group_id = Uuid::now_v7();
-        let mut ids = Vec::with_capacity(rows.len());
         for row in rows {
             let id = Uuid::now_v7();
             if let Some(key) = &row.coalesce_key {
-                sqlx::query(
+                let replaced: Vec<String> = sqlx::query_scalar(
                     "UPDATE directives SET state = 'CANCELLED', updated_at = $3, \
                      error = 'replaced by directive ' || $4 \
-                     WHERE spoke_id = $1 AND coalesce_key = $2 AND state = 'PENDING'",
+                     WHERE spoke_id = $1 AND coalesce_key = $2 AND state = 'PENDING' RETURNING id",
                 )
                 .bind(row.spoke_id.to_string())
                 .bind(key)
                 .bind(now_ms)
                 .bind(id.to_string())
-                .execute(&mut *tx)
+                .fetch_all(&mut *w.tx)
                 .await?;
+                for old in replaced {
+                    let old = Uuid::parse_str(&old)
+                        .map_err(|e| Error::Corrupt(format!("directive id: {e}")))?;
+                    let reason = format!("replaced by directive {id}");
+                    w.event(NewEvent::directive(
+                        Kind::DirectiveCancelled,
+                        row.spoke_id,
+                        old,
+                        json!({"reason": reason}),
+                    ))
+                    .await?;
+                }
             }
             sqlx::query(
                 "INSERT INTO directives (id, spoke_id, type, payload, state, max_attempts, priority, \
@@ -171,9 +190,16 @@ impl Store {
             .bind(group_id.to_string())
             .bind(idempotency_key)
             .bind(row.coalesce_key.as_deref())
-            .execute(&mut *tx)
+            .execute(&mut *w.tx)
             .await?;
-            ids.push(id);
+            let details = json!({"type": row.directive_type, "group_id": group_id.to_string()});
+            w.event(NewEvent::directive(
+                Kind::DirectiveCreated,
+                row.spoke_id,
+                id,
+                details,
+            ))
+            .await?;
         }
         if let Some(key) = idempotency_key {
             sqlx::query(
@@ -182,10 +208,15 @@ impl Store {
             .bind(key)
             .bind(group_id.to_string())
             .bind(now_ms)
-            .execute(&mut *tx)
+            .execute(&mut *w.tx)
             .await?;
         }
-        tx.commit().await?;
+        self.commit(w).await?;
+        Ok((group_id, self.group(group_id).await?, false))
+    }
+
+    /// The directives of one create call, oldest first.
+    async fn group(&self, group_id: Uuid) -> Result<Vec<DirectiveRecord>> {
         let filter = DirectiveFilter {
             group_id: Some(group_id),
             ..Default::default()
@@ -194,75 +225,72 @@ impl Store {
             .list_directives_from(&self.writer, &filter, u32::MAX)
             .await?;
         directives.sort_by_key(|d| d.id);
-        Ok((group_id, directives, false))
+        Ok(directives)
     }
 
-    /// Marks up to `limit` of the spoke's PENDING directives DELIVERED (one
-    /// more attempt, ack due after the deadline) and returns them in delivery
-    /// order.
+    /// Takes PENDING directives of the spoke for delivery, as many as its
+    /// in-flight window has room for (at most `max`): each becomes DELIVERED
+    /// with one more attempt and an ack due after its deadline. Returned in
+    /// delivery order.
     pub async fn take_pending(
         &self,
         spoke_id: Uuid,
         spoke_name: &str,
-        limit: u32,
+        window: u32,
+        max: u32,
         now_ms: i64,
     ) -> Result<Vec<DirectiveRecord>> {
-        self.take(spoke_id, spoke_name, "('PENDING')", limit, now_ms)
-            .await
+        let mut w = self.write(now_ms).await?;
+        let in_flight: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM directives WHERE spoke_id = $1 AND state IN ('DELIVERED', 'IN_PROGRESS')",
+        )
+        .bind(spoke_id.to_string())
+        .fetch_one(&mut *w.tx)
+        .await?;
+        let room = (i64::from(window) - in_flight).clamp(0, i64::from(max));
+        let taken = take(&mut w, spoke_id, spoke_name, "('PENDING')", room).await?;
+        self.commit(w).await?;
+        Ok(taken)
     }
 
-    /// Like [`Store::take_pending`], but also takes directives delivered
-    /// before and not acked yet (the backlog a new stream starts with).
-    pub async fn take_outstanding(
+    /// What a new stream starts with: the directives delivered before and not
+    /// acked yet (sent again, while attempts remain), then PENDING ones as
+    /// far as the window allows. Returned in delivery order.
+    pub async fn take_backlog(
         &self,
         spoke_id: Uuid,
         spoke_name: &str,
-        limit: u32,
+        window: u32,
         now_ms: i64,
     ) -> Result<Vec<DirectiveRecord>> {
-        self.take(
+        let mut w = self.write(now_ms).await?;
+        let mut taken = take(
+            &mut w,
             spoke_id,
             spoke_name,
-            "('PENDING', 'DELIVERED', 'IN_PROGRESS')",
-            limit,
-            now_ms,
+            "('DELIVERED', 'IN_PROGRESS')",
+            -1,
         )
-        .await
-    }
-
-    async fn take(
-        &self,
-        spoke_id: Uuid,
-        spoke_name: &str,
-        states: &str,
-        limit: u32,
-        now_ms: i64,
-    ) -> Result<Vec<DirectiveRecord>> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "UPDATE directives SET \
-               state = CASE state WHEN 'IN_PROGRESS' THEN 'IN_PROGRESS' ELSE 'DELIVERED' END, \
-               attempts = attempts + 1, updated_at = $2, ack_due_at = $2 + ack_deadline_ms \
-             WHERE id IN (SELECT id FROM directives WHERE spoke_id = $1 AND state IN {states} \
-                          ORDER BY priority DESC, id LIMIT $3) \
-             RETURNING {RETURNING_COLUMNS}"
-        )))
-        .bind(spoke_id.to_string())
-        .bind(now_ms)
-        .bind(i64::from(limit))
-        .fetch_all(&self.writer)
         .await?;
-        let mut directives = rows
-            .iter()
-            .map(|r| directive_from_row(r, Some(spoke_name)))
-            .collect::<Result<Vec<_>>>()?;
-        sort_for_delivery(&mut directives);
-        Ok(directives)
+        let in_flight: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM directives WHERE spoke_id = $1 AND state IN ('DELIVERED', 'IN_PROGRESS')",
+        )
+        .bind(spoke_id.to_string())
+        .fetch_one(&mut *w.tx)
+        .await?;
+        let room = (i64::from(window) - in_flight).max(0);
+        taken.extend(take(&mut w, spoke_id, spoke_name, "('PENDING')", room).await?);
+        self.commit(w).await?;
+        sort_for_delivery(&mut taken);
+        Ok(taken)
     }
 
     /// Applies an ack from `spoke_id`, with the rules of the contract.
     pub async fn apply_ack(&self, spoke_id: Uuid, ack: &Ack, now_ms: i64) -> Result<AckApplied> {
         let id = ack.directive_id.to_string();
         let spoke = spoke_id.to_string();
+        let wanted = ack.outcome.state();
+        let mut w = self.write(now_ms).await?;
         let updated = match &ack.outcome {
             AckOutcome::InProgress { progress, message } => sqlx::query(
                 "UPDATE directives SET state = 'IN_PROGRESS', updated_at = $3, \
@@ -274,16 +302,30 @@ impl Store {
             .bind(now_ms)
             .bind(progress.map(i64::from))
             .bind(message)
-            .execute(&self.writer)
+            .execute(&mut *w.tx)
             .await?,
-            AckOutcome::Completed(result) => {
-                self.finish(&id, &spoke, State::Completed, Some(result), "", now_ms).await?
-            }
-            AckOutcome::Failed(error) => self.finish(&id, &spoke, State::Failed, None, error, now_ms).await?,
-            AckOutcome::Rejected(error) => self.finish(&id, &spoke, State::Rejected, None, error, now_ms).await?,
+            AckOutcome::Completed(result) => finish(&mut w, &id, &spoke, State::Completed, Some(result), "").await?,
+            AckOutcome::Failed(error) => finish(&mut w, &id, &spoke, State::Failed, None, error).await?,
+            AckOutcome::Rejected(error) => finish(&mut w, &id, &spoke, State::Rejected, None, error).await?,
         };
-        let wanted = ack.outcome.state();
         if updated.rows_affected() == 1 {
+            let (kind, details) = match &ack.outcome {
+                AckOutcome::InProgress { progress, message } => (
+                    Kind::DirectiveProgress,
+                    json!({"progress": progress, "message": message}),
+                ),
+                AckOutcome::Completed(_) => (Kind::DirectiveCompleted, json!({})),
+                AckOutcome::Failed(error) => (Kind::DirectiveFailed, json!({"error": error})),
+                AckOutcome::Rejected(error) => (Kind::DirectiveRejected, json!({"error": error})),
+            };
+            w.event(NewEvent::directive(
+                kind,
+                spoke_id,
+                ack.directive_id,
+                details,
+            ))
+            .await?;
+            self.commit(w).await?;
             return Ok(AckApplied {
                 state: wanted,
                 duplicate: false,
@@ -293,8 +335,9 @@ impl Store {
             sqlx::query_scalar("SELECT state FROM directives WHERE id = $1 AND spoke_id = $2")
                 .bind(&id)
                 .bind(&spoke)
-                .fetch_optional(&self.writer)
+                .fetch_optional(&mut *w.tx)
                 .await?;
+        w.tx.rollback().await?;
         let current = match current {
             None => return Err(Error::NotFound(format!("directive {id} not found"))),
             Some(s) => State::parse(&s)?,
@@ -305,7 +348,7 @@ impl Store {
                 duplicate: true,
             }),
             State::Pending => Err(Error::FailedPrecondition(format!(
-                "directive {id} is PENDING: it has not been delivered"
+                "directive {id} is PENDING: it is not delivered to this spoke right now"
             ))),
             s => Err(Error::FailedPrecondition(format!(
                 "directive {id} is {}: it can no longer be acked as {}",
@@ -315,36 +358,74 @@ impl Store {
         }
     }
 
-    async fn finish(
-        &self,
-        id: &str,
-        spoke: &str,
-        state: State,
-        result: Option<&String>,
-        error: &str,
-        now_ms: i64,
-    ) -> Result<sqlx::sqlite::SqliteQueryResult> {
-        Ok(sqlx::query(
-            "UPDATE directives SET state = $3, updated_at = $4, ack_due_at = NULL, result = $5, error = $6 \
-             WHERE id = $1 AND spoke_id = $2 AND state IN ('DELIVERED', 'IN_PROGRESS')",
-        )
-        .bind(id)
-        .bind(spoke)
-        .bind(state.as_str())
-        .bind(now_ms)
-        .bind(result)
-        .bind(error)
-        .execute(&self.writer)
-        .await?)
+    /// Cancels a directive that is not final. Cancelling a CANCELLED one
+    /// changes nothing; other final states are FAILED_PRECONDITION.
+    pub async fn cancel_directive(&self, id: Uuid, reason: &str, now_ms: i64) -> Result<Cancelled> {
+        let mut w = self.write(now_ms).await?;
+        let row: Option<(String, String)> =
+            sqlx::query_as("SELECT state, spoke_id FROM directives WHERE id = $1")
+                .bind(id.to_string())
+                .fetch_optional(&mut *w.tx)
+                .await?;
+        let (state, spoke_id) =
+            row.ok_or_else(|| Error::NotFound(format!("directive {id} not found")))?;
+        let state = State::parse(&state)?;
+        let spoke_id =
+            Uuid::parse_str(&spoke_id).map_err(|e| Error::Corrupt(format!("spoke id: {e}")))?;
+        let already = match state {
+            State::Cancelled => true,
+            s if s.is_final() => {
+                return Err(Error::FailedPrecondition(format!(
+                    "directive {id} is {}: only a directive that is not final can be cancelled",
+                    s.as_str()
+                )));
+            }
+            _ => false,
+        };
+        if !already {
+            sqlx::query(
+                "UPDATE directives SET state = 'CANCELLED', updated_at = $2, ack_due_at = NULL, error = $3 WHERE id = $1",
+            )
+            .bind(id.to_string())
+            .bind(now_ms)
+            .bind(reason)
+            .execute(&mut *w.tx)
+            .await?;
+            w.event(NewEvent::directive(
+                Kind::DirectiveCancelled,
+                spoke_id,
+                id,
+                json!({"reason": reason}),
+            ))
+            .await?;
+        }
+        self.commit(w).await?;
+        let directive = self
+            .directive_from(&self.writer, id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("directive {id} not found")))?;
+        Ok(Cancelled {
+            directive,
+            was_delivered: matches!(state, State::Delivered | State::InProgress),
+            already,
+        })
     }
 
     /// One directive by id.
     pub async fn directive(&self, id: Uuid) -> Result<Option<DirectiveRecord>> {
+        self.directive_from(&self.reader, id).await
+    }
+
+    async fn directive_from(
+        &self,
+        pool: &sqlx::SqlitePool,
+        id: Uuid,
+    ) -> Result<Option<DirectiveRecord>> {
         let row = sqlx::query(AssertSqlSafe(format!(
             "SELECT {DIRECTIVE_COLUMNS} FROM directives d JOIN spokes s ON s.id = d.spoke_id WHERE d.id = $1"
         )))
         .bind(id.to_string())
-        .fetch_optional(&self.reader)
+        .fetch_optional(pool)
         .await?;
         row.map(|r| directive_from_row(&r, None)).transpose()
     }
@@ -387,4 +468,70 @@ impl Store {
         let rows = q.build().fetch_all(pool).await?;
         rows.iter().map(|r| directive_from_row(r, None)).collect()
     }
+}
+
+/// Marks up to `limit` (-1: all) of the spoke's directives in `states`
+/// delivered, one more attempt each, skipping expired ones and ones whose
+/// attempts are used up; records a DELIVERED event for each.
+async fn take(
+    w: &mut Write<'_>,
+    spoke_id: Uuid,
+    spoke_name: &str,
+    states: &str,
+    limit: i64,
+) -> Result<Vec<DirectiveRecord>> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "UPDATE directives SET \
+           state = CASE state WHEN 'IN_PROGRESS' THEN 'IN_PROGRESS' ELSE 'DELIVERED' END, \
+           attempts = attempts + 1, updated_at = $2, ack_due_at = $2 + ack_deadline_ms \
+         WHERE id IN (SELECT id FROM directives WHERE spoke_id = $1 AND state IN {states} \
+                      AND (expires_at IS NULL OR expires_at > $2) AND attempts < max_attempts \
+                      ORDER BY priority DESC, id LIMIT $3) \
+         RETURNING {RETURNING_COLUMNS}"
+    )))
+    .bind(spoke_id.to_string())
+    .bind(w.now_ms)
+    .bind(limit)
+    .fetch_all(&mut *w.tx)
+    .await?;
+    let mut directives = rows
+        .iter()
+        .map(|r| directive_from_row(r, Some(spoke_name)))
+        .collect::<Result<Vec<_>>>()?;
+    sort_for_delivery(&mut directives);
+    for d in &directives {
+        w.event(NewEvent::directive(
+            Kind::DirectiveDelivered,
+            spoke_id,
+            d.id,
+            json!({"attempt": d.attempts}),
+        ))
+        .await?;
+    }
+    Ok(directives)
+}
+
+async fn finish(
+    w: &mut Write<'_>,
+    id: &str,
+    spoke: &str,
+    state: State,
+    result: Option<&String>,
+    error: &str,
+) -> Result<sqlx::sqlite::SqliteQueryResult> {
+    Ok(sqlx::query(
+        "UPDATE directives SET state = $3, updated_at = $4, ack_due_at = NULL, result = $5, error = $6 \
+         WHERE id = $1 AND spoke_id = $2 AND state IN ('DELIVERED', 'IN_PROGRESS')",
+    )
+    .bind(id)
+    .bind(spoke)
+    .bind(state.as_str())
+    .bind(w.now_ms)
+    .bind(result)
+    .bind(error)
+    .execute(&mut *w.tx)
+    .await?)
 }

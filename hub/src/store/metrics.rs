@@ -4,8 +4,11 @@ use hub_proto::v1 as proto;
 use sqlx::{QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
+use serde_json::json;
+
 use super::Store;
 use crate::error::{Error, Result};
+use crate::events::{Kind, NewEvent};
 use crate::metrics::Batch;
 use crate::wire::timestamp_ns;
 
@@ -48,7 +51,7 @@ impl Store {
         now_ms: i64,
     ) -> Result<StoredBatch> {
         let spoke = spoke_id.to_string();
-        let mut tx = self.writer.begin().await?;
+        let mut w = self.write(now_ms).await?;
         let inserted = sqlx::query(
             "INSERT INTO metric_batches (spoke_id, batch_id, accepted, rejected, received_at) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (spoke_id, batch_id) DO NOTHING",
@@ -58,7 +61,7 @@ impl Store {
         .bind(batch.points.len() as i64)
         .bind(batch.rejected.len() as i64)
         .bind(now_ms)
-        .execute(&mut *tx)
+        .execute(&mut *w.tx)
         .await?;
         if inserted.rows_affected() == 0 {
             let accepted: i64 = sqlx::query_scalar(
@@ -66,9 +69,9 @@ impl Store {
             )
             .bind(&spoke)
             .bind(&batch.batch_id)
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut *w.tx)
             .await?;
-            tx.rollback().await?;
+            w.tx.rollback().await?;
             return Ok(StoredBatch::Duplicate(accepted as u32));
         }
         for chunk in batch.points.chunks(INSERT_CHUNK) {
@@ -85,9 +88,16 @@ impl Store {
                     .push_bind(serde_json::to_string(&p.labels).unwrap_or_else(|_| "{}".to_owned()))
                     .push_bind(p.time_ns);
             });
-            q.build().execute(&mut *tx).await?;
+            q.build().execute(&mut *w.tx).await?;
         }
-        tx.commit().await?;
+        let details = json!({
+            "batch_id": batch.batch_id,
+            "accepted": batch.points.len(),
+            "rejected": batch.rejected.len(),
+        });
+        w.event(NewEvent::spoke(Kind::MetricsReceived, spoke_id, details))
+            .await?;
+        self.commit(w).await?;
         Ok(StoredBatch::Accepted(batch.points.len() as u32))
     }
 

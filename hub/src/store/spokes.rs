@@ -7,12 +7,18 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{AssertSqlSafe, Row};
 use uuid::Uuid;
 
-use super::{Store, is_unique_violation};
+use serde_json::json;
+
+use super::{Store, Write, is_unique_violation};
 use crate::error::{Error, Result};
-use crate::spokes::{Heartbeat, Registration, SpokeRecord};
+use crate::events::{Kind, NewEvent};
+use crate::spokes::{
+    Heartbeat, OFFLINE_AFTER_INTERVALS, Registration, STALE_AFTER_INTERVALS, SpokeRecord,
+    health_at, health_name,
+};
 
 const SPOKE_COLUMNS: &str = "s.id, s.name, s.labels, s.capabilities, s.version, s.max_in_flight, \
-    s.registered_at, s.revoked_at, s.last_heartbeat_at, s.status, s.status_message, \
+    s.registered_at, s.revoked_at, s.last_heartbeat_at, s.last_seen_at, s.status, s.status_message, \
     s.reported_in_flight, s.reported_buffered_points, s.reported_failed_pushes, \
     (SELECT COUNT(*) FROM directives d WHERE d.spoke_id = s.id \
        AND d.state IN ('PENDING', 'DELIVERED', 'IN_PROGRESS')) AS outstanding";
@@ -35,6 +41,7 @@ fn spoke_from_row(row: &SqliteRow) -> Result<SpokeRecord> {
         registered_at: row.try_get("registered_at")?,
         revoked_at: row.try_get("revoked_at")?,
         last_heartbeat_at: row.try_get("last_heartbeat_at")?,
+        last_seen_at: row.try_get("last_seen_at")?,
         status: proto::SpokeStatus::try_from(status).unwrap_or(proto::SpokeStatus::Unspecified),
         status_message: row.try_get("status_message")?,
         reported_in_flight: row.try_get::<i64, _>("reported_in_flight")? as u32,
@@ -53,7 +60,8 @@ fn capabilities_json(caps: &[(String, String)]) -> String {
 }
 
 impl Store {
-    /// Creates a spoke; ALREADY_EXISTS when the name is taken.
+    /// Creates a spoke (ONLINE, seen now); ALREADY_EXISTS when the name is
+    /// taken.
     pub async fn insert_spoke(
         &self,
         reg: &Registration,
@@ -61,9 +69,10 @@ impl Store {
         now_ms: i64,
     ) -> Result<SpokeRecord> {
         let id = Uuid::now_v7();
+        let mut w = self.write(now_ms).await?;
         let res = sqlx::query(
-            "INSERT INTO spokes (id, name, key_hash, labels, capabilities, version, max_in_flight, registered_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO spokes (id, name, key_hash, labels, capabilities, version, max_in_flight, \
+             registered_at, health, last_seen_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'ONLINE', $8)",
         )
         .bind(id.to_string())
         .bind(&reg.name)
@@ -73,7 +82,7 @@ impl Store {
         .bind(&reg.version)
         .bind(i64::from(reg.max_in_flight))
         .bind(now_ms)
-        .execute(&self.writer)
+        .execute(&mut *w.tx)
         .await;
         match res {
             Ok(_) => {}
@@ -85,13 +94,27 @@ impl Store {
             }
             Err(e) => return Err(e.into()),
         }
+        w.event(NewEvent::spoke(
+            Kind::SpokeRegistered,
+            id,
+            json!({"name": reg.name}),
+        ))
+        .await?;
+        self.commit(w).await?;
         self.spoke_by_id_from(&self.writer, id)
             .await?
             .ok_or_else(|| Error::Corrupt("inserted spoke vanished".into()))
     }
 
-    /// Replaces an existing spoke's labels, capabilities, version and window.
-    pub async fn update_registration(&self, id: Uuid, reg: &Registration) -> Result<SpokeRecord> {
+    /// Replaces an existing spoke's labels, capabilities, version and window;
+    /// the spoke counts as seen.
+    pub async fn update_registration(
+        &self,
+        id: Uuid,
+        reg: &Registration,
+        now_ms: i64,
+    ) -> Result<SpokeRecord> {
+        let mut w = self.write(now_ms).await?;
         sqlx::query(
             "UPDATE spokes SET labels = $2, capabilities = $3, version = $4, max_in_flight = $5 WHERE id = $1",
         )
@@ -100,11 +123,21 @@ impl Store {
         .bind(capabilities_json(&reg.capabilities))
         .bind(&reg.version)
         .bind(i64::from(reg.max_in_flight))
-        .execute(&self.writer)
+        .execute(&mut *w.tx)
         .await?;
+        seen(&mut w, id).await?;
+        self.commit(w).await?;
         self.spoke_by_id_from(&self.writer, id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("spoke {id} not found")))
+    }
+
+    /// Records a sign of life (a stream opened or closed): back to ONLINE
+    /// if it was not.
+    pub async fn mark_seen(&self, id: Uuid, now_ms: i64) -> Result<()> {
+        let mut w = self.write(now_ms).await?;
+        seen(&mut w, id).await?;
+        self.commit(w).await
     }
 
     /// The spoke whose key hashes to `key_hash`, revoked or not.
@@ -170,8 +203,9 @@ impl Store {
         rows.iter().map(spoke_from_row).collect()
     }
 
-    /// Stores a heartbeat.
+    /// Stores a heartbeat; the spoke counts as seen.
     pub async fn record_heartbeat(&self, id: Uuid, hb: &Heartbeat, now_ms: i64) -> Result<()> {
+        let mut w = self.write(now_ms).await?;
         sqlx::query(
             "UPDATE spokes SET last_heartbeat_at = $2, status = $3, status_message = $4, \
              reported_in_flight = $5, reported_buffered_points = $6, reported_failed_pushes = $7, \
@@ -185,8 +219,129 @@ impl Store {
         .bind(i64::try_from(hb.buffered_points).unwrap_or(i64::MAX))
         .bind(i64::try_from(hb.failed_pushes).unwrap_or(i64::MAX))
         .bind(hb.version.as_deref())
-        .execute(&self.writer)
+        .execute(&mut *w.tx)
         .await?;
-        Ok(())
+        seen(&mut w, id).await?;
+        self.commit(w).await
     }
+
+    /// Revokes a spoke: its key stops working. Revoking twice is a no-op.
+    pub async fn revoke_spoke(&self, id: Uuid, now_ms: i64) -> Result<()> {
+        let mut w = self.write(now_ms).await?;
+        let changed = sqlx::query(
+            "UPDATE spokes SET revoked_at = $2, health = 'REVOKED' WHERE id = $1 AND revoked_at IS NULL",
+        )
+        .bind(id.to_string())
+        .bind(now_ms)
+        .execute(&mut *w.tx)
+        .await?
+        .rows_affected();
+        if changed == 1 {
+            w.event(NewEvent::spoke(Kind::SpokeRevoked, id, json!({})))
+                .await?;
+        }
+        self.commit(w).await
+    }
+
+    /// Replaces a spoke's key hash; the old key stops working.
+    pub async fn rotate_key(&self, id: Uuid, key_hash: &str, now_ms: i64) -> Result<()> {
+        let mut w = self.write(now_ms).await?;
+        let changed =
+            sqlx::query("UPDATE spokes SET key_hash = $2 WHERE id = $1 AND revoked_at IS NULL")
+                .bind(id.to_string())
+                .bind(key_hash)
+                .execute(&mut *w.tx)
+                .await?
+                .rows_affected();
+        if changed == 0 {
+            return Err(Error::FailedPrecondition(format!("spoke {id} is revoked")));
+        }
+        w.event(NewEvent::spoke(Kind::SpokeKeyRotated, id, json!({})))
+            .await?;
+        self.commit(w).await
+    }
+
+    /// Moves spokes whose last sign of life is older than the thresholds to
+    /// STALE or OFFLINE, recording each change; spokes in `connected` are
+    /// marked seen instead. Returns the changes.
+    pub async fn sweep_health(
+        &self,
+        now_ms: i64,
+        interval_ms: i64,
+        connected: impl Fn(Uuid) -> bool,
+    ) -> Result<Vec<HealthChange>> {
+        let stale_cutoff = now_ms - STALE_AFTER_INTERVALS * interval_ms;
+        let offline_cutoff = now_ms - OFFLINE_AFTER_INTERVALS * interval_ms;
+        let rows = sqlx::query(
+            "SELECT id, health, last_seen_at FROM spokes WHERE revoked_at IS NULL AND \
+             ((health = 'ONLINE' AND COALESCE(last_seen_at, 0) < $1) OR \
+              (health = 'STALE' AND COALESCE(last_seen_at, 0) < $2)) LIMIT 1000",
+        )
+        .bind(stale_cutoff)
+        .bind(offline_cutoff)
+        .fetch_all(&self.reader)
+        .await?;
+        let mut w = self.write(now_ms).await?;
+        let mut changes = Vec::new();
+        for row in rows {
+            let id: String = row.try_get("id")?;
+            let id = Uuid::parse_str(&id).map_err(|e| Error::Corrupt(format!("spoke id: {e}")))?;
+            if connected(id) {
+                seen(&mut w, id).await?;
+                continue;
+            }
+            let from: String = row.try_get("health")?;
+            let to = health_name(health_at(
+                row.try_get("last_seen_at")?,
+                now_ms,
+                interval_ms,
+                false,
+            ));
+            if to != from {
+                set_health(&mut w, id, &from, to).await?;
+                changes.push(HealthChange { spoke_id: id, to });
+            }
+        }
+        self.commit(w).await?;
+        Ok(changes)
+    }
+}
+
+/// A health change made by the sweeper.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthChange {
+    /// The spoke.
+    pub spoke_id: Uuid,
+    /// Its new health's stored name.
+    pub to: &'static str,
+}
+
+/// Marks a spoke seen now; if its stored health was STALE or OFFLINE it
+/// becomes ONLINE, with an event.
+async fn seen(w: &mut Write<'_>, id: Uuid) -> Result<()> {
+    let from: Option<String> = sqlx::query_scalar(
+        "UPDATE spokes SET last_seen_at = $2 WHERE id = $1 AND revoked_at IS NULL RETURNING health",
+    )
+    .bind(id.to_string())
+    .bind(w.now_ms)
+    .fetch_optional(&mut *w.tx)
+    .await?;
+    match from.as_deref() {
+        Some(from @ ("STALE" | "OFFLINE")) => set_health(w, id, from, "ONLINE").await,
+        _ => Ok(()),
+    }
+}
+
+async fn set_health(w: &mut Write<'_>, id: Uuid, from: &str, to: &str) -> Result<()> {
+    sqlx::query("UPDATE spokes SET health = $2 WHERE id = $1")
+        .bind(id.to_string())
+        .bind(to)
+        .execute(&mut *w.tx)
+        .await?;
+    w.event(NewEvent::spoke(
+        Kind::SpokeHealthChanged,
+        id,
+        json!({"from": from, "to": to}),
+    ))
+    .await
 }

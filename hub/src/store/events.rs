@@ -1,0 +1,72 @@
+//! Event rows: written inside the transaction of the change they record,
+//! read back by sequence for WatchEvents.
+
+use sqlx::sqlite::SqliteRow;
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+
+use super::Store;
+use crate::error::Result;
+use crate::events::{EventFilter, EventRecord, Kind, NewEvent};
+
+/// Inserts an event; returns its sequence number.
+pub(super) async fn insert(
+    conn: &mut SqliteConnection,
+    event: &NewEvent,
+    now_ms: i64,
+) -> Result<i64> {
+    let seq = sqlx::query(
+        "INSERT INTO events (type, time, spoke_id, directive_id, details) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(event.kind.as_str())
+    .bind(now_ms)
+    .bind(event.spoke_id.map(|id| id.to_string()))
+    .bind(event.directive_id.map(|id| id.to_string()))
+    .bind(event.details.to_string())
+    .execute(conn)
+    .await?
+    .last_insert_rowid();
+    Ok(seq)
+}
+
+fn event_from_row(row: &SqliteRow) -> Result<EventRecord> {
+    let kind: String = row.try_get("type")?;
+    Ok(EventRecord {
+        seq: row.try_get("seq")?,
+        kind: Kind::parse(&kind)?,
+        time: row.try_get("time")?,
+        spoke_id: row.try_get("spoke_id")?,
+        directive_id: row.try_get("directive_id")?,
+        details: row.try_get("details")?,
+    })
+}
+
+impl Store {
+    /// Events matching `filter` with `after < seq <= upto`, oldest first, at
+    /// most `limit`.
+    pub async fn events_between(
+        &self,
+        after: i64,
+        upto: i64,
+        filter: &EventFilter,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>> {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT seq, type, time, spoke_id, directive_id, details FROM events WHERE seq > ",
+        );
+        q.push_bind(after).push(" AND seq <= ").push_bind(upto);
+        if let Some(spoke) = filter.spoke_id {
+            q.push(" AND spoke_id = ").push_bind(spoke.to_string());
+        }
+        if !filter.kinds.is_empty() {
+            q.push(" AND type IN (");
+            let mut list = q.separated(", ");
+            for kind in &filter.kinds {
+                list.push_bind(kind.as_str());
+            }
+            q.push(")");
+        }
+        q.push(" ORDER BY seq LIMIT ").push_bind(i64::from(limit));
+        let rows = q.build().fetch_all(&self.reader).await?;
+        rows.iter().map(event_from_row).collect()
+    }
+}
