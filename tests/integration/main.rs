@@ -5,6 +5,8 @@ mod support;
 
 mod bad_input;
 mod delivery;
+mod events;
 mod lifecycle;
 mod metrics;
 mod registration;
+mod timers;

@@ -92,6 +92,17 @@ impl TestHub {
         }
     }
 
+    /// A hub on a manual clock (starting in 2027), and that clock.
+    pub async fn start_manual(settings: Settings) -> (Self, hub::Clock) {
+        let clock = hub::Clock::manual(1_800_000_000_000);
+        let hub = Self::start_with(Settings {
+            clock: clock.clone(),
+            ..settings
+        })
+        .await;
+        (hub, clock)
+    }
+
     /// Stops the hub and starts it again on the same data directory (new
     /// ports).
     pub async fn restart(&mut self) {
@@ -358,4 +369,50 @@ pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, ne
             );
         }
     }
+}
+
+/// The next message of any kind on a stream; panics after 10 s.
+pub async fn next_message(
+    stream: &mut tonic::Streaming<proto::WatchDirectivesResponse>,
+) -> Result<proto::watch_directives_response::Message, Status> {
+    use proto::watch_directives_response::Message;
+    loop {
+        let msg = tokio::time::timeout(std::time::Duration::from_secs(10), stream.message())
+            .await
+            .expect("a message within 10 s")?;
+        match msg.and_then(|m| m.message) {
+            Some(Message::Keepalive(_)) => continue,
+            Some(other) => return Ok(other),
+            None => return Err(Status::cancelled("stream ended")),
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, for at most 10 s; for effects of
+/// background work (timers) that the test cannot await directly.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until the directive reaches `state`.
+pub async fn wait_state(hub: &TestHub, id: &str, state: proto::DirectiveState) -> proto::Directive {
+    eventually(&format!("{id} to be {state:?}"), || async {
+        let d = hub.directive(id).await;
+        (d.state == state as i32).then_some(d)
+    })
+    .await
 }
