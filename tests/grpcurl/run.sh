@@ -191,6 +191,16 @@ check_run() {
   out=$(step_output "$n" 'AdminService/GetDirective$')
   expect_contains "[$n] GetDirective shows COMPLETED with the result" "$out" \
     "\"id\": \"$id\"" '"state": "DIRECTIVE_STATE_COMPLETED"' '"result": {' '"pages_synced": 12'
+  out=$(step_output "$n" 'AdminService/CancelDirective$')
+  expect_contains "[$n] CancelDirective answers CANCELLED with the reason" "$out" \
+    '"state": "DIRECTIVE_STATE_CANCELLED"' '"error": "sent by mistake"'
+  out=$(step_output "$n" 'AdminService/WatchEvents')
+  expect_contains "[$n] WatchEvents replays the completed and the cancelled directive" "$out" \
+    '"type": "EVENT_TYPE_DIRECTIVE_COMPLETED"' "\"directiveId\": \"$id\"" \
+    '"type": "EVENT_TYPE_DIRECTIVE_CANCELLED"' '"reason": "sent by mistake"'
+  if [[ $out == *EVENT_TYPE_DIRECTIVE_CREATED* ]]; then
+    fail "[$n] WatchEvents ignored its type filter" "$out"
+  fi
   if grep -q 'ERROR:' "$WORK/walkthrough.$n.out"; then
     fail "[$n] the walk-through printed a gRPC error" "$(cat "$WORK/walkthrough.$n.out")"
   fi
