@@ -7,12 +7,20 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::cli::{ClientCommand, Connection};
 use crate::settings::Settings;
 
 /// The hub: a gRPC control plane that pushes directives to spokes.
+///
+/// `hub serve` runs the server; the other subcommands call a running hub's
+/// AdminService (address and admin token from flags, HUB_ADDR /
+/// HUB_ADMIN_TOKEN, or the data directory of a hub on this machine).
 #[derive(Debug, Parser)]
 #[command(name = "hub", version, about)]
 pub struct Cli {
+    /// Options shared by the server and the client subcommands.
+    #[command(flatten)]
+    pub global: Connection,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -23,6 +31,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the hub server.
     Serve(Box<ServeArgs>),
+    /// Operator commands against a running hub.
+    #[command(flatten)]
+    Client(ClientCommand),
 }
 
 /// Log output format.
@@ -43,15 +54,9 @@ pub struct ServeArgs {
     /// HTTP listen address (health, readiness, admin page).
     #[arg(long, env = "HUB_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     pub http_listen: SocketAddr,
-    /// Directory for the embedded database and generated tokens.
-    #[arg(long, env = "HUB_DATA_DIR", default_value = "./hub-data")]
-    pub data_dir: PathBuf,
     /// Database URL [default: sqlite://<data-dir>/hub.db].
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
-    /// Admin token for AdminService [default: generated into <data-dir>/admin.token].
-    #[arg(long, env = "HUB_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
     /// Enrollment token for registering new spokes [default: generated into <data-dir>/enrollment.token].
     #[arg(long, env = "HUB_ENROLLMENT_TOKEN", hide_env_values = true)]
     pub enrollment_token: Option<String>,
@@ -148,6 +153,8 @@ pub enum SecretSource {
 /// Everything `hub serve` needs, validated.
 #[derive(Debug)]
 pub struct Config {
+    /// The data directory.
+    pub data_dir: PathBuf,
     /// gRPC address.
     pub listen: SocketAddr,
     /// HTTP address.
@@ -173,7 +180,7 @@ const MIN_TOKEN_LEN: usize = 16;
 impl Config {
     /// Validates the options, creates the data directory, and reads or
     /// generates the tokens. Binds nothing.
-    pub fn load(args: ServeArgs) -> Result<Self, ConfigError> {
+    pub fn load(args: ServeArgs, global: &Connection) -> Result<Self, ConfigError> {
         let positive = |d: Duration, option| {
             if d.is_zero() {
                 Err(invalid(option, "must be greater than zero"))
@@ -260,7 +267,7 @@ impl Config {
             ));
         }
 
-        let data_dir = &args.data_dir;
+        let data_dir = &global.data_dir;
         std::fs::create_dir_all(data_dir).map_err(|source| ConfigError::Io {
             option: "--data-dir (HUB_DATA_DIR)",
             path: data_dir.clone(),
@@ -277,7 +284,7 @@ impl Config {
             None => format!("sqlite://{}", data_dir.join("hub.db").display()),
         };
         let (admin_token, admin_token_source) = secret(
-            args.admin_token,
+            global.admin_token.clone(),
             data_dir,
             "admin.token",
             "--admin-token (HUB_ADMIN_TOKEN)",
@@ -314,6 +321,7 @@ impl Config {
             ..Settings::default()
         };
         Ok(Self {
+            data_dir: data_dir.clone(),
             listen: args.listen,
             http_listen: args.http_listen,
             database_url,
@@ -416,11 +424,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
 
-    fn args(dir: &Path, extra: &[&str]) -> ServeArgs {
+    fn load(dir: &Path, extra: &[&str]) -> Result<Config, ConfigError> {
         let mut argv = vec!["hub", "serve", "--data-dir", dir.to_str().unwrap()];
         argv.extend_from_slice(extra);
-        match Cli::try_parse_from(argv).unwrap().command {
-            Command::Serve(a) => *a,
+        let cli = Cli::try_parse_from(argv).unwrap();
+        match cli.command {
+            Command::Serve(a) => Config::load(*a, &cli.global),
+            Command::Client(_) => unreachable!("parsed a serve command"),
         }
     }
 
@@ -435,8 +445,8 @@ mod tests {
     #[test]
     fn tokens_are_generated_once_with_private_mode() {
         let dir = tempfile::tempdir().unwrap();
-        let first = Config::load(args(dir.path(), &[])).unwrap();
-        let second = Config::load(args(dir.path(), &[])).unwrap();
+        let first = load(dir.path(), &[]).unwrap();
+        let second = load(dir.path(), &[]).unwrap();
         assert_eq!(first.admin_token, second.admin_token);
         assert_ne!(first.admin_token, first.enrollment_token);
         let path = dir.path().join("admin.token");
@@ -453,15 +463,15 @@ mod tests {
     #[test]
     fn errors_name_the_option() {
         let dir = tempfile::tempdir().unwrap();
-        let err = Config::load(args(dir.path(), &["--admin-token", "short"])).unwrap_err();
+        let err = load(dir.path(), &["--admin-token", "short"]).unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("--admin-token (HUB_ADMIN_TOKEN)"),
             "{err}"
         );
-        let err = Config::load(args(dir.path(), &["--default-in-flight", "500"])).unwrap_err();
+        let err = load(dir.path(), &["--default-in-flight", "500"]).unwrap_err();
         assert!(err.to_string().starts_with("--default-in-flight"), "{err}");
-        let err = Config::load(args(dir.path(), &["--database-url", "mysql://x"])).unwrap_err();
+        let err = load(dir.path(), &["--database-url", "mysql://x"]).unwrap_err();
         assert!(
             err.to_string().starts_with("--database-url (DATABASE_URL)"),
             "{err}"

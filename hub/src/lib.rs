@@ -3,6 +3,7 @@
 //!
 //! Components:
 //! - [`config`]: flags and environment, validated before anything binds;
+//! - [`cli`]: the operator subcommands (`hub spokes`, `hub send`, ...);
 //! - [`server`]: assembles and runs the gRPC and HTTP servers ([`run`]);
 //! - [`api`]: `SpokeService` and `AdminService`, the edge where wire types
 //!   become domain values;
@@ -19,6 +20,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod directives;

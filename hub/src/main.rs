@@ -12,10 +12,14 @@ use tokio::net::TcpListener;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     match cli.command {
         Command::Serve(args) => {
             // Validated before any port is bound; errors name the option.
-            let config = match Config::load(*args) {
+            let config = match Config::load(*args, &cli.global) {
                 Ok(config) => config,
                 Err(e) => {
                     eprintln!("hub: configuration error: {e}");
@@ -23,11 +27,22 @@ fn main() -> anyhow::Result<()> {
                 }
             };
             init_logging(config.log_format);
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?
-                .block_on(serve(config))
+            runtime.block_on(serve(config))
+        }
+        Command::Client(cmd) => {
+            let mut out = std::io::stdout();
+            let result = runtime.block_on(hub::cli::run(&cli.global, cmd, &mut out));
+            match result {
+                // `hub events --follow | head`: the reader left; not an error.
+                Err(hub::cli::CliError::Output(e))
+                    if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                Err(e) => {
+                    eprintln!("hub: error: {e}");
+                    std::process::exit(e.exit_code());
+                }
+                Ok(()) => {}
+            }
+            Ok(())
         }
     }
 }
@@ -52,7 +67,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 config.http_listen
             )
         })?;
-    tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, database = %redact(&config.database_url), "hub listening");
+    let grpc_addr = grpc.local_addr()?;
+    tracing::info!(grpc = %grpc_addr, http = %http.local_addr()?, database = %redact(&config.database_url), "hub listening");
+    // Lets the CLI on this machine find the hub without flags.
+    let addr_file = config.data_dir.join("grpc.addr");
+    std::fs::write(&addr_file, format!("{grpc_addr}\n"))
+        .with_context(|| format!("writing {}", addr_file.display()))?;
     for (name, source) in [
         ("admin token", &config.admin_token_source),
         ("enrollment token", &config.enrollment_token_source),

@@ -244,6 +244,7 @@ async fn watch_events_filters_by_type_and_spoke_and_resumes_after_a_sequence() {
         after_sequence: 0,
         types: vec![E::DirectiveCreated as i32, E::DirectiveCompleted as i32],
         spoke_id: a.id.clone(),
+        ..Default::default()
     };
     let mut stream = watch(&hub, only).await;
     let created = next_event(&mut stream).await;
@@ -259,6 +260,7 @@ async fn watch_events_filters_by_type_and_spoke_and_resumes_after_a_sequence() {
         after_sequence: created.sequence,
         types: vec![E::DirectiveCreated as i32, E::DirectiveCompleted as i32],
         spoke_id: a.id.clone(),
+        ..Default::default()
     };
     let mut resumed = watch(&hub, resume).await;
     assert_eq!(next_event(&mut resumed).await.sequence, completed.sequence);

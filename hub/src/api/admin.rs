@@ -423,7 +423,8 @@ impl AdminService for AdminApi {
         let after = i64::try_from(req.after_sequence)
             .map_err(|_| Error::invalid("after_sequence", "out of range"))?;
         let (tx, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
-        tokio::spawn(stream_events(self.hub.clone(), filter, after, tx));
+        let follow = !req.stop_after_replay;
+        tokio::spawn(stream_events(self.hub.clone(), filter, after, follow, tx));
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
@@ -435,14 +436,15 @@ const EVENT_PAGE: u32 = 500;
 /// Events buffered per WatchEvents stream.
 const EVENT_BUFFER: usize = 64;
 
-/// Feeds one WatchEvents stream: stored events after `after`, then each
-/// newly committed range. Every event up to the published sequence is
+/// Feeds one WatchEvents stream: stored events after `after`, then (when
+/// `follow`) each newly committed range. Every event up to the published sequence is
 /// committed and readable, so reading ranges `(after, committed]` leaves
 /// no gap and sends nothing twice.
 async fn stream_events(
     hub: Hub,
     filter: EventFilter,
     mut after: i64,
+    follow: bool,
     tx: tokio::sync::mpsc::Sender<Result<proto::WatchEventsResponse, Status>>,
 ) {
     let mut committed = hub.store().committed_events();
@@ -481,6 +483,9 @@ async fn stream_events(
                 Some(last) if page.len() == EVENT_PAGE as usize => last.seq,
                 _ => upto,
             };
+        }
+        if !follow {
+            return;
         }
         tokio::select! {
             changed = committed.changed() => if changed.is_err() { return },

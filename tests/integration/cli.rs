@@ -1,0 +1,291 @@
+//! The operator CLI against a real hub: tables, `--json`, and errors.
+
+use clap::Parser;
+use hub::cli::CliError;
+use hub::config::{Cli, Command};
+use hub_proto::v1 as proto;
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+/// Runs `hub ARGS...` against `hub` (flags as an operator would type them);
+/// returns stdout, or the error with its exit status.
+async fn hub_cli(hub: &TestHub, args: &[&str]) -> Result<String, (i32, String)> {
+    let addr = hub.addr.to_string();
+    let mut argv = vec!["hub", "--addr", addr.as_str(), "--admin-token", ADMIN_TOKEN];
+    argv.extend_from_slice(args);
+    let cli = Cli::try_parse_from(argv).map_err(|e| (2, e.to_string()))?;
+    let Command::Client(cmd) = cli.command else {
+        panic!("not a client command: {args:?}");
+    };
+    let mut out = Vec::new();
+    match hub::cli::run(&cli.global, cmd, &mut out).await {
+        Ok(()) => Ok(String::from_utf8(out).unwrap()),
+        Err(e) => Err((e.exit_code(), e.to_string())),
+    }
+}
+
+async fn ok(hub: &TestHub, args: &[&str]) -> String {
+    hub_cli(hub, args)
+        .await
+        .unwrap_or_else(|e| panic!("hub {args:?} failed: {e:?}"))
+}
+
+async fn json_of(hub: &TestHub, args: &[&str]) -> Value {
+    let mut args = args.to_vec();
+    args.push("--json");
+    serde_json::from_str(&ok(hub, &args).await).expect("valid JSON")
+}
+
+fn lines(text: &str) -> Vec<Vec<&str>> {
+    text.lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect()
+}
+
+#[tokio::test]
+async fn spokes_send_and_directives_as_tables_and_json() {
+    let hub = TestHub::start().await;
+    let mut spoke = hub
+        .register("billing", &["sync_doc"], &[("region", "eu")])
+        .await;
+    hub.register("payroll", &["ai_task"], &[("region", "us")])
+        .await;
+    let hb = spoke.req(proto::HeartbeatRequest {
+        status: proto::SpokeStatus::Ok.into(),
+        version: "2.0.0".into(),
+        ..Default::default()
+    });
+    spoke.client.heartbeat(hb).await.unwrap();
+
+    let sent = ok(
+        &hub,
+        &[
+            "send",
+            "sync_doc",
+            "--to",
+            "billing",
+            "--payload",
+            r#"{"doc":"a/b"}"#,
+            "--priority",
+            "5",
+        ],
+    )
+    .await;
+    assert!(sent.contains("1 directive(s) created in group"), "{sent}");
+    let table = ok(&hub, &["spokes"]).await;
+    let rows = lines(&table);
+    assert_eq!(
+        rows[0],
+        [
+            "NAME",
+            "HEALTH",
+            "LAST",
+            "HEARTBEAT",
+            "VERSION",
+            "LABELS",
+            "OUTSTANDING"
+        ]
+    );
+    assert_eq!(rows[1][..2], ["billing", "ONLINE"]);
+    assert!(
+        rows[1][2].ends_with("s") && rows[1][3] == "ago",
+        "last heartbeat like '0s ago': {table}"
+    );
+    assert_eq!(rows[1][4..], ["2.0.0", "region=eu", "1"]);
+    assert_eq!(rows[2][0], "payroll");
+    assert_eq!(rows[2][2..], ["never", "1.0.0", "region=us", "0"]);
+    // Columns line up: every row starts its HEALTH column at the same offset.
+    let col = table.lines().next().unwrap().find("HEALTH").unwrap();
+    assert!(
+        table
+            .lines()
+            .skip(1)
+            .all(|l| l[col..].starts_with(['O', 'S'])),
+        "{table}"
+    );
+
+    let spokes = json_of(&hub, &["spokes"]).await;
+    assert_eq!(spokes[0]["name"], "billing");
+    assert_eq!(spokes[0]["health"], "SPOKE_HEALTH_ONLINE");
+    assert_eq!(spokes[0]["outstandingDirectives"], "1");
+
+    let fan_out = json_of(
+        &hub,
+        &[
+            "send",
+            "sync_doc",
+            "--selector",
+            "region=eu,tier=",
+            "--force",
+        ],
+    )
+    .await;
+    // proto3 JSON leaves out empty lists.
+    assert_eq!(
+        fan_out["directives"],
+        Value::Null,
+        "tier= matches no spoke: {fan_out}"
+    );
+    assert!(fan_out["groupId"].is_string());
+    let all = ok(&hub, &["send", "ai_task", "--all"]).await;
+    assert!(
+        all.contains("1 directive(s) created") && all.contains("1 matching spoke(s) skipped"),
+        "{all}"
+    );
+
+    let listed = json_of(
+        &hub,
+        &["directives", "--spoke", "billing", "--state", "pending"],
+    )
+    .await;
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["payload"], json!({"doc": "a/b"}));
+    assert_eq!(listed[0]["priority"], 5);
+    let id = listed[0]["id"].as_str().unwrap().to_owned();
+    let table = ok(&hub, &["directives", "--type", "sync_doc"]).await;
+    assert_eq!(
+        lines(&table)[1][..4],
+        [id.as_str(), "billing", "sync_doc", "PENDING"]
+    );
+
+    let shown = ok(&hub, &["directive", &id]).await;
+    assert!(shown.contains(r#"payload:  {"doc":"a/b"}"#), "{shown}");
+    assert!(shown.contains("state:    PENDING"), "{shown}");
+    let detail = ok(&hub, &["spoke", "billing"]).await;
+    assert!(detail.contains("labels:           region=eu"), "{detail}");
+    assert!(detail.contains("sync_doc  1"), "{detail}");
+    assert!(detail.contains(&id), "recent directives: {detail}");
+
+    let cancelled = ok(&hub, &["cancel", &id, "--reason", "typo"]).await;
+    assert_eq!(
+        cancelled.trim(),
+        format!("directive {id} is CANCELLED: typo")
+    );
+}
+
+#[tokio::test]
+async fn events_metrics_revoke_and_rotate() {
+    let hub = TestHub::start().await;
+    let mut spoke = hub.register("shop", &["t"], &[]).await;
+    crate::metrics::push(
+        &mut spoke,
+        vec![proto::PushMetricsRequest {
+            batch_id: "b".into(),
+            points: vec![crate::metrics::point("statistics", "orders", 7.0)],
+        }],
+    )
+    .await
+    .unwrap();
+    let metrics = ok(&hub, &["metrics", "--spoke", "shop", "--since", "1h"]).await;
+    let rows = lines(&metrics);
+    assert_eq!(
+        rows[0],
+        ["TIME", "SPOKE", "DOMAIN", "NAME", "VALUE", "UNIT", "LABELS"]
+    );
+    assert_eq!(
+        rows[1][1..],
+        ["shop", "statistics", "orders", "7", "count", "shop=berlin"]
+    );
+    assert_eq!(
+        json_of(&hub, &["metrics", "--name", "nothing"]).await,
+        json!([])
+    );
+
+    let events = ok(&hub, &["events", "--type", "metrics_received"]).await;
+    let rows = lines(&events);
+    assert_eq!(rows.len(), 2, "{events}");
+    assert_eq!(rows[1][2..4], ["METRICS_RECEIVED", "shop"]);
+    let all = json_of(&hub, &["events", "--spoke", "shop"]).await;
+    assert_eq!(
+        all.as_array().unwrap().len(),
+        2,
+        "registered and metrics received"
+    );
+
+    let rotated = ok(&hub, &["rotate-key", "shop"]).await;
+    let new_key = rotated.lines().nth(1).unwrap().trim().to_owned();
+    assert_eq!(new_key.len(), 64, "{rotated}");
+    assert_code(
+        spoke
+            .client
+            .heartbeat(spoke.req(proto::HeartbeatRequest::default()))
+            .await,
+        tonic::Code::Unauthenticated,
+        "unknown spoke key",
+    );
+    assert_eq!(
+        ok(&hub, &["revoke", "shop"]).await.trim(),
+        "spoke shop revoked: its key no longer works"
+    );
+    assert!(ok(&hub, &["spokes"]).await.contains("REVOKED"));
+}
+
+#[tokio::test]
+async fn errors_are_one_line_with_the_code_and_a_failing_status() {
+    let hub = TestHub::start().await;
+    let (code, msg) = hub_cli(&hub, &["spoke", "nobody"]).await.unwrap_err();
+    assert_eq!(
+        (code, msg.as_str()),
+        (1, r#"NOT_FOUND: spoke "nobody" not found"#)
+    );
+    let (code, msg) = hub_cli(&hub, &["send", "t", "--to", "nobody"])
+        .await
+        .unwrap_err();
+    assert_eq!(code, 1);
+    assert!(msg.starts_with("NOT_FOUND: "), "{msg}");
+    let (code, msg) = hub_cli(&hub, &["send", "t", "--to", "x", "--payload", "[1]"])
+        .await
+        .unwrap_err();
+    assert_eq!(code, 2);
+    assert!(msg.starts_with("--payload must be a JSON object"), "{msg}");
+    let (code, _) = hub_cli(&hub, &["send", "t"]).await.unwrap_err();
+    assert_eq!(code, 2, "a target is required");
+    assert!(!msg.contains('\n'));
+
+    // The wrong admin token.
+    let cli = Cli::try_parse_from([
+        "hub",
+        "--addr",
+        &hub.addr.to_string(),
+        "--admin-token",
+        "not-the-token",
+        "spokes",
+    ])
+    .unwrap();
+    let Command::Client(cmd) = cli.command else {
+        unreachable!()
+    };
+    let err = hub::cli::run(&cli.global, cmd, &mut Vec::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CliError::Status(_)));
+    assert_eq!(
+        (err.exit_code(), err.to_string().as_str()),
+        (1, "UNAUTHENTICATED: wrong admin token")
+    );
+
+    // Nothing listening.
+    let cli = Cli::try_parse_from([
+        "hub",
+        "--addr",
+        "127.0.0.1:1",
+        "--admin-token",
+        ADMIN_TOKEN,
+        "spokes",
+    ])
+    .unwrap();
+    let Command::Client(cmd) = cli.command else {
+        unreachable!()
+    };
+    let err = hub::cli::run(&cli.global, cmd, &mut Vec::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), 1);
+    assert!(
+        err.to_string()
+            .starts_with("cannot reach the hub at http://127.0.0.1:1"),
+        "{err}"
+    );
+}
