@@ -13,7 +13,10 @@
 //!   the health sweeper and retention; [`clock`]: system or manual time;
 //! - [`store`]: the database, the only module that touches sqlx;
 //! - [`auth`]: keys and tokens; [`limits`]: message-size statuses;
-//! - [`http`]: health and readiness over HTTP; [`shutdown`]: the drain signal;
+//! - [`http`]: health, readiness, `/metrics` and the admin page over HTTP;
+//!   [`dashboard`]: the admin page; [`telemetry`]: the hub's own
+//!   Prometheus metrics; [`shutdown`]: the
+//!   drain signal;
 //! - [`wire`]: well-known protobuf types to and from stored values;
 //! - [`error`]: the error type and its one mapping to gRPC statuses.
 #![forbid(unsafe_code)]
@@ -23,6 +26,7 @@ pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod dashboard;
 pub mod directives;
 pub mod dispatch;
 pub mod error;
@@ -35,6 +39,7 @@ pub mod settings;
 pub mod shutdown;
 pub mod spokes;
 pub mod store;
+pub mod telemetry;
 pub mod timers;
 pub mod wire;
 

@@ -18,6 +18,7 @@ use crate::api::spoke::SpokeApi;
 use crate::auth::TokenHash;
 use crate::settings::Settings;
 use crate::store::Store;
+use crate::telemetry::RpcTimerLayer;
 use crate::{limits, shutdown, timers};
 
 /// The secrets a hub checks callers against.
@@ -99,6 +100,7 @@ pub async fn run(
         .max_concurrent_streams(settings.max_concurrent_streams)
         .http2_keepalive_interval(Some(settings.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(settings.http2_keepalive_timeout))
+        .layer(RpcTimerLayer(hub.telemetry().clone()))
         .layer(MapResponseLayer::new(limits::map_response))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -110,7 +112,7 @@ pub async fn run(
         });
 
     let mut http_shutdown = shutdown.clone();
-    let http_server = axum::serve(http, crate::http::router(store.clone()))
+    let http_server = axum::serve(http, crate::http::router(hub.clone()))
         .with_graceful_shutdown(async move { http_shutdown.wait().await });
 
     let grpc_task = tokio::spawn(grpc_server);

@@ -6,6 +6,21 @@ use pbjson_types::{Duration, Struct, Timestamp};
 
 use crate::error::{Error, Result};
 
+/// How long before `now_ms` a time was, for people: "12s ago", "3m ago",
+/// "2h ago", "5d ago"; "never" when unset.
+pub fn ago(at_ms: Option<i64>, now_ms: i64) -> String {
+    let Some(at) = at_ms else {
+        return "never".to_owned();
+    };
+    let secs = (now_ms - at).max(0) / 1000;
+    match secs {
+        0..60 => format!("{secs}s ago"),
+        60..3600 => format!("{}m ago", secs / 60),
+        3600..86_400 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86_400),
+    }
+}
+
 /// A Unix-millisecond time as a protobuf Timestamp.
 pub fn timestamp_ms(ms: i64) -> Timestamp {
     Timestamp {
@@ -108,12 +123,44 @@ fn value_of(v: &pbjson_types::Value) -> serde_json::Value {
 
 /// Stored JSON text back as a Struct.
 pub fn struct_of_json(text: &str) -> Result<Struct> {
-    serde_json::from_str(text).map_err(|e| Error::Corrupt(format!("stored JSON object: {e}")))
+    match serde_json::from_str(text) {
+        Ok(serde_json::Value::Object(map)) => Ok(struct_of_map(map)),
+        Ok(_) => Err(Error::Corrupt("stored JSON is not an object".into())),
+        Err(e) => Err(Error::Corrupt(format!("stored JSON object: {e}"))),
+    }
 }
 
-/// A JSON object value (from `serde_json::json!`) as a Struct.
+/// A JSON object value (from `serde_json::json!`) as a Struct; anything
+/// else gives an empty Struct.
 pub fn struct_of_value(value: serde_json::Value) -> Struct {
-    serde_json::from_value(value).unwrap_or_default()
+    match value {
+        serde_json::Value::Object(map) => struct_of_map(map),
+        _ => Struct::default(),
+    }
+}
+
+fn struct_of_map(map: serde_json::Map<String, serde_json::Value>) -> Struct {
+    Struct {
+        fields: map.into_iter().map(|(k, v)| (k, proto_value(v))).collect(),
+    }
+}
+
+/// A JSON value as a protobuf Value. JSON null becomes an explicit
+/// `null_value` (a Value with no kind set is invalid in proto3 JSON).
+fn proto_value(v: serde_json::Value) -> pbjson_types::Value {
+    use pbjson_types::value::Kind;
+    use serde_json::Value as J;
+    let kind = match v {
+        J::Null => Kind::NullValue(0),
+        J::Bool(b) => Kind::BoolValue(b),
+        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        J::String(s) => Kind::StringValue(s),
+        J::Array(items) => Kind::ListValue(pbjson_types::ListValue {
+            values: items.into_iter().map(proto_value).collect(),
+        }),
+        J::Object(map) => Kind::StructValue(struct_of_map(map)),
+    };
+    pbjson_types::Value { kind: Some(kind) }
 }
 
 #[cfg(test)]
@@ -129,6 +176,19 @@ mod tests {
         let text = json_of_struct(Some(&s));
         let back = struct_of_json(&text).unwrap();
         assert_eq!(back, s);
+        // null is an explicit null_value, which strict proto3 JSON printers
+        // (grpcurl) require.
+        let null = &back.fields["deep"];
+        let Some(pbjson_types::value::Kind::StructValue(deep)) = &null.kind else {
+            panic!("deep is an object");
+        };
+        let Some(pbjson_types::value::Kind::ListValue(list)) = &deep.fields["list"].kind else {
+            panic!("list is a list");
+        };
+        assert_eq!(
+            list.values[2].kind,
+            Some(pbjson_types::value::Kind::NullValue(0))
+        );
         assert_eq!(
             serde_json::from_str::<serde_json::Value>(&text).unwrap(),
             value

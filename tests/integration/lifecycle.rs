@@ -266,30 +266,3 @@ async fn list_directives_filters_and_pages() {
         "nobody",
     );
 }
-
-#[tokio::test]
-async fn http_health_and_readiness() {
-    let hub = TestHub::start().await;
-    for path in ["/healthz", "/readyz"] {
-        let response = http_get(hub.http_addr, path).await;
-        assert!(response.starts_with("HTTP/1.1 200"), "{path}: {response}");
-    }
-    assert!(
-        http_get(hub.http_addr, "/nope")
-            .await
-            .starts_with("HTTP/1.1 404")
-    );
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    conn.read_to_string(&mut out).await.unwrap();
-    out
-}

@@ -7,6 +7,7 @@ mod bad_input;
 mod cli;
 mod delivery;
 mod events;
+mod http;
 mod lifecycle;
 mod metrics;
 mod registration;

@@ -175,6 +175,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<proto::CancelDirectiveResponse>, Status> {
         let req = request.into_inner();
         let id = parse_id(&req.directive_id, "directive_id")?;
+        tracing::Span::current().record("directive_id", tracing::field::display(id));
         check_len(&req.reason, 1024, "reason")?;
         let reason = match req.reason.trim() {
             "" => "cancelled by an operator".to_owned(),

@@ -12,6 +12,7 @@ use tonic::metadata::MetadataMap;
 
 use crate::auth::{TokenHash, bearer, hash_secret};
 use crate::clock::Clock;
+use crate::dashboard::Sessions;
 use crate::directives::CreateDefaults;
 use crate::dispatch::Dispatcher;
 use crate::error::{Error, Result};
@@ -19,6 +20,7 @@ use crate::settings::Settings;
 use crate::shutdown::Shutdown;
 use crate::spokes::SpokeRecord;
 use crate::store::Store;
+use crate::telemetry::Telemetry;
 use crate::timers::TimerPlan;
 use crate::wire::duration_std;
 
@@ -32,6 +34,8 @@ struct Inner {
     store: Store,
     dispatcher: Dispatcher,
     timer_plan: TimerPlan,
+    telemetry: Arc<Telemetry>,
+    sessions: Sessions,
     settings: Settings,
     admin_token: TokenHash,
     enrollment_token: TokenHash,
@@ -52,6 +56,8 @@ impl Hub {
                 store,
                 dispatcher: Dispatcher::default(),
                 timer_plan: TimerPlan::default(),
+                telemetry: Arc::new(Telemetry::default()),
+                sessions: Sessions::default(),
                 settings,
                 admin_token,
                 enrollment_token,
@@ -90,6 +96,21 @@ impl Hub {
         self.clock().now_ms()
     }
 
+    /// The hub's own metrics.
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.inner.telemetry
+    }
+
+    /// Signed-in admin page sessions.
+    pub fn sessions(&self) -> &Sessions {
+        &self.inner.sessions
+    }
+
+    /// Checks an admin token presented outside gRPC (the admin page).
+    pub fn is_admin_token(&self, token: &str) -> bool {
+        self.inner.admin_token.matches(token)
+    }
+
     /// The delivery timer's plan.
     pub fn timer_plan(&self) -> &TimerPlan {
         &self.inner.timer_plan
@@ -103,7 +124,11 @@ impl Hub {
             Some(spoke) if spoke.revoked_at.is_some() => {
                 Err(Error::Unauthenticated("spoke key revoked"))
             }
-            Some(spoke) => Ok(spoke),
+            Some(spoke) => {
+                // Names the spoke in this call's log lines (see telemetry).
+                tracing::Span::current().record("spoke_id", tracing::field::display(spoke.id));
+                Ok(spoke)
+            }
         }
     }
 
@@ -141,7 +166,7 @@ impl Hub {
     }
 
     /// The spoke in wire form, with health derived now.
-    fn spoke_to_proto(&self, spoke: &SpokeRecord) -> proto::Spoke {
+    pub fn spoke_to_proto(&self, spoke: &SpokeRecord) -> proto::Spoke {
         let connected = self.dispatcher().is_connected(spoke.id);
         let interval =
             i64::try_from(self.settings().heartbeat_interval.as_millis()).unwrap_or(i64::MAX);

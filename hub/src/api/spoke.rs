@@ -11,13 +11,14 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::Hub;
 use crate::auth::{bearer, generate_secret, hash_secret};
-use crate::directives::Ack;
+use crate::directives::{Ack, State};
 use crate::dispatch::{self, Control};
 use crate::error::{Error, Result};
 use crate::limits;
 use crate::metrics::Batch;
 use crate::spokes::{Heartbeat, Registration, SpokeRecord};
 use crate::store::StoredBatch;
+use crate::telemetry::{OutcomeLabels, PointLabels};
 use crate::wire::{duration_std, ms_of_duration, timestamp_ms};
 
 /// Directives taken from the store per query while streaming.
@@ -129,14 +130,23 @@ impl SpokeService for SpokeApi {
     ) -> Result<Response<proto::AckResponse>, Status> {
         let spoke = self.hub.authenticate_spoke(request.metadata()).await?;
         let ack = Ack::try_from(request.into_inner())?;
+        tracing::Span::current().record("directive_id", tracing::field::display(ack.directive_id));
         let applied = self
             .hub
             .store()
             .apply_ack(spoke.id, &ack, self.hub.now_ms())
-            .await
-            .inspect_err(|e| {
-                tracing::info!(spoke_id = %spoke.id, directive_id = %ack.directive_id, error = %e, "ack refused");
-            })?;
+            .await?;
+        let outcome = match applied.state {
+            State::InProgress => "in_progress",
+            State::Completed => "completed",
+            State::Failed => "failed",
+            _ => "rejected",
+        };
+        self.hub
+            .telemetry()
+            .acks
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
         if applied.state.is_final() && !applied.duplicate {
             // A final ack frees a slot in the spoke's in-flight window.
             self.hub.dispatcher().wake(spoke.id);
@@ -189,7 +199,26 @@ impl SpokeService for SpokeApi {
                     reason: reason.clone(),
                 })
                 .collect();
-            let result = match self.hub.store().store_batch(spoke.id, &batch, now).await? {
+            let stored = self.hub.store().store_batch(spoke.id, &batch, now).await?;
+            let points = &self.hub.telemetry().points;
+            match stored {
+                StoredBatch::Accepted(n) => {
+                    points
+                        .get_or_create(&PointLabels { result: "accepted" })
+                        .inc_by(u64::from(n));
+                    points
+                        .get_or_create(&PointLabels { result: "rejected" })
+                        .inc_by(batch.rejected.len() as u64);
+                }
+                StoredBatch::Duplicate(_) => {
+                    points
+                        .get_or_create(&PointLabels {
+                            result: "duplicate",
+                        })
+                        .inc_by((batch.points.len() + batch.rejected.len()) as u64);
+                }
+            }
+            let result = match stored {
                 StoredBatch::Accepted(n) => proto::BatchResult {
                     batch_id: batch.batch_id,
                     status: proto::BatchStatus::Accepted.into(),
@@ -253,7 +282,7 @@ impl SpokeService for SpokeApi {
                 () = shutdown.wait() => break Vec::new(),
             }
         };
-        schedule_deadlines(hub, &taken);
+        delivered(hub, &taken);
         let directives = taken
             .iter()
             .map(|d| d.to_proto())
@@ -265,8 +294,10 @@ impl SpokeService for SpokeApi {
     }
 }
 
-/// Makes sure the delivery timer wakes for the ack deadlines of `taken`.
-fn schedule_deadlines(hub: &Hub, taken: &[crate::directives::DirectiveRecord]) {
+/// Counts deliveries, and makes sure the delivery timer wakes for the ack
+/// deadlines of `taken`.
+fn delivered(hub: &Hub, taken: &[crate::directives::DirectiveRecord]) {
+    hub.telemetry().delivered(taken.iter().map(|d| d.attempts));
     if let Some(due) = taken.iter().filter_map(|d| d.ack_due_at).min() {
         hub.timer_plan().schedule(due);
     }
@@ -323,7 +354,7 @@ async fn run_stream(
         .store()
         .take_backlog(spoke.id, &spoke.name, window, hub.now_ms())
         .await?;
-    schedule_deadlines(hub, &backlog);
+    delivered(hub, &backlog);
     if !send_directives(tx, &backlog).await? {
         return Ok(End::Quiet);
     }
@@ -335,7 +366,7 @@ async fn run_stream(
                         .store()
                         .take_pending(spoke.id, &spoke.name, window, TAKE_CHUNK, hub.now_ms())
                         .await?;
-                    schedule_deadlines(hub, &taken);
+                    delivered(hub, &taken);
                     if !send_directives(tx, &taken).await? {
                         return Ok(End::Quiet);
                     }

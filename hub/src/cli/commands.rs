@@ -379,8 +379,19 @@ async fn send(
             .map_err(|e| CliError::Usage(format!("--payload @{path}: {e}")))?,
         None => args.payload.clone(),
     };
-    let payload: pbjson_types::Struct = serde_json::from_str(&payload_text)
-        .map_err(|e| CliError::Usage(format!("--payload must be a JSON object: {e}")))?;
+    let payload = match serde_json::from_str(&payload_text) {
+        Ok(value @ serde_json::Value::Object(_)) => crate::wire::struct_of_value(value),
+        Ok(_) => {
+            return Err(CliError::Usage(
+                "--payload must be a JSON object, e.g. '{\"doc\": \"a\"}'".into(),
+            ));
+        }
+        Err(e) => {
+            return Err(CliError::Usage(format!(
+                "--payload must be a JSON object: {e}"
+            )));
+        }
+    };
     let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
     let req = proto::CreateDirectiveRequest {
         target: Some(proto::DirectiveTarget {

@@ -59,16 +59,7 @@ fn ms(ts: &Timestamp) -> i64 {
 
 /// How long before `now_ms` a time was, as "12s ago"; "never" when unset.
 pub fn ago(ts: Option<&Timestamp>, now_ms: i64) -> String {
-    let Some(ts) = ts else {
-        return "never".to_owned();
-    };
-    let secs = (now_ms - ms(ts)).max(0) / 1000;
-    match secs {
-        0..60 => format!("{secs}s ago"),
-        60..3600 => format!("{}m ago", secs / 60),
-        3600..86_400 => format!("{}h ago", secs / 3600),
-        _ => format!("{}d ago", secs / 86_400),
-    }
+    crate::wire::ago(ts.map(ms), now_ms)
 }
 
 /// A time as RFC 3339 (UTC, seconds); "-" when unset.

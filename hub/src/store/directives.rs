@@ -535,3 +535,26 @@ async fn finish(
     .execute(&mut *w.tx)
     .await?)
 }
+
+impl Store {
+    /// Directives per state.
+    pub async fn directives_by_state(&self) -> Result<Vec<(String, i64)>> {
+        Ok(
+            sqlx::query_as("SELECT state, COUNT(*) FROM directives GROUP BY state")
+                .fetch_all(&self.reader)
+                .await?,
+        )
+    }
+
+    /// Directives that are not final, oldest first, at most `limit`.
+    pub async fn outstanding_directives(&self, limit: u32) -> Result<Vec<DirectiveRecord>> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {DIRECTIVE_COLUMNS} FROM directives d JOIN spokes s ON s.id = d.spoke_id \
+             WHERE d.state IN ('PENDING', 'DELIVERED', 'IN_PROGRESS') ORDER BY d.id LIMIT $1"
+        )))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(|r| directive_from_row(r, None)).collect()
+    }
+}

@@ -70,3 +70,16 @@ impl Store {
         rows.iter().map(event_from_row).collect()
     }
 }
+
+impl Store {
+    /// The latest `limit` events, newest first.
+    pub async fn recent_events(&self, limit: u32) -> Result<Vec<EventRecord>> {
+        let rows = sqlx::query(
+            "SELECT seq, type, time, spoke_id, directive_id, details FROM events ORDER BY seq DESC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+}

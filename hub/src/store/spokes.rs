@@ -345,3 +345,14 @@ async fn set_health(w: &mut Write<'_>, id: Uuid, from: &str, to: &str) -> Result
     ))
     .await
 }
+
+impl Store {
+    /// Spokes per stored health (ONLINE, STALE, OFFLINE, REVOKED).
+    pub async fn spokes_by_health(&self) -> Result<Vec<(String, i64)>> {
+        Ok(
+            sqlx::query_as("SELECT health, COUNT(*) FROM spokes GROUP BY health")
+                .fetch_all(&self.reader)
+                .await?,
+        )
+    }
+}
