@@ -77,41 +77,9 @@ expect_contains() {
 
 # --- start the hub ---------------------------------------------------------
 
-# Its own defaults only: nothing from the caller's environment.
-(
-  cd "$WORK"
-  exec env -u HUB_DATA_DIR -u DATABASE_URL -u HUB_ADMIN_TOKEN -u HUB_ENROLLMENT_TOKEN \
-    "$HUB_BIN" serve --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --log-format json
-) >"$HUB_LOG" 2>&1 &
-HUB_PID=$!
-
-# The "hub listening" line names the bound addresses; then /healthz answers.
-GRPC_ADDR=''
-HTTP_ADDR=''
-for _ in $(seq 100); do
-  kill -0 "$HUB_PID" 2>/dev/null || fail "the hub exited during startup"
-  if [[ -z $GRPC_ADDR ]]; then
-    read -r GRPC_ADDR HTTP_ADDR < <(python3 - "$HUB_LOG" <<'EOF'
-import json, sys
-for line in open(sys.argv[1]):
-    try:
-        fields = json.loads(line).get("fields", {})
-    except ValueError:
-        continue
-    if fields.get("message") == "hub listening":
-        print(fields["grpc"], fields["http"])
-        break
-EOF
-    ) || true
-  fi
-  if [[ -n $GRPC_ADDR ]] && curl -sf "http://$HTTP_ADDR/healthz" >/dev/null; then
-    break
-  fi
-  sleep 0.1
-done
-if [[ -z $GRPC_ADDR ]] || ! curl -sf "http://$HTTP_ADDR/healthz" >/dev/null; then
-  fail "the hub was not ready within 10 s"
-fi
+# shellcheck source=tests/lib/hub.sh
+source "$ROOT/tests/lib/hub.sh"
+start_hub "$WORK" "$HUB_LOG" 2>"$WORK/start.err" || fail "$(cat "$WORK/start.err")"
 [[ -s $WORK/hub-data/admin.token && -s $WORK/hub-data/enrollment.token ]] \
   || fail "the hub did not generate hub-data/admin.token and hub-data/enrollment.token"
 pass "hub ready on $GRPC_ADDR (http $HTTP_ADDR) with generated tokens in ./hub-data"

@@ -1,0 +1,86 @@
+// The admin page in a real browser: headless Debian Chromium, driven by
+// playwright-core, against a real hub started by tests/web/run.sh, which
+// passes HUB_HTTP (base URL), HUB_ADMIN_TOKEN, the names it registered
+// (SPOKES, comma separated), the ids it sent (DIRECTIVES) and SCREENSHOT.
+import { test, after, before } from 'node:test';
+import assert from 'node:assert/strict';
+import { chromium } from 'playwright-core';
+
+const base = process.env.HUB_HTTP;
+const token = process.env.HUB_ADMIN_TOKEN;
+const spokes = process.env.SPOKES.split(',');
+const directives = process.env.DIRECTIVES.split(',');
+
+let browser;
+before(async () => {
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+    args: [
+      '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+    ],
+  });
+});
+after(async () => { await browser?.close(); });
+
+test('without the token the page is refused and asks for it', async () => {
+  const page = await browser.newPage();
+  const response = await page.goto(base + '/');
+  assert.equal(response.status(), 401);
+  assert.equal(await page.locator('input[name=token][type=password]').count(), 1);
+  assert.equal(await page.locator('#spokes-table').count(), 0);
+  for (const name of spokes) {
+    assert.ok(!(await page.content()).includes(name), `${name} must not leak before sign-in`);
+  }
+  await page.fill('input[name=token]', 'not-the-admin-token');
+  await page.click('button[type=submit]');
+  assert.match(await page.locator('.error').innerText(), /not the admin token/);
+  await page.close();
+});
+
+test('signed in, the page shows spokes, outstanding directives and events', async () => {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  await page.goto(base + '/');
+  await page.fill('input[name=token]', token);
+  await Promise.all([page.waitForURL(base + '/'), page.click('button[type=submit]')]);
+  assert.equal(await page.title(), 'hub');
+
+  const cookies = await context.cookies();
+  const session = cookies.find((c) => c.name === 'hub_session');
+  assert.ok(session, 'a session cookie');
+  assert.equal(session.httpOnly, true);
+  assert.equal(session.sameSite, 'Strict');
+
+  const spokeRows = page.locator('#spokes-table tbody tr');
+  const names = await spokeRows.locator('td:first-child').allInnerTexts();
+  assert.deepEqual(names.sort(), [...spokes].sort());
+  const health = await spokeRows.locator('.health').allInnerTexts();
+  assert.ok(health.every((h) => ['ONLINE', 'STALE', 'OFFLINE', 'REVOKED'].includes(h)), String(health));
+  // Colour and text: an ONLINE badge is green-ish.
+  const online = page.locator('#spokes-table .health.ONLINE').first();
+  assert.equal(await online.innerText(), 'ONLINE');
+  const colour = await online.evaluate((el) => getComputedStyle(el).backgroundColor);
+  assert.equal(colour, 'rgb(211, 245, 220)');
+
+  const directiveText = await page.locator('#directives-table').innerText();
+  for (const id of directives) assert.ok(directiveText.includes(id), `directive ${id} listed`);
+  assert.match(directiveText, /PENDING/);
+  const eventText = await page.locator('#events-table').innerText();
+  assert.match(eventText, /SPOKE_REGISTERED/);
+  assert.match(eventText, /DIRECTIVE_CREATED/);
+
+  // Untrusted text is shown as text, never run as markup.
+  const spokeText = await page.locator('#spokes-table').innerText();
+  assert.ok(spokeText.includes("<script>window.pwned = 1</script>"), spokeText);
+  assert.ok(directiveText.includes('<img src=x onerror=window.pwned=2>'), directiveText);
+  assert.equal(await page.evaluate(() => window.pwned), undefined);
+  assert.equal(await page.locator('main script, main img').count(), 0);
+
+  // It refreshes by itself.
+  const refresh = await page.locator('meta[http-equiv=refresh]').getAttribute('content');
+  assert.ok(Number(refresh) > 0);
+
+  await page.screenshot({ path: process.env.SCREENSHOT, fullPage: true });
+  await context.close();
+});
