@@ -1,0 +1,539 @@
+#!/usr/bin/env node
+// A hub spoke in Node.js, written from proto/hub/v1/*.proto alone.
+//
+// It registers with the enrollment token and keeps its key, holds the
+// WatchDirectives stream open, runs the `echo` and `sum` directive types and
+// acks each one, heartbeats at the interval the hub sets, pushes one metric
+// batch (and resends it once, to show the hub stores it once), and reconnects
+// with exponential backoff whenever the stream breaks. See README.md beside it.
+//
+// Nothing is generated: @grpc/proto-loader reads proto/ when the spoke starts
+// (from ../../proto, or the directory in $HUB_PROTO_DIR).
+'use strict';
+
+const crypto = require('node:crypto');
+const fs = require('node:fs');
+const path = require('node:path');
+const { setTimeout: sleep } = require('node:timers/promises');
+const { parseArgs } = require('node:util');
+
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const PROTO_DIR = process.env.HUB_PROTO_DIR || path.join(__dirname, '..', '..', 'proto');
+const VERSION = 'node-spoke/0.1.0';
+
+// camelCase field names, enums as their names ('ACK_OUTCOME_COMPLETED'), 64-bit
+// integers as strings, unset fields as defaults, and `kind`/`message` naming
+// the field set in a oneof.
+const LOADER_OPTIONS = { enums: String, longs: String, defaults: true, oneofs: true };
+
+// Codes after which retrying cannot help (spoke.proto: "do not retry without a
+// new key"); every other code, and a stream that just ends, means reconnect.
+const FATAL = new Set([
+  grpc.status.UNAUTHENTICATED,
+  grpc.status.PERMISSION_DENIED,
+  grpc.status.INVALID_ARGUMENT,
+  grpc.status.ALREADY_EXISTS,
+  grpc.status.UNIMPLEMENTED,
+]);
+
+// HTTP/2 pings find a dead connection in seconds even when no data flows.
+const CHANNEL_OPTIONS = { 'grpc.keepalive_time_ms': 20000, 'grpc.keepalive_timeout_ms': 10000 };
+
+// --- the work: one function per directive type ----------------------------------
+
+/** `echo`: the result is the payload. */
+function echo(payload) {
+  return payload;
+}
+
+/** `sum`: {"numbers": [1, 2.5]} -> {"sum": 3.5}. */
+function sum(payload) {
+  const numbers = payload.numbers;
+  if (!Array.isArray(numbers) || !numbers.every((n) => typeof n === 'number')) {
+    throw new Error('payload.numbers must be a list of numbers');
+  }
+  return { sum: numbers.reduce((a, b) => a + b, 0) };
+}
+
+const HANDLERS = { echo, sum };
+
+// --- google.protobuf.Struct <-> plain JSON -----------------------------------------
+
+function toValue(v) {
+  if (v === null || v === undefined) return { nullValue: 'NULL_VALUE' };
+  if (typeof v === 'number') return { numberValue: v };
+  if (typeof v === 'string') return { stringValue: v };
+  if (typeof v === 'boolean') return { boolValue: v };
+  if (Array.isArray(v)) return { listValue: { values: v.map(toValue) } };
+  return { structValue: toStruct(v) };
+}
+
+function toStruct(object) {
+  return { fields: Object.fromEntries(Object.entries(object).map(([k, v]) => [k, toValue(v)])) };
+}
+
+function fromValue(v) {
+  switch (v.kind) {
+    case 'numberValue': return v.numberValue;
+    case 'stringValue': return v.stringValue;
+    case 'boolValue': return v.boolValue;
+    case 'listValue': return v.listValue.values.map(fromValue);
+    case 'structValue': return fromStruct(v.structValue);
+    default: return null; // nullValue, or a Value with nothing set
+  }
+}
+
+function fromStruct(struct) {
+  return Object.fromEntries(Object.entries((struct && struct.fields) || {}).map(([k, v]) => [k, fromValue(v)]));
+}
+
+function durationMs(d) {
+  return Number(d.seconds) * 1000 + d.nanos / 1e6;
+}
+
+// --- plumbing ----------------------------------------------------------------------
+
+/** The hub refused us in a way retrying cannot fix. */
+class Fatal extends Error {}
+
+/**
+ * gRPC's reconnect backoff: base, x1.6 after each failure, +-20 % jitter,
+ * 120 s cap; reset after a successful connection.
+ */
+class Backoff {
+  constructor({ baseMs = 1000, factor = 1.6, jitter = 0.2, capMs = 120000 } = {}) {
+    if (!(baseMs > 0 && baseMs <= capMs) || factor < 1 || !(jitter >= 0 && jitter < 1)) {
+      throw new Error('backoff: need 0 < base <= cap, factor >= 1, 0 <= jitter < 1');
+    }
+    Object.assign(this, { baseMs, factor, jitter, capMs, currentMs: baseMs });
+  }
+
+  next() {
+    const delay = this.currentMs * (1 - this.jitter + 2 * this.jitter * Math.random());
+    this.currentMs = Math.min(this.currentMs * this.factor, this.capMs);
+    return delay;
+  }
+
+  reset() {
+    this.currentMs = this.baseMs;
+  }
+}
+
+/**
+ * What survives a restart, in the state directory: the spoke key (spoke.key,
+ * mode 0600), the outcome of every directive it finished (outcomes.jsonl) and
+ * the metric batch not yet sent (metrics-batch.json).
+ */
+class State {
+  constructor(dir) {
+    this.dir = dir;
+    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    this.outcomes = new Map();
+    const file = path.join(dir, 'outcomes.jsonl');
+    if (fs.existsSync(file)) {
+      for (const line of fs.readFileSync(file, 'utf8').split('\n').filter(Boolean)) {
+        const record = JSON.parse(line);
+        this.outcomes.set(record.id, record);
+      }
+    }
+  }
+
+  key() {
+    const file = path.join(this.dir, 'spoke.key');
+    return fs.existsSync(file) ? fs.readFileSync(file, 'utf8').trim() : null;
+  }
+
+  saveKey(key) {
+    writeDurably(path.join(this.dir, 'spoke.key'), `${key}\n`, 'w', 0o600);
+  }
+
+  /** Remembers an outcome before it is acked, so a redelivery is answered from here and never runs the work twice. */
+  record(record) {
+    this.outcomes.set(record.id, record);
+    writeDurably(path.join(this.dir, 'outcomes.jsonl'), `${JSON.stringify(record)}\n`, 'a', 0o600);
+  }
+
+  /** The demo metric batch, created once and kept (same id) until sent. */
+  pendingBatch() {
+    const file = path.join(this.dir, 'metrics-batch.json');
+    if (fs.existsSync(file)) return JSON.parse(fs.readFileSync(file, 'utf8'));
+    if (fs.existsSync(path.join(this.dir, 'metrics-batch.sent'))) return null;
+    const batch = { batchId: crypto.randomUUID(), timeMs: Date.now() };
+    fs.writeFileSync(file, JSON.stringify(batch));
+    return batch;
+  }
+
+  bufferedPoints() {
+    return fs.existsSync(path.join(this.dir, 'metrics-batch.json')) ? DEMO_POINTS.length : 0;
+  }
+
+  batchSent() {
+    fs.writeFileSync(path.join(this.dir, 'metrics-batch.sent'), '');
+    fs.unlinkSync(path.join(this.dir, 'metrics-batch.json'));
+  }
+}
+
+function writeDurably(file, text, flags, mode) {
+  const fd = fs.openSync(file, flags, mode);
+  try {
+    fs.writeSync(fd, text);
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+const DEMO_POINTS = [
+  ['statistics', 'orders_processed', 42, '1'],
+  ['statistics', 'queue_depth', 7, '1'],
+  ['compensation', 'payout_total', 1234.5, 'EUR'],
+];
+
+/** The demo batch's points, all measured when the batch was made. */
+function demoPoints(batch) {
+  const time = { seconds: String(Math.floor(batch.timeMs / 1000)), nanos: (batch.timeMs % 1000) * 1e6 };
+  return DEMO_POINTS.map(([domain, name, value, unit]) => ({ domain, name, value, unit, labels: { lang: 'node' }, time }));
+}
+
+/** A unary call as a promise. */
+function unary(client, method, request, metadata) {
+  return new Promise((resolve, reject) => {
+    client[method](request, metadata, { deadline: Date.now() + 10000 }, (err, reply) => (err ? reject(err) : resolve(reply)));
+  });
+}
+
+function log(level, message) {
+  process.stderr.write(`${new Date().toISOString()} ${level} ${message}\n`);
+}
+
+// --- the spoke ------------------------------------------------------------------------
+
+class Spoke {
+  constructor(options) {
+    this.options = options;
+    this.state = new State(options.stateDir);
+    this.backoff = new Backoff({ baseMs: options.backoffBase * 1000 });
+    this.heartbeatMs = 10000; // until the hub says otherwise
+    this.keepaliveMs = 15000;
+    this.retryAfterMs = 0;
+    this.handled = 0;
+    this.failedPushes = 0;
+    this.stop = new AbortController(); // aborted by SIGTERM or --exit-after
+    this.stream = null;
+  }
+
+  auth() {
+    const metadata = new grpc.Metadata();
+    metadata.set('authorization', `Bearer ${this.state.key()}`);
+    return metadata;
+  }
+
+  /** One JSON line per thing done, for tests (--events-file). */
+  report(event, fields) {
+    if (this.options.eventsFile) fs.appendFileSync(this.options.eventsFile, `${JSON.stringify({ event, ...fields })}\n`);
+  }
+
+  shutdown() {
+    this.stop.abort();
+    if (this.stream) this.stream.cancel();
+  }
+
+  /** Connect, serve until the stream breaks, back off, repeat. */
+  async run(SpokeService) {
+    while (!this.stop.signal.aborted) {
+      const client = new SpokeService(this.options.hub, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
+      try {
+        await this.serve(client);
+        if (!this.stop.signal.aborted) log('WARN', 'the hub ended the stream');
+      } catch (err) {
+        if (this.stop.signal.aborted) break;
+        if (err instanceof Fatal || typeof err.code !== 'number') throw err; // not a gRPC status: a bug
+        if (FATAL.has(err.code)) throw new Fatal(`${grpc.status[err.code]}: ${err.details}`);
+        log('WARN', `hub unreachable or stream broken: ${grpc.status[err.code]}: ${err.details}`);
+      } finally {
+        client.close();
+      }
+      if (this.stop.signal.aborted) break;
+      const delay = Math.max(this.backoff.next(), this.retryAfterMs);
+      this.retryAfterMs = 0;
+      log('INFO', `reconnecting in ${(delay / 1000).toFixed(2)} s`);
+      await sleep(delay, undefined, { signal: this.stop.signal }).catch(() => {});
+    }
+  }
+
+  async serve(client) {
+    await this.register(client);
+    this.backoff.reset();
+    const heartbeats = this.heartbeats(client);
+    try {
+      await this.pushDemoBatch(client);
+      await this.watch(client);
+    } finally {
+      heartbeats.stop();
+    }
+  }
+
+  /**
+   * With the stored key if there is one (updates our registration), else with
+   * the enrollment token (creates the spoke, returns its key once).
+   */
+  async register(client) {
+    let token = this.state.key();
+    if (!token) {
+      try {
+        token = fs.readFileSync(this.options.enrollmentTokenFile, 'utf8').trim();
+      } catch (err) {
+        throw new Fatal(`no key in ${this.state.dir} and no enrollment token: ${err.message}`);
+      }
+    }
+    const metadata = new grpc.Metadata();
+    metadata.set('authorization', `Bearer ${token}`);
+    const reply = await unary(client, 'register', {
+      name: this.options.name,
+      labels: { lang: 'node' },
+      capabilities: Object.keys(HANDLERS).map((type) => ({ directiveType: type, version: '1' })),
+      version: VERSION,
+    }, metadata);
+    if (reply.spokeKey) this.state.saveKey(reply.spokeKey);
+    log('INFO', `registered as ${reply.spoke.name} (id ${reply.spoke.id})`);
+    this.report('registered', { spoke_id: reply.spoke.id, new: Boolean(reply.spokeKey) });
+    this.applyHints(reply.hints);
+  }
+
+  applyHints(hints) {
+    if (!hints) return;
+    if (hints.heartbeatInterval) this.heartbeatMs = durationMs(hints.heartbeatInterval);
+    if (hints.keepaliveInterval) this.keepaliveMs = durationMs(hints.keepaliveInterval);
+    if (hints.retryAfter) this.retryAfterMs = durationMs(hints.retryAfter);
+  }
+
+  /** One heartbeat right after connecting, then every interval the hub returns. Returns a handle to stop them. */
+  heartbeats(client) {
+    let timer = null;
+    let stopped = false;
+    const beat = async () => {
+      try {
+        const reply = await unary(client, 'heartbeat', {
+          status: 'SPOKE_STATUS_OK',
+          statusMessage: 'ready',
+          bufferedMetricPoints: String(this.state.bufferedPoints()),
+          failedMetricPushes: String(this.failedPushes),
+          version: VERSION,
+        }, this.auth());
+        if (reply.nextInterval) this.heartbeatMs = durationMs(reply.nextInterval);
+      } catch (err) {
+        // The stream notices a broken hub too and reconnects us.
+        log('WARN', `heartbeat failed: ${grpc.status[err.code] ?? err.message}`);
+      }
+      if (!stopped) timer = setTimeout(beat, this.heartbeatMs);
+    };
+    beat();
+    return { stop: () => { stopped = true; clearTimeout(timer); } };
+  }
+
+  /**
+   * Pushes one batch, then resends it once: the hub answers DUPLICATE and
+   * stores it once, so resending after any failure is always safe.
+   */
+  async pushDemoBatch(client) {
+    const batch = this.state.pendingBatch();
+    if (!batch) return;
+    const request = { batchId: batch.batchId, points: demoPoints(batch) };
+    for (const attempt of ['sent', 'resent']) {
+      let reply;
+      try {
+        reply = await new Promise((resolve, reject) => {
+          const call = client.pushMetrics(this.auth(), { deadline: Date.now() + 10000 }, (err, r) => (err ? reject(err) : resolve(r)));
+          call.write(request);
+          call.end();
+        });
+      } catch (err) {
+        this.failedPushes += 1;
+        throw err; // the batch stays in the state dir and goes out again, same id
+      }
+      const result = reply.batches[0];
+      log('INFO', `metric batch ${result.batchId} ${attempt}: ${result.status}, ${result.acceptedPoints} points stored`);
+      this.report('metrics', { batch_id: result.batchId, status: result.status, accepted_points: result.acceptedPoints });
+    }
+    this.state.batchSent();
+  }
+
+  /**
+   * Reads the stream until it ends. Silence for three keepalive intervals
+   * means a dead stream: cancel it and reconnect.
+   */
+  async watch(client) {
+    if (this.stop.signal.aborted) return;
+    const stream = client.watchDirectives({}, this.auth());
+    this.stream = stream;
+    let silent = null;
+    const arm = () => {
+      clearTimeout(silent);
+      silent = setTimeout(() => {
+        log('WARN', `no keepalive for ${(3 * this.keepaliveMs) / 1000} s; the stream is dead`);
+        stream.cancel();
+      }, 3 * this.keepaliveMs);
+    };
+    arm();
+    try {
+      for await (const message of stream) {
+        arm();
+        if (message.message === 'directive') {
+          await this.handle(client, message.directive);
+        } else if (message.message === 'cancelled') {
+          // Handlers here finish at once; a long one would stop now.
+          log('INFO', `directive ${message.cancelled.directiveId} cancelled: ${message.cancelled.reason}`);
+        } else if (message.message === 'hints') {
+          this.applyHints(message.hints);
+        }
+      }
+    } catch (err) {
+      if (err.code !== grpc.status.CANCELLED) throw err;
+    } finally {
+      clearTimeout(silent);
+      stream.cancel();
+      this.stream = null;
+    }
+  }
+
+  /** Runs a directive once; a redelivery gets the recorded outcome again. */
+  async handle(client, directive) {
+    let outcome = this.state.outcomes.get(directive.id);
+    const firstTime = !outcome;
+    if (firstTime) {
+      outcome = { id: directive.id, ...runHandler(directive) };
+      this.state.record(outcome);
+      log('INFO', `directive ${directive.id} (${directive.type}): ${outcome.outcome}`);
+      this.report('handled', { directive_id: directive.id, type: directive.type, outcome: outcome.outcome });
+      if (this.options.crashBeforeAck) {
+        log('WARN', `--crash-before-ack: dying before acking ${directive.id}`);
+        process.exit(3);
+      }
+    } else {
+      log('INFO', `directive ${directive.id} delivered again (attempt ${directive.attempt}): acking its recorded outcome`);
+      this.report('reacked', { directive_id: directive.id });
+    }
+    await this.ack(client, outcome);
+    if (firstTime) {
+      this.handled += 1;
+      if (this.handled === this.options.exitAfter) {
+        log('INFO', `handled ${this.handled} directives; exiting`);
+        this.shutdown();
+      }
+    }
+  }
+
+  async ack(client, outcome) {
+    const request = { directiveId: outcome.id, outcome: outcome.outcome };
+    if ('result' in outcome) request.result = toStruct(outcome.result);
+    if ('error' in outcome) request.error = outcome.error.slice(0, 4096);
+    try {
+      await unary(client, 'ack', request, this.auth());
+    } catch (err) {
+      if (err.code !== grpc.status.FAILED_PRECONDITION && err.code !== grpc.status.NOT_FOUND) {
+        throw err; // e.g. UNAVAILABLE: reconnect; the hub delivers it again
+      }
+      // Cancelled or expired meanwhile: nothing more to do.
+      log('WARN', `ack of ${outcome.id} refused: ${err.details}`);
+    }
+  }
+}
+
+/** The outcome of one directive, as recorded and acked. */
+function runHandler(directive) {
+  const handler = HANDLERS[directive.type];
+  if (!handler) {
+    // The operator forced a type we never declared: refuse it, per contract.
+    return { outcome: 'ACK_OUTCOME_REJECTED', error: `no handler for directive type '${directive.type}'` };
+  }
+  try {
+    return { outcome: 'ACK_OUTCOME_COMPLETED', result: handler(fromStruct(directive.payload)) };
+  } catch (err) {
+    return { outcome: 'ACK_OUTCOME_FAILED', error: `${directive.type}: ${err.message}` };
+  }
+}
+
+// --- command line ------------------------------------------------------------------
+
+const USAGE = `usage: node spoke.js [--hub ADDR] [--name NAME] [--state-dir DIR]
+                     [--enrollment-token-file PATH] [--exit-after N]
+                     [--backoff-base SECONDS] [--events-file PATH]
+
+A hub spoke in Node.js: handles \`echo\` and \`sum\` directives.
+
+  --hub ADDR                    the hub's gRPC address (default: 127.0.0.1:50051)
+  --name NAME                   the spoke's unique name (default: node-spoke)
+  --state-dir DIR               where the key and outcomes are kept (default: target/spoke-state/NAME)
+  --enrollment-token-file PATH  the hub's enrollment token, needed only until the spoke has a key
+                                (default: hub-data/enrollment.token)
+  --exit-after N                exit 0 after handling N new directives
+  --backoff-base SECONDS        first reconnect delay (default: 1)
+  --events-file PATH            append one JSON line per directive handled and metric batch pushed
+  --crash-before-ack            for tests: exit 3 right after recording the first new outcome,
+                                before acking it, as a crash would`;
+
+function parseOptions(argv) {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      hub: { type: 'string', default: '127.0.0.1:50051' },
+      name: { type: 'string', default: 'node-spoke' },
+      'state-dir': { type: 'string' },
+      'enrollment-token-file': { type: 'string', default: 'hub-data/enrollment.token' },
+      'exit-after': { type: 'string', default: '0' },
+      'backoff-base': { type: 'string', default: '1' },
+      'events-file': { type: 'string' },
+      'crash-before-ack': { type: 'boolean', default: false },
+      help: { type: 'boolean', short: 'h' },
+    },
+  });
+  if (values.help) {
+    console.log(USAGE);
+    process.exit(0);
+  }
+  const exitAfter = Number(values['exit-after']);
+  const backoffBase = Number(values['backoff-base']);
+  if (!Number.isInteger(exitAfter) || exitAfter < 0) throw new Error('--exit-after: must be a whole number');
+  if (!(backoffBase > 0)) throw new Error('--backoff-base: must be a positive number of seconds');
+  return {
+    hub: values.hub,
+    name: values.name,
+    stateDir: values['state-dir'] || path.join('target', 'spoke-state', values.name),
+    enrollmentTokenFile: values['enrollment-token-file'],
+    exitAfter,
+    backoffBase,
+    eventsFile: values['events-file'],
+    crashBeforeAck: values['crash-before-ack'],
+  };
+}
+
+async function main() {
+  let options;
+  try {
+    options = parseOptions(process.argv.slice(2));
+  } catch (err) {
+    console.error(`spoke.js: ${err.message}\n\n${USAGE}`);
+    return 2;
+  }
+  const definition = protoLoader.loadSync('hub/v1/spoke.proto', { ...LOADER_OPTIONS, includeDirs: [PROTO_DIR] });
+  const { SpokeService } = grpc.loadPackageDefinition(definition).hub.v1;
+  const spoke = new Spoke(options);
+  for (const signal of ['SIGTERM', 'SIGINT']) {
+    process.on(signal, () => {
+      log('INFO', 'stopped by signal');
+      spoke.shutdown();
+    });
+  }
+  try {
+    await spoke.run(SpokeService);
+  } catch (err) {
+    if (!(err instanceof Fatal)) throw err;
+    log('ERROR', `the hub refused this spoke: ${err.message}`);
+    return 2;
+  }
+  return 0;
+}
+
+main().then((code) => { process.exitCode = code; });

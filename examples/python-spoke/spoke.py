@@ -1,0 +1,420 @@
+#!/usr/bin/env python3
+"""A hub spoke in Python, written from proto/hub/v1/*.proto alone.
+
+It registers with the enrollment token and keeps its key, holds the
+WatchDirectives stream open, runs the `echo` and `sum` directive types and
+acks each one, heartbeats at the interval the hub sets, pushes one metric
+batch (and resends it once, to show the hub stores it once), and reconnects
+with exponential backoff whenever the stream breaks. See README.md beside it.
+
+The stubs are generated, never committed:
+
+    python -m grpc_tools.protoc -Iproto --python_out=target/python-stubs \
+        --grpc_python_out=target/python-stubs proto/hub/v1/*.proto
+
+and found in target/python-stubs (or the directory in $HUB_PY_STUBS).
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+
+STUBS = os.environ.get("HUB_PY_STUBS") or Path(__file__).resolve().parents[2] / "target" / "python-stubs"
+sys.path.insert(0, str(STUBS))
+try:
+    from hub.v1 import spoke_pb2, spoke_pb2_grpc, types_pb2
+except ImportError:
+    sys.exit(f"spoke.py: no generated stubs in {STUBS}; see examples/python-spoke/README.md")
+
+VERSION = "python-spoke/0.1.0"
+log = logging.getLogger("spoke")
+
+# Codes after which retrying cannot help (spoke.proto: "do not retry without a
+# new key"); every other code, and a stream that just ends, means reconnect.
+FATAL = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
+
+# HTTP/2 pings find a dead connection in seconds even when no data flows.
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+
+# --- the work: one function per directive type --------------------------------
+
+
+def echo(payload):
+    """`echo`: the result is the payload."""
+    return payload
+
+
+def sum_numbers(payload):
+    """`sum`: {"numbers": [1, 2.5]} -> {"sum": 3.5}."""
+    numbers = payload.get("numbers")
+    if not isinstance(numbers, list) or not all(
+        isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers
+    ):
+        raise ValueError("payload.numbers must be a list of numbers")
+    return {"sum": sum(numbers)}
+
+
+HANDLERS = {"echo": echo, "sum": sum_numbers}
+
+
+# --- plumbing ----------------------------------------------------------------------
+
+
+class Fatal(Exception):
+    """The hub refused us in a way retrying cannot fix."""
+
+
+class Done(Exception):
+    """--exit-after reached."""
+
+
+class Backoff:
+    """gRPC's reconnect backoff: base, x1.6 after each failure, +-20 % jitter,
+    120 s cap; reset after a successful connection."""
+
+    def __init__(self, base=1.0, factor=1.6, jitter=0.2, cap=120.0):
+        if not 0 < base <= cap or factor < 1 or not 0 <= jitter < 1:
+            raise ValueError("backoff: need 0 < base <= cap, factor >= 1, 0 <= jitter < 1")
+        self.base, self.factor, self.jitter, self.cap = base, factor, jitter, cap
+        self.current = base
+
+    def next(self):
+        delay = self.current * random.uniform(1 - self.jitter, 1 + self.jitter)
+        self.current = min(self.current * self.factor, self.cap)
+        return delay
+
+    def reset(self):
+        self.current = self.base
+
+
+class State:
+    """What survives a restart, in the state directory: the spoke key
+    (spoke.key, mode 0600), the outcome of every directive it finished
+    (outcomes.jsonl) and the metric batch not yet sent (metrics-batch.json)."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.outcomes = {}
+        outcomes = self.dir / "outcomes.jsonl"
+        if outcomes.exists():
+            for line in outcomes.read_text().splitlines():
+                record = json.loads(line)
+                self.outcomes[record["id"]] = record
+
+    def key(self):
+        path = self.dir / "spoke.key"
+        return path.read_text().strip() if path.exists() else None
+
+    def save_key(self, key):
+        fd = os.open(self.dir / "spoke.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def record(self, record):
+        """Remembers an outcome before it is acked, so a redelivery is
+        answered from here and never runs the work twice."""
+        self.outcomes[record["id"]] = record
+        with open(self.dir / "outcomes.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def pending_batch(self):
+        """The demo metric batch, created once and kept (same id) until sent."""
+        path = self.dir / "metrics-batch.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        if (self.dir / "metrics-batch.sent").exists():
+            return None
+        batch = {"batch_id": str(uuid.uuid4()), "time_ns": time.time_ns()}
+        path.write_text(json.dumps(batch))
+        return batch
+
+    def buffered_points(self):
+        return len(DEMO_POINTS) if (self.dir / "metrics-batch.json").exists() else 0
+
+    def batch_sent(self):
+        (self.dir / "metrics-batch.sent").touch()
+        (self.dir / "metrics-batch.json").unlink()
+
+
+DEMO_POINTS = [
+    ("statistics", "orders_processed", 42.0, "1"),
+    ("statistics", "queue_depth", 7.0, "1"),
+    ("compensation", "payout_total", 1234.5, "EUR"),
+]
+
+
+def demo_points(batch):
+    """The demo batch's points, all measured when the batch was made."""
+    result = []
+    for domain, name, value, unit in DEMO_POINTS:
+        point = types_pb2.MetricPoint(domain=domain, name=name, value=value, unit=unit, labels={"lang": "python"})
+        point.time.FromNanoseconds(batch["time_ns"])
+        result.append(point)
+    return result
+
+
+def seconds(duration):
+    return duration.ToTimedelta().total_seconds()
+
+
+# --- the spoke ------------------------------------------------------------------------
+
+
+class Spoke:
+    def __init__(self, args):
+        self.args = args
+        self.state = State(args.state_dir)
+        self.backoff = Backoff(base=args.backoff_base)
+        self.heartbeat_interval = 10.0  # until the hub says otherwise
+        self.keepalive_interval = 15.0
+        self.retry_after = 0.0
+        self.handled = 0
+        self.failed_pushes = 0
+
+    def auth(self):
+        return [("authorization", f"Bearer {self.state.key()}")]
+
+    def report(self, event, **fields):
+        """One JSON line per thing done, for tests (--events-file)."""
+        if self.args.events_file:
+            with open(self.args.events_file, "a") as f:
+                f.write(json.dumps({"event": event, **fields}) + "\n")
+
+    async def run(self):
+        """Connect, serve until the stream breaks, back off, repeat."""
+        while True:
+            try:
+                async with grpc.aio.insecure_channel(self.args.hub, options=CHANNEL_OPTIONS) as channel:
+                    await self.serve(spoke_pb2_grpc.SpokeServiceStub(channel))
+                log.warning("the hub ended the stream")
+            except grpc.aio.AioRpcError as e:
+                if e.code() in FATAL:
+                    raise Fatal(f"{e.code().name}: {e.details()}") from e
+                log.warning("hub unreachable or stream broken: %s: %s", e.code().name, e.details())
+            delay = max(self.backoff.next(), self.retry_after)
+            self.retry_after = 0.0
+            log.info("reconnecting in %.2f s", delay)
+            await asyncio.sleep(delay)
+
+    async def serve(self, stub):
+        await self.register(stub)
+        self.backoff.reset()
+        heartbeats = asyncio.create_task(self.heartbeats(stub))
+        try:
+            await self.push_demo_batch(stub)
+            await self.watch(stub)
+        finally:
+            heartbeats.cancel()
+
+    async def register(self, stub):
+        """With the stored key if there is one (updates our registration),
+        else with the enrollment token (creates the spoke, returns its key once)."""
+        key = self.state.key()
+        try:
+            token = key or Path(self.args.enrollment_token_file).read_text().strip()
+        except OSError as e:
+            raise Fatal(f"no key in {self.state.dir} and no enrollment token: {e}") from e
+        request = spoke_pb2.RegisterRequest(
+            name=self.args.name,
+            labels={"lang": "python"},
+            capabilities=[types_pb2.Capability(directive_type=t, version="1") for t in HANDLERS],
+            version=VERSION,
+        )
+        reply = await stub.Register(request, metadata=[("authorization", f"Bearer {token}")], timeout=10)
+        if reply.spoke_key:
+            self.state.save_key(reply.spoke_key)
+        log.info("registered as %s (id %s)", reply.spoke.name, reply.spoke.id)
+        self.report("registered", spoke_id=reply.spoke.id, new=bool(reply.spoke_key))
+        self.apply_hints(reply.hints)
+
+    def apply_hints(self, hints):
+        if hints.HasField("heartbeat_interval"):
+            self.heartbeat_interval = seconds(hints.heartbeat_interval)
+        if hints.HasField("keepalive_interval"):
+            self.keepalive_interval = seconds(hints.keepalive_interval)
+        if hints.HasField("retry_after"):
+            self.retry_after = seconds(hints.retry_after)
+
+    async def heartbeats(self, stub):
+        """One right after connecting, then every interval the hub returns."""
+        while True:
+            request = spoke_pb2.HeartbeatRequest(
+                status=types_pb2.SPOKE_STATUS_OK,
+                status_message="ready",
+                buffered_metric_points=self.state.buffered_points(),
+                failed_metric_pushes=self.failed_pushes,
+                version=VERSION,
+            )
+            try:
+                reply = await stub.Heartbeat(request, metadata=self.auth(), timeout=10)
+                if reply.HasField("next_interval"):
+                    self.heartbeat_interval = seconds(reply.next_interval)
+            except grpc.aio.AioRpcError as e:
+                # The stream notices a broken hub too and reconnects us.
+                log.warning("heartbeat failed: %s", e.code().name)
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def push_demo_batch(self, stub):
+        """Pushes one batch, then resends it once: the hub answers DUPLICATE
+        and stores it once, so resending after any failure is always safe."""
+        batch = self.state.pending_batch()
+        if batch is None:
+            return
+        request = spoke_pb2.PushMetricsRequest(batch_id=batch["batch_id"], points=demo_points(batch))
+        for attempt in ("sent", "resent"):
+            try:
+                reply = await stub.PushMetrics(iter([request]), metadata=self.auth(), timeout=10)
+            except grpc.aio.AioRpcError:
+                self.failed_pushes += 1
+                raise  # the batch stays in the state dir and goes out again, same id
+            result = reply.batches[0]
+            status = spoke_pb2.BatchStatus.Name(result.status)
+            log.info("metric batch %s %s: %s, %d points stored", result.batch_id, attempt, status, result.accepted_points)
+            self.report("metrics", batch_id=result.batch_id, status=status, accepted_points=result.accepted_points)
+        self.state.batch_sent()
+
+    async def watch(self, stub):
+        """Reads the stream until it ends. Silence for three keepalive
+        intervals means a dead stream: cancel it and reconnect."""
+        call = stub.WatchDirectives(spoke_pb2.WatchDirectivesRequest(), metadata=self.auth())
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(call.read(), timeout=3 * self.keepalive_interval)
+                except asyncio.TimeoutError:
+                    log.warning("no keepalive for %.0f s; the stream is dead", 3 * self.keepalive_interval)
+                    return
+                if message is grpc.aio.EOF:
+                    return
+                kind = message.WhichOneof("message")
+                if kind == "directive":
+                    await self.handle(stub, message.directive)
+                elif kind == "cancelled":
+                    # Handlers here finish at once; a long one would stop now.
+                    log.info("directive %s cancelled: %s", message.cancelled.directive_id, message.cancelled.reason)
+                elif kind == "hints":
+                    self.apply_hints(message.hints)
+        finally:
+            call.cancel()
+
+    async def handle(self, stub, directive):
+        """Runs a directive once; a redelivery gets the recorded outcome again."""
+        outcome = self.state.outcomes.get(directive.id)
+        first_time = outcome is None
+        if first_time:
+            outcome = {"id": directive.id, **run_handler(directive)}
+            self.state.record(outcome)
+            log.info("directive %s (%s): %s", directive.id, directive.type, outcome["outcome"])
+            self.report("handled", directive_id=directive.id, type=directive.type, outcome=outcome["outcome"])
+            if self.args.crash_before_ack:
+                log.warning("--crash-before-ack: dying before acking %s", directive.id)
+                os._exit(3)
+        else:
+            log.info("directive %s delivered again (attempt %d): acking its recorded outcome", directive.id, directive.attempt)
+            self.report("reacked", directive_id=directive.id)
+        await self.ack(stub, outcome)
+        if first_time:
+            self.handled += 1
+            if self.handled == self.args.exit_after:
+                raise Done()
+
+    async def ack(self, stub, outcome):
+        request = spoke_pb2.AckRequest(directive_id=outcome["id"], outcome=spoke_pb2.AckOutcome.Value(outcome["outcome"]))
+        if "result" in outcome:
+            request.result.update(outcome["result"])
+        if "error" in outcome:
+            request.error = outcome["error"][:4096]
+        try:
+            await stub.Ack(request, metadata=self.auth(), timeout=10)
+        except grpc.aio.AioRpcError as e:
+            if e.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                raise  # e.g. UNAVAILABLE: reconnect; the hub delivers it again
+            # Cancelled or expired meanwhile: nothing more to do.
+            log.warning("ack of %s refused: %s", outcome["id"], e.details())
+
+
+def run_handler(directive):
+    """The outcome of one directive, as recorded and acked."""
+    handler = HANDLERS.get(directive.type)
+    if handler is None:
+        # The operator forced a type we never declared: refuse it, per contract.
+        return {"outcome": "ACK_OUTCOME_REJECTED", "error": f"no handler for directive type {directive.type!r}"}
+    try:
+        return {"outcome": "ACK_OUTCOME_COMPLETED", "result": handler(json_format.MessageToDict(directive.payload))}
+    except Exception as e:  # a handler's error is the directive's failure
+        return {"outcome": "ACK_OUTCOME_FAILED", "error": f"{directive.type}: {e}"}
+
+
+# --- command line ------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="A hub spoke in Python: handles `echo` and `sum` directives.")
+    p.add_argument("--hub", default="127.0.0.1:50051", help="the hub's gRPC address (default: %(default)s)")
+    p.add_argument("--name", default="python-spoke", help="the spoke's unique name (default: %(default)s)")
+    p.add_argument("--state-dir", help="where the key and outcomes are kept (default: target/spoke-state/NAME)")
+    p.add_argument(
+        "--enrollment-token-file",
+        default="hub-data/enrollment.token",
+        help="the hub's enrollment token, needed only until the spoke has a key (default: %(default)s)",
+    )
+    p.add_argument("--exit-after", type=int, default=0, metavar="N", help="exit 0 after handling N new directives")
+    p.add_argument("--backoff-base", type=float, default=1.0, metavar="SECONDS", help="first reconnect delay (default: 1)")
+    p.add_argument("--events-file", help="append one JSON line per directive handled and metric batch pushed")
+    p.add_argument(
+        "--crash-before-ack",
+        action="store_true",
+        help="for tests: exit 3 right after recording the first new outcome, before acking it, as a crash would",
+    )
+    args = p.parse_args(argv)
+    args.state_dir = args.state_dir or f"target/spoke-state/{args.name}"
+    return args
+
+
+async def main(args):
+    spoke = Spoke(args)
+    main_task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, main_task.cancel)
+    try:
+        await spoke.run()
+    except asyncio.CancelledError:
+        log.info("stopped by signal")
+    except Done:
+        log.info("handled %d directives; exiting", spoke.handled)
+    except Fatal as e:
+        log.error("the hub refused this spoke: %s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    sys.exit(asyncio.run(main(parse_args())))
