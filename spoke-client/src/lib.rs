@@ -1,7 +1,73 @@
 //! The Rust library every spoke uses to talk to the hub.
 //!
-//! Its behaviour lands with the spoke-client issue; for now it re-exports the
-//! generated `hub.v1` contract so spokes can already depend on one crate.
+//! Build a [`Client`], register one handler per directive type, record
+//! metrics from anywhere, and [`run`](Client::run) it. Registration (the key
+//! is kept in the state directory), the `WatchDirectives` stream with
+//! reconnection, backoff and failover, heartbeats, acks and metric flushing
+//! are the library's job.
+//!
+//! ```no_run
+//! use spoke_client::{Client, Context};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct SyncDoc { doc: String }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), spoke_client::Error> {
+//!     let client = Client::builder("docs")
+//!         .endpoint("http://127.0.0.1:50051")
+//!         .enrollment_token(std::fs::read_to_string("hub-data/enrollment.token").unwrap())
+//!         .state_dir("./docs-state")
+//!         .handler("sync_doc", "1", |job: SyncDoc, ctx: Context| async move {
+//!             ctx.progress(10, "started").await.ok();
+//!             Ok::<_, String>(serde_json::json!({"synced": job.doc}))
+//!         })
+//!         .build()
+//!         .await?;
+//!     client.record("statistics", "docs_started", 1.0, &[("region", "eu")]);
+//!     client.run_until(async { tokio::signal::ctrl_c().await.unwrap() }).await
+//! }
+//! ```
+//!
+//! Components:
+//! - [`config`]: the builder and its validation;
+//! - [`client`]: the handle and `run`, which wires the rest together;
+//! - [`reconnect`]: the reconnect state machine and [`classify`];
+//!   [`backoff`]: its delays;
+//! - `session`: one connection — register, stream, heartbeats (`heartbeat`);
+//! - `directives`: dedup, bounded concurrency, outcomes and acks;
+//!   [`handler`]: typed handlers and their [`Context`];
+//! - [`metrics`]: the buffer actor; [`flush`]: the task that pushes it;
+//! - `store`: the local SQLite state, the only module that touches sqlx;
+//! - `link`: the current connection, shared by every caller;
+//! - [`status`]: what [`Client::status`] reports; `wire`: protobuf
+//!   well-known types; [`error`]: the crate's error type.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
+pub mod backoff;
+pub mod client;
+pub mod config;
+mod directives;
+pub mod error;
+pub mod flush;
+pub mod handler;
+mod heartbeat;
+mod link;
+pub mod metrics;
+pub mod reconnect;
+mod session;
+pub mod status;
+mod store;
+mod wire;
+
+pub use backoff::Backoff;
+pub use client::Client;
+pub use config::ClientBuilder;
+pub use error::{Error, Result};
+pub use flush::FlushReport;
+pub use handler::Context;
 pub use hub_proto as proto;
+pub use metrics::Point;
+pub use reconnect::{Disposition, classify};
+pub use status::Status;

@@ -1,0 +1,287 @@
+//! The client handle: build it, register handlers, `run` it, record metrics
+//! from anywhere, read its status, shut it down.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ClientBuilder, Config};
+use crate::directives::Directives;
+use crate::error::{Error, Result};
+use crate::flush::{FlushReport, FlushRequest, Flusher};
+use crate::handler::BoxHandler;
+use crate::link::Link;
+use crate::metrics::{Buffer, Limits, Point};
+use crate::reconnect::Machine;
+use crate::session::{Connector, Shared};
+use crate::status::{Status, Tracker};
+use crate::store::Store;
+use crate::wire::now_ms;
+
+/// Settled directive records older than this are forgotten at start.
+const KEEP_SETTLED: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A spoke's connection to the hub; cheap to clone, every clone is the same
+/// client.
+///
+/// ```no_run
+/// use spoke_client::{Client, Context};
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), spoke_client::Error> {
+///     let client = Client::builder("billing")
+///         .endpoint("http://127.0.0.1:50051")
+///         .enrollment_token(std::fs::read_to_string("hub-data/enrollment.token").unwrap())
+///         .state_dir("./billing-state")
+///         .handler("ping", "1", |_: serde_json::Value, _ctx: Context| async {
+///             Ok::<_, String>(serde_json::json!({"pong": true}))
+///         })
+///         .build()
+///         .await?;
+///     client.record("statistics", "started", 1.0, &[]);
+///     client.run_until(async { tokio::signal::ctrl_c().await.unwrap() }).await
+/// }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Shared,
+    buffer: Buffer,
+    wanted: Arc<Notify>,
+    flush_tx: mpsc::Sender<FlushRequest>,
+    flush_rx: Mutex<Option<mpsc::Receiver<FlushRequest>>>,
+    running: AtomicBool,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("name", &self.inner.shared.config.name)
+            .field("status", &self.status())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Starts configuring the spoke named `name` (1 to 63 of `[a-z0-9_.-]`).
+    pub fn builder(name: impl Into<String>) -> ClientBuilder {
+        ClientBuilder::new(name)
+    }
+
+    pub(crate) async fn start(
+        config: Config,
+        handlers: BTreeMap<String, BoxHandler>,
+        capabilities: Vec<(String, String)>,
+    ) -> Result<Self> {
+        let dir = config.state_dir.clone().expect("validated");
+        let store = Store::open(&dir).await?;
+        let registration = store.registration().await?;
+        if let Some(reg) = &registration {
+            if reg.name != config.name {
+                return Err(Error::config(
+                    "state_dir",
+                    format!(
+                        "{} belongs to spoke {:?}, not {:?}",
+                        dir.display(),
+                        reg.name,
+                        config.name
+                    ),
+                ));
+            }
+        } else if config.enrollment_token.is_none() {
+            return Err(Error::config(
+                "enrollment_token",
+                "required on the first start: the state directory holds no key yet",
+            ));
+        }
+        let status = Tracker::default();
+        let link = Link::new(config.call_timeout);
+        let wanted = Arc::new(Notify::new());
+        let limits = Limits {
+            max_points: config.max_buffered_points,
+            flush_at: config.flush_at_points,
+        };
+        let buffer = Buffer::spawn(store.clone(), status.clone(), limits, wanted.clone());
+        let directives = Directives::new(
+            handlers,
+            store.clone(),
+            link.clone(),
+            buffer.clone(),
+            status.clone(),
+            config.concurrency,
+        );
+        let (flush_tx, flush_rx) = mpsc::channel(16);
+        let shared = Shared {
+            config: Arc::new(config),
+            capabilities: Arc::new(capabilities),
+            store,
+            link,
+            status,
+            directives,
+            hub_max_batch: Arc::new(AtomicU32::new(0)),
+            registration: Arc::new(Mutex::new(registration)),
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                shared,
+                buffer,
+                wanted,
+                flush_tx,
+                flush_rx: Mutex::new(Some(flush_rx)),
+                running: AtomicBool::new(false),
+                shutdown: CancellationToken::new(),
+            }),
+        })
+    }
+
+    /// Runs the spoke until [`Client::shutdown`] is called or a fatal error
+    /// (a revoked key, a refused registration) stops it: registration, the
+    /// directive stream with reconnection and failover, heartbeats, handlers
+    /// and metric flushing. On shutdown it stops taking directives, lets
+    /// running handlers finish within the grace period (then cancels them),
+    /// flushes metrics one last time and closes the stream. Call it once.
+    pub async fn run(&self) -> Result<()> {
+        let requests = self
+            .inner
+            .flush_rx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or_else(|| Error::config("run", "a client runs once"))?;
+        self.inner.running.store(true, Ordering::SeqCst);
+        let result = self.serve(requests).await;
+        self.inner.running.store(false, Ordering::SeqCst);
+        result
+    }
+
+    /// Like [`Client::run`], and shuts down gracefully when `signal`
+    /// completes (e.g. on Ctrl-C).
+    pub async fn run_until(&self, signal: impl Future<Output = ()>) -> Result<()> {
+        let run = self.run();
+        tokio::pin!(run);
+        tokio::select! {
+            result = &mut run => return result,
+            () = signal => self.shutdown(),
+        }
+        run.await
+    }
+
+    async fn serve(&self, requests: mpsc::Receiver<FlushRequest>) -> Result<()> {
+        let shared = &self.inner.shared;
+        let config = &shared.config;
+        let before = now_ms() - KEEP_SETTLED.as_millis() as i64;
+        shared.store.prune_directives(before).await?;
+
+        let stop_flushing = CancellationToken::new();
+        let flusher = Flusher {
+            buffer: self.inner.buffer.clone(),
+            link: shared.link.clone(),
+            status: shared.status.clone(),
+            max_batch: config.max_batch_points,
+            hub_max_batch: shared.hub_max_batch.clone(),
+            interval: config.flush_interval,
+            wanted: self.inner.wanted.clone(),
+            grace: config.shutdown_grace,
+        };
+        let flushing = tokio::spawn(flusher.run(requests, stop_flushing.clone()));
+
+        let machine = Machine::new(
+            Connector {
+                shared: shared.clone(),
+            },
+            config.endpoints.clone(),
+            config.backoff.clone(),
+            shared.status.clone(),
+        );
+        // Dropping the machine ends the directive stream: no new work is
+        // taken, while acks and the last flush still use the connection.
+        let outcome = tokio::select! {
+            fatal = machine.run() => Err(fatal),
+            () = self.inner.shutdown.cancelled() => Ok(()),
+        };
+        let grace = if outcome.is_ok() {
+            config.shutdown_grace
+        } else {
+            Duration::ZERO
+        };
+        shared.directives.drain(grace).await;
+        stop_flushing.cancel();
+        if let Err(e) = flushing.await
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
+        }
+        shared.link.set(None);
+        shared.status.update(|s| s.connected = false);
+        outcome
+    }
+
+    /// Asks [`Client::run`] to shut down gracefully; returns at once.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// Records a metric point measured now, with labels. Never waits: the
+    /// point goes to the local buffer and is flushed in the background.
+    ///
+    /// ```no_run
+    /// # fn demo(client: spoke_client::Client) {
+    /// client.record("statistics", "orders_processed", 17.0, &[("shop", "eu")]);
+    /// # }
+    /// ```
+    pub fn record(&self, domain: &str, name: &str, value: f64, labels: &[(&str, &str)]) {
+        self.record_at(domain, name, value, labels, SystemTime::now());
+    }
+
+    /// Like [`Client::record`], measured at `time`.
+    pub fn record_at(
+        &self,
+        domain: &str,
+        name: &str,
+        value: f64,
+        labels: &[(&str, &str)],
+        time: SystemTime,
+    ) {
+        let mut point = Point::new(domain, name, value).at(time);
+        for (k, v) in labels {
+            point = point.label(*k, *v);
+        }
+        self.record_point(point);
+    }
+
+    /// Records a [`Point`] (with a unit, labels, a time).
+    pub fn record_point(&self, point: Point) {
+        self.inner.buffer.record(point);
+    }
+
+    /// Pushes every buffered point now and reports what the hub accepted.
+    /// Fails with [`Error::NotConnected`] when no hub is reachable (the
+    /// points stay buffered) and [`Error::NotRunning`] outside
+    /// [`Client::run`].
+    pub async fn flush(&self) -> Result<FlushReport> {
+        if !self.inner.running.load(Ordering::SeqCst) {
+            return Err(Error::NotRunning);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .flush_tx
+            .send(FlushRequest { reply })
+            .await
+            .map_err(|_| Error::NotRunning)?;
+        answer.await.map_err(|_| Error::NotRunning)?
+    }
+
+    /// What the client is doing now.
+    pub fn status(&self) -> Status {
+        self.inner.shared.status.snapshot()
+    }
+}

@@ -1,0 +1,466 @@
+//! The client builder: every option a spoke sets, checked when the client
+//! is built so that a mistake fails at startup with the setter's name, not
+//! later on the wire.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::backoff::Backoff;
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::handler::{self, BoxHandler, Context};
+
+/// Options of a [`Client`], set with `#[must_use]` setters and checked by
+/// [`ClientBuilder::build`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), spoke_client::Error> {
+/// use std::time::Duration;
+/// use spoke_client::{Client, Context};
+///
+/// let client = Client::builder("billing")
+///     .endpoint("http://hub-a.internal:50051")
+///     .endpoint("http://hub-b.internal:50051") // failover
+///     .label("team", "finance")
+///     .version("1.4.0")
+///     .enrollment_token(std::fs::read_to_string("hub-data/enrollment.token").unwrap())
+///     .state_dir("/var/lib/billing/spoke")
+///     .concurrency(4)
+///     .flush_interval(Duration::from_secs(30))
+///     .handler("ping", "1", |_: serde_json::Value, _ctx: Context| async {
+///         Ok::<_, String>(serde_json::json!({"pong": true}))
+///     })
+///     .build()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[must_use = "a builder does nothing until build() is called"]
+pub struct ClientBuilder {
+    config: Config,
+    handlers: Vec<(String, String, BoxHandler)>,
+}
+
+/// Validated options, shared by the client's components.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub endpoints: Vec<String>,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub version: String,
+    pub enrollment_token: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub concurrency: usize,
+    pub max_in_flight: u32,
+    pub max_buffered_points: u64,
+    pub flush_at_points: u64,
+    pub max_batch_points: u32,
+    pub flush_interval: Duration,
+    pub shutdown_grace: Duration,
+    pub call_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub backoff: Backoff,
+}
+
+impl ClientBuilder {
+    pub(crate) fn new(name: impl Into<String>) -> Self {
+        Self {
+            config: Config {
+                endpoints: Vec::new(),
+                name: name.into(),
+                labels: BTreeMap::new(),
+                version: String::new(),
+                enrollment_token: None,
+                state_dir: None,
+                concurrency: 8,
+                max_in_flight: 0,
+                max_buffered_points: 100_000,
+                flush_at_points: 1_000,
+                max_batch_points: 1_000,
+                flush_interval: Duration::from_secs(10),
+                shutdown_grace: Duration::from_secs(10),
+                call_timeout: Duration::from_secs(10),
+                connect_timeout: Duration::from_secs(5),
+                backoff: Backoff::grpc_default(),
+            },
+            handlers: Vec::new(),
+        }
+    }
+
+    /// Adds a hub endpoint (`http://host:port`). With several, the client
+    /// fails over to the next one when the current one cannot be reached.
+    /// `https://` needs TLS, which this build does not include yet (TODO:
+    /// enable tonic's `tls-ring` feature and add CA / client-cert setters).
+    pub fn endpoint(mut self, url: impl Into<String>) -> Self {
+        self.config.endpoints.push(url.into());
+        self
+    }
+
+    /// Adds a label, used by operators' label selectors.
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// The spoke's own version string, shown to operators.
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.config.version = version.into();
+        self
+    }
+
+    /// The hub's enrollment token: needed on the first start only, when the
+    /// state directory holds no key yet.
+    pub fn enrollment_token(mut self, token: impl Into<String>) -> Self {
+        self.config.enrollment_token = Some(token.into().trim().to_owned());
+        self
+    }
+
+    /// Where the client keeps its SQLite state (registration and key,
+    /// received directives, metric buffer). Required; created if missing.
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.state_dir = Some(dir.into());
+        self
+    }
+
+    /// Most handlers running at once (default 8).
+    pub fn concurrency(mut self, handlers: usize) -> Self {
+        self.config.concurrency = handlers;
+        self
+    }
+
+    /// The in-flight window asked of the hub (0, the default: the hub's).
+    pub fn max_in_flight(mut self, directives: u32) -> Self {
+        self.config.max_in_flight = directives;
+        self
+    }
+
+    /// Most points kept in the local buffer (default 100 000); beyond it the
+    /// oldest are dropped and counted in [`Status::dropped_points`](crate::Status).
+    pub fn max_buffered_points(mut self, points: u64) -> Self {
+        self.config.max_buffered_points = points;
+        self
+    }
+
+    /// Flush as soon as this many points are buffered (default 1 000).
+    pub fn flush_at_points(mut self, points: u64) -> Self {
+        self.config.flush_at_points = points;
+        self
+    }
+
+    /// Most points per pushed batch (default 1 000; the hub's own limit, from
+    /// its hints, wins if lower).
+    pub fn max_batch_points(mut self, points: u32) -> Self {
+        self.config.max_batch_points = points;
+        self
+    }
+
+    /// Flush the metric buffer this often (default 10 s).
+    pub fn flush_interval(mut self, every: Duration) -> Self {
+        self.config.flush_interval = every;
+        self
+    }
+
+    /// How long shutdown waits for running handlers before cancelling them
+    /// (default 10 s); the final metric flush gets as long again.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.config.shutdown_grace = grace;
+        self
+    }
+
+    /// Deadline of each unary call to the hub (default 10 s).
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.config.call_timeout = timeout;
+        self
+    }
+
+    /// Deadline of each connection attempt (default 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// Reconnection delays (default: [`Backoff::grpc_default`]).
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.config.backoff = backoff;
+        self
+    }
+
+    /// Handles directives of `directive_type`, declared to the hub as a
+    /// capability with `version`. The payload is deserialized into `P` (use
+    /// `serde_json::Value` for raw JSON); `Ok(result)` acks COMPLETED with the
+    /// result serialized as JSON (a non-object is wrapped as
+    /// `{"value": ...}`, `()` becomes `{}`), `Err(e)` acks FAILED with
+    /// `e.to_string()`. A payload that does not deserialize into `P` is acked
+    /// REJECTED, naming the serde error.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), spoke_client::Error> {
+    /// #[derive(serde::Deserialize)]
+    /// struct SyncDoc { doc: String }
+    ///
+    /// let client = spoke_client::Client::builder("docs")
+    ///     .endpoint("http://127.0.0.1:50051")
+    ///     .state_dir("./spoke-state")
+    ///     .handler("sync_doc", "2", |job: SyncDoc, ctx: spoke_client::Context| async move {
+    ///         ctx.progress(50, "halfway").await.ok();
+    ///         Ok::<_, std::io::Error>(serde_json::json!({"synced": job.doc}))
+    ///     })
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn handler<P, R, E, F, Fut>(
+        mut self,
+        directive_type: impl Into<String>,
+        version: impl Into<String>,
+        handler: F,
+    ) -> Self
+    where
+        P: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+        F: Fn(P, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<R, E>> + Send + 'static,
+    {
+        self.handlers.push((
+            directive_type.into(),
+            version.into(),
+            handler::boxed(handler),
+        ));
+        self
+    }
+
+    /// Checks every option, opens (or creates) the local state and returns
+    /// the client. Nothing touches the network until [`Client::run`].
+    pub async fn build(self) -> Result<Client> {
+        let config = self.config.validated()?;
+        let mut handlers = BTreeMap::new();
+        let mut capabilities = Vec::new();
+        for (kind, version, handler) in self.handlers {
+            check_type(&kind)?;
+            if version.chars().count() > 64 {
+                return Err(Error::config(
+                    "handler",
+                    format!("version of {kind:?}: at most 64 characters"),
+                ));
+            }
+            if handlers.insert(kind.clone(), handler).is_some() {
+                return Err(Error::config(
+                    "handler",
+                    format!("{kind:?} registered twice"),
+                ));
+            }
+            capabilities.push((kind, version));
+        }
+        if capabilities.len() > 256 {
+            return Err(Error::config("handler", "at most 256 directive types"));
+        }
+        Client::start(config, handlers, capabilities).await
+    }
+}
+
+impl Config {
+    fn validated(mut self) -> Result<Self> {
+        if self.endpoints.is_empty() {
+            return Err(Error::config(
+                "endpoint",
+                "at least one hub endpoint is required",
+            ));
+        }
+        for url in &self.endpoints {
+            check_endpoint(url)?;
+        }
+        check_name(&self.name)?;
+        check_labels(&self.labels)?;
+        if self.version.chars().count() > 64 {
+            return Err(Error::config("version", "at most 64 characters"));
+        }
+        if self.enrollment_token.as_deref() == Some("") {
+            return Err(Error::config("enrollment_token", "empty"));
+        }
+        let dir = self.state_dir.as_ref().ok_or_else(|| {
+            Error::config("state_dir", "required: where the key and buffers live")
+        })?;
+        if dir.as_os_str().is_empty() {
+            return Err(Error::config("state_dir", "empty path"));
+        }
+        positive("concurrency", self.concurrency as u64)?;
+        positive("max_buffered_points", self.max_buffered_points)?;
+        positive("flush_at_points", self.flush_at_points)?;
+        positive("max_batch_points", u64::from(self.max_batch_points))?;
+        if self.flush_at_points > self.max_buffered_points {
+            return Err(Error::config(
+                "flush_at_points",
+                "must not exceed max_buffered_points",
+            ));
+        }
+        for (field, d) in [
+            ("flush_interval", self.flush_interval),
+            ("call_timeout", self.call_timeout),
+            ("connect_timeout", self.connect_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(Error::config(field, "must be positive"));
+            }
+        }
+        self.endpoints.dedup();
+        Ok(self)
+    }
+}
+
+fn positive(field: &'static str, n: u64) -> Result<()> {
+    if n == 0 {
+        return Err(Error::config(field, "must be at least 1"));
+    }
+    Ok(())
+}
+
+fn check_endpoint(url: &str) -> Result<()> {
+    if url.starts_with("https://") {
+        return Err(Error::config(
+            "endpoint",
+            format!(
+                "{url}: https needs TLS, which this build of spoke-client does not include yet"
+            ),
+        ));
+    }
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| Error::config("endpoint", format!("{url}: must start with http://")))?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(Error::config("endpoint", format!("{url}: no host")));
+    }
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map_err(|e| Error::config("endpoint", format!("{url}: {e}")))?;
+    Ok(())
+}
+
+/// The hub's rule for names: 1 to 63 of `[a-z0-9_.-]`, starting with a
+/// letter or digit.
+fn check_name(name: &str) -> Result<()> {
+    let ok = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::config(
+            "name",
+            format!(
+                "{name:?}: 1 to 63 lowercase letters, digits, '-', '_', '.', starting with a letter or digit"
+            ),
+        ))
+    }
+}
+
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<()> {
+    if labels.len() > 32 {
+        return Err(Error::config("label", "at most 32 labels"));
+    }
+    for (k, v) in labels {
+        let ok = (1..=63).contains(&k.len())
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+        if !ok {
+            return Err(Error::config(
+                "label",
+                format!("key {k:?}: 1 to 63 of letters, digits, '-', '_', '.', '/'"),
+            ));
+        }
+        if v.chars().count() > 256 {
+            return Err(Error::config(
+                "label",
+                format!("value of {k:?}: at most 256 characters"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_type(kind: &str) -> Result<()> {
+    let ok = (1..=64).contains(&kind.len())
+        && kind
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-./".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::config(
+            "handler",
+            format!("directive type {kind:?}: 1 to 64 of letters, digits, '_', '-', '.', '/'"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Config {
+        let mut b = ClientBuilder::new("billing")
+            .endpoint("http://127.0.0.1:50051")
+            .state_dir("/tmp/x");
+        b.config.labels.insert("team".into(), "finance".into());
+        b.config
+    }
+
+    fn field_of(c: Config) -> &'static str {
+        match c.validated() {
+            Err(Error::Config { field, .. }) => field,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_sensible_configuration_passes() {
+        base().validated().unwrap();
+    }
+
+    #[test]
+    fn each_mistake_names_its_setter() {
+        let mut c = base();
+        c.endpoints.clear();
+        assert_eq!(field_of(c), "endpoint");
+        let mut c = base();
+        c.endpoints = vec!["https://hub:443".into()];
+        assert_eq!(field_of(c), "endpoint");
+        let mut c = base();
+        c.endpoints = vec!["127.0.0.1:50051".into()];
+        assert_eq!(field_of(c), "endpoint");
+        let mut c = base();
+        c.name = "Billing".into();
+        assert_eq!(field_of(c), "name");
+        let mut c = base();
+        c.labels.insert("bad key".into(), "v".into());
+        assert_eq!(field_of(c), "label");
+        let mut c = base();
+        c.state_dir = None;
+        assert_eq!(field_of(c), "state_dir");
+        let mut c = base();
+        c.concurrency = 0;
+        assert_eq!(field_of(c), "concurrency");
+        let mut c = base();
+        c.flush_at_points = c.max_buffered_points + 1;
+        assert_eq!(field_of(c), "flush_at_points");
+        let mut c = base();
+        c.flush_interval = Duration::ZERO;
+        assert_eq!(field_of(c), "flush_interval");
+    }
+
+    #[test]
+    fn directive_types_follow_the_hub_rules() {
+        assert!(check_type("sync_doc").is_ok());
+        assert!(check_type("ai/task.v2").is_ok());
+        assert!(check_type("").is_err());
+        assert!(check_type("has space").is_err());
+    }
+}

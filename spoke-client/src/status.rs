@@ -1,0 +1,72 @@
+//! What the client reports about itself: the snapshot returned by
+//! [`Client::status`](crate::Client::status), and the shared cell every
+//! component updates (a short std mutex, never held across an `.await`).
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
+
+/// A snapshot of the client: what a "hub status" widget shows.
+///
+/// ```no_run
+/// # async fn demo(client: spoke_client::Client) {
+/// let s = client.status();
+/// println!(
+///     "connected={} in-flight={} buffered={} dropped={} last error={:?}",
+///     s.connected, s.in_flight_directives, s.buffered_points, s.dropped_points, s.last_error
+/// );
+/// # }
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Status {
+    /// Whether a directive stream to a hub is open right now.
+    pub connected: bool,
+    /// The endpoint of the current (or last) connection.
+    pub endpoint: Option<String>,
+    /// When the hub last answered a heartbeat.
+    pub last_heartbeat: Option<SystemTime>,
+    /// Directives received and waiting for a free handler slot.
+    pub pending_directives: u64,
+    /// Handlers running now.
+    pub in_flight_directives: u64,
+    /// Metric points in the local buffer, not yet accepted by the hub.
+    pub buffered_points: u64,
+    /// Metric pushes that failed since the client started.
+    pub failed_pushes: u64,
+    /// Points dropped since the client started: the buffer overflowed (the
+    /// oldest go first), or the hub refused a whole batch as invalid.
+    pub dropped_points: u64,
+    /// Points refused one by one as invalid since the client started: by
+    /// the hub (each with a reason in the log), or at record time for a
+    /// value that is not finite.
+    pub rejected_points: u64,
+    /// The latest error, if any, for display.
+    pub last_error: Option<String>,
+}
+
+/// The live status, shared by every component; cheap to clone.
+#[derive(Clone, Default)]
+pub(crate) struct Tracker {
+    inner: Arc<Mutex<Status>>,
+}
+
+impl Tracker {
+    /// Changes the status under the lock.
+    pub fn update(&self, change: impl FnOnce(&mut Status)) {
+        change(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// A copy of the current status.
+    pub fn snapshot(&self) -> Status {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Records `error` as the latest error.
+    pub fn error(&self, error: impl ToString) {
+        let text = error.to_string();
+        self.update(|s| s.last_error = Some(text));
+    }
+}

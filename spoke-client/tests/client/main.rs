@@ -1,0 +1,11 @@
+//! Integration tests of the spoke client against the real hub in process,
+//! with real SQLite files on both sides.
+
+mod support;
+
+mod proxy;
+
+mod auth;
+mod directives;
+mod metrics;
+mod restarts;
