@@ -223,9 +223,14 @@ expect_contains "describe hub.v1.Directive prints the message" "$out" \
 
 # A spoke holds a stream open; SIGTERM ends it with UNAVAILABLE and the hub
 # exits 0.
-SPOKE_KEY=$(cd "$WORK" && grpcurl -plaintext -H "authorization: Bearer $ENROLLMENT_TOKEN" \
+read -r SPOKE_KEY SPOKE_ID < <(cd "$WORK" && grpcurl -plaintext -H "authorization: Bearer $ENROLLMENT_TOKEN" \
   -d '{"name": "shutdown-watcher"}' "$GRPC_ADDR" hub.v1.SpokeService/Register \
-  | python3 -c 'import json, sys; print(json.load(sys.stdin)["spokeKey"])')
+  | python3 -c 'import json, sys; r = json.load(sys.stdin); print(r["spokeKey"], r["spoke"]["id"])')
+MISSING=00000000-0000-7000-8000-00000000abcd
+out=$(grpc -H "authorization: Bearer $SPOKE_KEY" \
+  -d '{"directive_id": "'"$MISSING"'", "outcome": "ACK_OUTCOME_COMPLETED"}' \
+  "$GRPC_ADDR" hub.v1.SpokeService/Ack)
+expect_contains "Ack of a directive that does not exist answers NotFound" "$out" "Code: NotFound"
 (cd "$WORK" && exec grpcurl -plaintext -H "authorization: Bearer $SPOKE_KEY" \
   "$GRPC_ADDR" hub.v1.SpokeService/WatchDirectives) >"$WORK/watch.out" 2>&1 &
 WATCH_PID=$!
@@ -244,6 +249,31 @@ watch_status=0
 wait "$WATCH_PID" || watch_status=$?
 expect_contains "SIGTERM ends an open WatchDirectives stream with Unavailable" \
   "$(cat "$WORK/watch.out")" "Code: Unavailable" "retryAfter"
+
+# --- logs: one line per failed call, never a secret ---------------------------
+
+FAILED_ACK=$(python3 - "$HUB_LOG" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        continue
+    span = entry.get("span", {})
+    fields = entry.get("fields", {})
+    if fields.get("message") == "rpc failed" and span.get("method") == "hub.v1.SpokeService/Ack":
+        print(fields.get("code"), span.get("spoke_id", "-"), span.get("directive_id", "-"), fields.get("error"))
+EOF
+)
+expect_contains "a failed Ack is logged as one line with its code" "$FAILED_ACK" "UNAUTHENTICATED"
+expect_contains "the NOT_FOUND Ack's log line names the spoke and the directive" "$FAILED_ACK" \
+  "NOT_FOUND $SPOKE_ID $MISSING directive $MISSING not found"
+for secret in "$ADMIN_TOKEN" "$ENROLLMENT_TOKEN" "$SPOKE_KEY"; do
+  if grep -qF "$secret" "$HUB_LOG"; then
+    fail "a secret appears in the hub log"
+  fi
+done
+pass "no token or spoke key appears in the hub log"
 
 # --- bad configuration fails before binding, naming the option --------------
 
