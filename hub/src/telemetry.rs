@@ -182,29 +182,27 @@ impl Telemetry {
         directives_by_state: &[(String, i64)],
     ) -> String {
         self.connected_streams.set(connected_streams as i64);
-        for health in ["ONLINE", "STALE", "OFFLINE", "REVOKED"] {
-            let n = spokes_by_health
-                .iter()
-                .find(|(h, _)| h == health)
-                .map_or(0, |(_, n)| *n);
-            self.spokes.get_or_create(&HealthLabels { health }).set(n);
-        }
-        for state in [
-            "PENDING",
-            "DELIVERED",
-            "IN_PROGRESS",
-            "COMPLETED",
-            "FAILED",
-            "REJECTED",
-            "EXPIRED",
-            "CANCELLED",
-        ] {
-            let n = directives_by_state
-                .iter()
-                .find(|(s, _)| s == state)
-                .map_or(0, |(_, n)| *n);
-            self.directives.get_or_create(&StateLabels { state }).set(n);
-        }
+        set_counts(
+            &self.spokes,
+            &["ONLINE", "STALE", "OFFLINE", "REVOKED"],
+            spokes_by_health,
+            |health| HealthLabels { health },
+        );
+        set_counts(
+            &self.directives,
+            &[
+                "PENDING",
+                "DELIVERED",
+                "IN_PROGRESS",
+                "COMPLETED",
+                "FAILED",
+                "REJECTED",
+                "EXPIRED",
+                "CANCELLED",
+            ],
+            directives_by_state,
+            |state| StateLabels { state },
+        );
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -221,6 +219,25 @@ impl Telemetry {
         self.rpc
             .get_or_create(&RpcLabels { method, code })
             .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Sets one gauge per name to its count (0 when absent, so a state that
+/// emptied shows 0 rather than its last value).
+fn set_counts<L>(
+    family: &Family<L, Gauge>,
+    names: &[&'static str],
+    counts: &[(String, i64)],
+    label: impl Fn(&'static str) -> L,
+) where
+    L: Clone + std::hash::Hash + Eq,
+{
+    for name in names {
+        let n = counts
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or(0, |(_, n)| *n);
+        family.get_or_create(&label(name)).set(n);
     }
 }
 
