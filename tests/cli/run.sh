@@ -82,6 +82,25 @@ SPOKE_PID=
 METRICS=$(cd "$WORK" && "$HUB_BIN" metrics --spoke demo-spoke --name pages_synced)
 expect "hub metrics shows what the spoke recorded" "$METRICS" "demo-spoke  statistics  pages_synced  3"
 
+# /metrics parses with the Prometheus client's OpenMetrics parser and counts
+# what the walk-through did.
+PY=$ROOT/target/test-tools/bin/python
+[[ -x $PY ]] || PY=python3
+SCRAPE=$(curl -sf "http://$HTTP_ADDR/metrics" | "$PY" -c '
+import sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+values = {}
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k != "le")
+        values[f"{s.name}{{{labels}}}"] = s.value
+for key in ["hub_deliveries_total{}", "hub_acks_total{outcome=completed}",
+            "hub_directives{state=COMPLETED}", "hub_spokes{health=ONLINE}"]:
+    print(key, values.get(key))
+') || fail "/metrics does not parse as OpenMetrics"
+expect "/metrics parses and counts the walk-through's deliveries and acks" "$SCRAPE" \
+  "hub_deliveries_total{} 2" "hub_acks_total{outcome=completed} 2" "hub_directives{state=COMPLETED} 2"
+
 ERR=$(cd "$WORK" && "$HUB_BIN" cancel 00000000-0000-7000-8000-000000000000 2>&1) && fail "cancelling nothing succeeded"
 expect "an error is one line with the code" "$ERR" "hub: error: NOT_FOUND: directive"
 [[ $(wc -l <<<"$ERR") == 1 ]] || fail "more than one line: $ERR"
