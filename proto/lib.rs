@@ -3,6 +3,8 @@
 //! hub serves through gRPC reflection.
 #![forbid(unsafe_code)]
 
+pub mod json;
+
 /// Package `hub.v1`, generated from `proto/hub/v1/*.proto`.
 pub mod v1 {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -8,9 +8,11 @@
 # - the conformance scenario (tests/conformance/scenario.py) against the real
 #   hub binary for each client in CLIENTS below.
 #
-#   cargo build -p hub && bash tests/polyglot.sh
+#   cargo build --workspace --all-targets && bash tests/polyglot.sh
 #
-# HUB_BIN: the hub binary (default: target/debug/hub); builds nothing.
+# HUB_BIN: the hub binary (default: target/debug/hub). Builds nothing: the
+# Rust client (target/debug/examples/conformance_spoke) comes from that cargo
+# build too.
 # Installs what it needs: grpcio, grpcio-tools and buf (PyPI) into
 # target/polyglot-venv, the Node spoke's packages (npm ci), and the Python
 # stubs, generated from proto/ into target/python-stubs.
@@ -24,10 +26,13 @@ VENV=target/polyglot-venv
 export HUB_PY_STUBS=$ROOT/target/python-stubs
 
 # The conformance clients, one per line: NAME=COMMAND, run from the repository
-# root; the scenario appends the client options (see scenario.py).
+# root; the scenario appends the client options (see scenario.py). The Rust
+# client is the spoke-client library's example conformance_spoke, built by
+# `cargo build --workspace --all-targets` (tests/run.sh), not here.
 CLIENTS=(
   "python=$VENV/bin/python examples/python-spoke/spoke.py"
   "node=node examples/node-spoke/spoke.js"
+  "rust=target/debug/examples/conformance_spoke"
 )
 
 PASSED=0
@@ -132,6 +137,11 @@ run "generated code hygiene" generated_code_hygiene
 for client in "${CLIENTS[@]}"; do
   name=${client%%=*}
   read -r -a command <<<"${client#*=}"
+  if [[ ${command[0]} == */* && ! -x ${command[0]} ]]; then
+    echo "FAILED: conformance: $name: no client at ${command[0]} (cargo build --workspace --all-targets)"
+    FAILED=$((FAILED + 1))
+    continue
+  fi
   run "conformance: $name spoke against $HUB_BIN" \
     "$VENV/bin/python" tests/conformance/scenario.py --client "$name" -- "${command[@]}"
 done

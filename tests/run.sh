@@ -4,8 +4,8 @@
 # into a virtualenv under target/; Debian's chromium; npm and PyPI packages
 # for the browser test and the polyglot spokes), then: formatting, clippy,
 # buf lint, every cargo test, the README's grpcurl and operator walk-throughs
-# against the real binary, the admin page in a browser, and the Python and
-# Node spokes through the conformance scenario with the buf breaking gate.
+# against the real binary, the admin page in a browser, and the Python, Node
+# and Rust spokes through the conformance scenario with the buf breaking gate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,5 +48,5 @@ bash tests/cli/run.sh
 step "admin page in headless Chromium"
 bash tests/web/run.sh
 
-step "polyglot spokes (Python, Node): conformance, buf breaking gate"
+step "spoke clients (Python, Node, Rust): conformance scenario, buf breaking gate"
 bash tests/polyglot.sh

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cli::{ClientCommand, Connection};
 use crate::settings::Settings;
+use crate::tls::{TlsError, TlsIdentity};
 
 /// The hub: a gRPC control plane that pushes directives to spokes.
 ///
@@ -108,6 +109,12 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "HUB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// PEM certificate chain (leaf first) for TLS on the gRPC port; needs --tls-key [default: plaintext].
+    #[arg(long, env = "HUB_TLS_CERT", value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "HUB_TLS_KEY", value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// A configuration problem, naming the option.
@@ -266,6 +273,7 @@ impl Config {
                 "must differ from --listen",
             ));
         }
+        let tls = tls_identity(args.tls_cert.as_deref(), args.tls_key.as_deref())?;
 
         let data_dir = &global.data_dir;
         std::fs::create_dir_all(data_dir).map_err(|source| ConfigError::Io {
@@ -318,6 +326,7 @@ impl Config {
             shutdown_grace: args.shutdown_grace,
             event_retention: args.event_retention,
             metric_retention: args.metric_retention,
+            tls,
             ..Settings::default()
         };
         Ok(Self {
@@ -333,6 +342,34 @@ impl Config {
             log_format: args.log_format,
         })
     }
+}
+
+const TLS_CERT: &str = "--tls-cert (HUB_TLS_CERT)";
+const TLS_KEY: &str = "--tls-key (HUB_TLS_KEY)";
+
+/// Reads and checks the TLS certificate and key: both or neither.
+fn tls_identity(
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> Result<Option<TlsIdentity>, ConfigError> {
+    let (cert, key) = match (cert, key) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(_), None) => return Err(invalid(TLS_KEY, "required with --tls-cert")),
+        (None, Some(_)) => return Err(invalid(TLS_CERT, "required with --tls-key")),
+    };
+    let read = |path: &Path, option| {
+        std::fs::read(path).map_err(|source| ConfigError::Io {
+            option,
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let identity = TlsIdentity::from_pem(read(cert, TLS_CERT)?, read(key, TLS_KEY)?);
+    identity.map(Some).map_err(|e| match e {
+        TlsError::Cert(reason) => invalid(TLS_CERT, format!("{}: {reason}", cert.display())),
+        TlsError::Key(reason) => invalid(TLS_KEY, format!("{}: {reason}", key.display())),
+    })
 }
 
 /// A configured secret, or the one in `dir/file`, generated (mode 0600) on
@@ -478,5 +515,81 @@ mod tests {
         );
         let parse = Cli::try_parse_from(["hub", "serve", "--listen", "nowhere"]).unwrap_err();
         assert!(parse.to_string().contains("--listen"), "{parse}");
+    }
+
+    /// A certificate for 127.0.0.1 and its key, self-signed.
+    fn self_signed(dir: &Path) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_path, key_path) = (dir.join("hub.crt"), dir.join("hub.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (
+            cert_path.to_str().unwrap().to_owned(),
+            key_path.to_str().unwrap().to_owned(),
+        )
+    }
+
+    #[test]
+    fn tls_needs_a_readable_matching_certificate_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = self_signed(dir.path());
+        let config = load(dir.path(), &["--tls-cert", &cert, "--tls-key", &key]).unwrap();
+        assert!(config.settings.tls.is_some());
+        assert!(load(dir.path(), &[]).unwrap().settings.tls.is_none());
+
+        let err = load(dir.path(), &["--tls-cert", &cert]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--tls-key (HUB_TLS_KEY): required with --tls-cert"
+        );
+        let err = load(dir.path(), &["--tls-key", &key]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("--tls-cert (HUB_TLS_CERT)"),
+            "{err}"
+        );
+
+        let missing = dir.path().join("missing.crt");
+        let err = load(
+            dir.path(),
+            &["--tls-cert", missing.to_str().unwrap(), "--tls-key", &key],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with("--tls-cert (HUB_TLS_CERT): "),
+            "{err}"
+        );
+        assert!(err.to_string().contains("missing.crt"), "{err}");
+
+        let garbage = dir.path().join("garbage.crt");
+        std::fs::write(&garbage, "not a certificate\n").unwrap();
+        let err = load(
+            dir.path(),
+            &["--tls-cert", garbage.to_str().unwrap(), "--tls-key", &key],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with("--tls-cert (HUB_TLS_CERT): "),
+            "{err}"
+        );
+        assert!(err.to_string().contains("BEGIN CERTIFICATE"), "{err}");
+
+        // A certificate with the key of another one.
+        let other = tempfile::tempdir().unwrap();
+        let (_, other_key) = self_signed(other.path());
+        let err = load(dir.path(), &["--tls-cert", &cert, "--tls-key", &other_key]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("--tls-key (HUB_TLS_KEY): "),
+            "{err}"
+        );
+        // The certificate file given as the key.
+        let err = load(dir.path(), &["--tls-cert", &cert, "--tls-key", &cert]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("--tls-key (HUB_TLS_KEY): "),
+            "{err}"
+        );
     }
 }

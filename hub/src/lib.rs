@@ -12,7 +12,8 @@
 //! - [`events`]: the event log's types; [`timers`]: redelivery, expiry,
 //!   the health sweeper and retention; [`clock`]: system or manual time;
 //! - [`store`]: the database, the only module that touches sqlx;
-//! - [`auth`]: keys and tokens; [`limits`]: message-size statuses;
+//! - [`auth`]: keys and tokens; [`tls`]: the gRPC port's certificate and
+//!   key; [`limits`]: message-size statuses;
 //! - [`http`]: health, readiness, `/metrics` and the admin page over HTTP;
 //!   [`dashboard`]: the admin page; [`telemetry`]: the hub's own
 //!   Prometheus metrics; [`shutdown`]: the
@@ -41,6 +42,7 @@ pub mod spokes;
 pub mod store;
 pub mod telemetry;
 pub mod timers;
+pub mod tls;
 pub mod wire;
 
 pub use clock::Clock;
@@ -48,3 +50,4 @@ pub use error::{Error, Result};
 pub use server::{RunError, Secrets, run};
 pub use settings::Settings;
 pub use store::Store;
+pub use tls::TlsIdentity;

@@ -68,10 +68,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             )
         })?;
     let grpc_addr = grpc.local_addr()?;
-    tracing::info!(grpc = %grpc_addr, http = %http.local_addr()?, database = %redact(&config.database_url), "hub listening");
-    // Lets the CLI on this machine find the hub without flags.
+    let tls = config.settings.tls.is_some();
+    tracing::info!(grpc = %grpc_addr, tls, http = %http.local_addr()?, database = %redact(&config.database_url), "hub listening");
+    // Lets the CLI on this machine find the hub without flags (and know it
+    // speaks TLS).
     let addr_file = config.data_dir.join("grpc.addr");
-    std::fs::write(&addr_file, format!("{grpc_addr}\n"))
+    let scheme = if tls { "https://" } else { "" };
+    std::fs::write(&addr_file, format!("{scheme}{grpc_addr}\n"))
         .with_context(|| format!("writing {}", addr_file.display()))?;
     for (name, source) in [
         ("admin token", &config.admin_token_source),

@@ -1,6 +1,6 @@
 //! Assembles the running hub: the gRPC server (spoke and admin services,
-//! health, reflection), the HTTP server, the background timers, and the
-//! shutdown drain.
+//! health, reflection; TLS when `Settings::tls` is set), the HTTP server,
+//! the background timers, and the shutdown drain.
 
 use std::future::Future;
 
@@ -51,6 +51,11 @@ pub async fn run(
     secrets: Secrets,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    // First, so that an unusable identity returns before any task starts.
+    let mut grpc_builder = Server::builder();
+    if let Some(tls) = &settings.tls {
+        grpc_builder = grpc_builder.tls_config(tls.server_config())?;
+    }
     let (trigger, shutdown) = shutdown::channel();
     let grace = settings.shutdown_grace;
     let hub = Hub::new(
@@ -96,7 +101,7 @@ pub async fn run(
     });
 
     let mut grpc_shutdown = shutdown.clone();
-    let grpc_server = Server::builder()
+    let grpc_server = grpc_builder
         .max_concurrent_streams(settings.max_concurrent_streams)
         .http2_keepalive_interval(Some(settings.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(settings.http2_keepalive_timeout))

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::clock::Clock;
+use crate::tls::TlsIdentity;
 
 /// Behaviour and limits of a running hub.
 #[derive(Debug, Clone)]
@@ -41,6 +42,8 @@ pub struct Settings {
     pub retention_interval: Duration,
     /// Where "now" comes from (tests use a manual clock).
     pub clock: Clock,
+    /// The gRPC port's TLS identity; `None` serves plaintext.
+    pub tls: Option<TlsIdentity>,
 }
 
 impl Default for Settings {
@@ -63,6 +66,7 @@ impl Default for Settings {
             metric_retention: Duration::from_secs(30 * 86_400),
             retention_interval: Duration::from_secs(60),
             clock: Clock::system(),
+            tls: None,
         }
     }
 }

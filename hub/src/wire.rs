@@ -81,86 +81,33 @@ pub fn ms_of_duration(d: &Duration, field: &str) -> Result<i64> {
         .ok_or_else(|| Error::invalid(field, "duration out of range"))
 }
 
-/// A Struct as the JSON text stored in the database. Whole numbers are
-/// written without a fraction (`3`, not `3.0`), so stored payloads read the
-/// way operators typed them.
+/// A Struct as the JSON text stored in the database (see
+/// [`hub_proto::json`]: whole numbers without a fraction, so stored payloads
+/// read the way operators typed them).
 pub fn json_of_struct(s: Option<&Struct>) -> String {
-    match s {
-        Some(s) => value_of_struct(s).to_string(),
-        None => "{}".to_owned(),
-    }
+    s.map_or_else(
+        || "{}".to_owned(),
+        |s| hub_proto::json::to_json(s).to_string(),
+    )
 }
 
 /// A Struct as a JSON object value.
 pub fn value_of_struct(s: &Struct) -> serde_json::Value {
-    serde_json::Value::Object(
-        s.fields
-            .iter()
-            .map(|(k, v)| (k.clone(), value_of(v)))
-            .collect(),
-    )
-}
-
-fn value_of(v: &pbjson_types::Value) -> serde_json::Value {
-    use pbjson_types::value::Kind;
-    use serde_json::Value as J;
-    match &v.kind {
-        None | Some(Kind::NullValue(_)) => J::Null,
-        Some(Kind::BoolValue(b)) => J::Bool(*b),
-        Some(Kind::StringValue(s)) => J::String(s.clone()),
-        Some(Kind::NumberValue(n)) => {
-            // 2^53: beyond it not every integer is exact in a double.
-            if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
-                J::from(*n as i64)
-            } else {
-                serde_json::Number::from_f64(*n).map_or(J::Null, J::Number)
-            }
-        }
-        Some(Kind::StructValue(s)) => value_of_struct(s),
-        Some(Kind::ListValue(l)) => J::Array(l.values.iter().map(value_of).collect()),
-    }
+    hub_proto::json::to_json(s)
 }
 
 /// Stored JSON text back as a Struct.
 pub fn struct_of_json(text: &str) -> Result<Struct> {
-    match serde_json::from_str(text) {
-        Ok(serde_json::Value::Object(map)) => Ok(struct_of_map(map)),
-        Ok(_) => Err(Error::Corrupt("stored JSON is not an object".into())),
-        Err(e) => Err(Error::Corrupt(format!("stored JSON object: {e}"))),
-    }
+    let value = serde_json::from_str(text)
+        .map_err(|e| Error::Corrupt(format!("stored JSON object: {e}")))?;
+    hub_proto::json::from_json(value)
+        .ok_or_else(|| Error::Corrupt("stored JSON is not an object".into()))
 }
 
 /// A JSON object value (from `serde_json::json!`) as a Struct; anything
 /// else gives an empty Struct.
 pub fn struct_of_value(value: serde_json::Value) -> Struct {
-    match value {
-        serde_json::Value::Object(map) => struct_of_map(map),
-        _ => Struct::default(),
-    }
-}
-
-fn struct_of_map(map: serde_json::Map<String, serde_json::Value>) -> Struct {
-    Struct {
-        fields: map.into_iter().map(|(k, v)| (k, proto_value(v))).collect(),
-    }
-}
-
-/// A JSON value as a protobuf Value. JSON null becomes an explicit
-/// `null_value` (a Value with no kind set is invalid in proto3 JSON).
-fn proto_value(v: serde_json::Value) -> pbjson_types::Value {
-    use pbjson_types::value::Kind;
-    use serde_json::Value as J;
-    let kind = match v {
-        J::Null => Kind::NullValue(0),
-        J::Bool(b) => Kind::BoolValue(b),
-        J::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-        J::String(s) => Kind::StringValue(s),
-        J::Array(items) => Kind::ListValue(pbjson_types::ListValue {
-            values: items.into_iter().map(proto_value).collect(),
-        }),
-        J::Object(map) => Kind::StructValue(struct_of_map(map)),
-    };
-    pbjson_types::Value { kind: Some(kind) }
+    hub_proto::json::from_json(value).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ClientBuilder, Config};
 use crate::directives::Directives;
 use crate::error::{Error, Result};
+use crate::event::Observer;
 use crate::flush::{FlushReport, FlushRequest, Flusher};
 use crate::handler::BoxHandler;
 use crate::link::Link;
@@ -81,6 +82,7 @@ impl Client {
         config: Config,
         handlers: BTreeMap<String, BoxHandler>,
         capabilities: Vec<(String, String)>,
+        observer: Option<Observer>,
     ) -> Result<Self> {
         let dir = config.state_dir.clone().expect("validated");
         let store = Store::open(&dir).await?;
@@ -118,6 +120,7 @@ impl Client {
             buffer.clone(),
             status.clone(),
             config.concurrency,
+            observer.clone(),
         );
         let (flush_tx, flush_rx) = mpsc::channel(16);
         let shared = Shared {
@@ -129,6 +132,7 @@ impl Client {
             directives,
             hub_max_batch: Arc::new(AtomicU32::new(0)),
             registration: Arc::new(Mutex::new(registration)),
+            observer,
         };
         Ok(Self {
             inner: Arc::new(Inner {
@@ -278,6 +282,36 @@ impl Client {
             .await
             .map_err(|_| Error::NotRunning)?;
         answer.await.map_err(|_| Error::NotRunning)?
+    }
+
+    /// Pushes `points` now as one batch with the caller's `batch_id`,
+    /// bypassing the local buffer, and answers the hub's result for it:
+    /// `ACCEPTED`, or `DUPLICATE` when the hub already stored a batch with
+    /// this id (it then stores nothing, and reports the points it holds from
+    /// the first time). For a spoke that keeps its own outbox: nothing is
+    /// kept here, so after a failure resend the same batch with the same id
+    /// — the hub counts it once. Fails with [`Error::NotConnected`] when no
+    /// hub is reachable right now (e.g. outside [`Client::run`]).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: spoke_client::Client) -> Result<(), spoke_client::Error> {
+    /// use spoke_client::Point;
+    ///
+    /// let points = vec![Point::new("statistics", "orders_processed", 42.0)];
+    /// let result = client.push_batch("orders-2026-11-23", points).await?;
+    /// println!("{:?}: {} points stored", result.status(), result.accepted_points);
+    /// # Ok(()) }
+    /// ```
+    pub async fn push_batch(
+        &self,
+        batch_id: impl Into<String>,
+        points: Vec<Point>,
+    ) -> Result<hub_proto::v1::BatchResult> {
+        let request = hub_proto::v1::PushMetricsRequest {
+            batch_id: batch_id.into(),
+            points: points.into_iter().map(Point::into_proto).collect(),
+        };
+        self.inner.shared.link.push(request).await
     }
 
     /// What the client is doing now.

@@ -13,7 +13,9 @@ use serde::de::DeserializeOwned;
 use crate::backoff::Backoff;
 use crate::client::Client;
 use crate::error::{Error, Result};
+use crate::event::{Event, Observer};
 use crate::handler::{self, BoxHandler, Context};
+use crate::tls::Tls;
 
 /// Options of a [`Client`], set with `#[must_use]` setters and checked by
 /// [`ClientBuilder::build`].
@@ -43,6 +45,7 @@ use crate::handler::{self, BoxHandler, Context};
 pub struct ClientBuilder {
     config: Config,
     handlers: Vec<(String, String, BoxHandler)>,
+    observer: Option<Observer>,
 }
 
 /// Validated options, shared by the client's components.
@@ -64,6 +67,7 @@ pub(crate) struct Config {
     pub call_timeout: Duration,
     pub connect_timeout: Duration,
     pub backoff: Backoff,
+    pub tls: Tls,
 }
 
 impl ClientBuilder {
@@ -86,17 +90,82 @@ impl ClientBuilder {
                 call_timeout: Duration::from_secs(10),
                 connect_timeout: Duration::from_secs(5),
                 backoff: Backoff::grpc_default(),
+                tls: Tls::default(),
             },
             handlers: Vec::new(),
+            observer: None,
         }
     }
 
-    /// Adds a hub endpoint (`http://host:port`). With several, the client
-    /// fails over to the next one when the current one cannot be reached.
-    /// `https://` needs TLS, which this build does not include yet (TODO:
-    /// enable tonic's `tls-ring` feature and add CA / client-cert setters).
+    /// Adds a hub endpoint: `http://host:port`, or `https://host:port` for
+    /// TLS (see [`tls_ca_cert`](Self::tls_ca_cert)). With several, the
+    /// client fails over to the next one when the current one cannot be
+    /// reached.
     pub fn endpoint(mut self, url: impl Into<String>) -> Self {
         self.config.endpoints.push(url.into());
+        self
+    }
+
+    /// Trusts this CA certificate (PEM) for `https://` endpoints, instead of
+    /// the system's root certificates. Call it again to trust several.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), spoke_client::Error> {
+    /// let client = spoke_client::Client::builder("billing")
+    ///     .endpoint("https://hub.internal:50051")
+    ///     .tls_ca_cert(std::fs::read("/etc/billing/hub-ca.pem").unwrap())
+    ///     .state_dir("/var/lib/billing/spoke")
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn tls_ca_cert(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.config.tls.ca_certs.push(pem.into());
+        self
+    }
+
+    /// The name the hub's certificate must carry, when it is not the
+    /// endpoint's host (an endpoint given by IP address, a tunnel).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), spoke_client::Error> {
+    /// let client = spoke_client::Client::builder("billing")
+    ///     .endpoint("https://10.0.0.7:50051")
+    ///     .tls_ca_cert(std::fs::read("/etc/billing/hub-ca.pem").unwrap())
+    ///     .tls_domain_name("hub.internal")
+    ///     .state_dir("/var/lib/billing/spoke")
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn tls_domain_name(mut self, name: impl Into<String>) -> Self {
+        self.config.tls.domain_name = Some(name.into());
+        self
+    }
+
+    /// A client certificate chain and its private key (both PEM) shown to
+    /// the hub, for mutual TLS.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), spoke_client::Error> {
+    /// let client = spoke_client::Client::builder("billing")
+    ///     .endpoint("https://hub.internal:50051")
+    ///     .tls_ca_cert(std::fs::read("/etc/billing/hub-ca.pem").unwrap())
+    ///     .tls_identity(
+    ///         std::fs::read("/etc/billing/spoke.pem").unwrap(),
+    ///         std::fs::read("/etc/billing/spoke.key").unwrap(),
+    ///     )
+    ///     .state_dir("/var/lib/billing/spoke")
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn tls_identity(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.config.tls.identity = Some((cert_pem.into(), key_pem.into()));
         self
     }
 
@@ -234,6 +303,18 @@ impl ClientBuilder {
         self
     }
 
+    /// Calls `observer` on each [`Event`]: a registration, an outcome
+    /// recorded (just before its ack), a finished directive delivered again.
+    /// It runs on the client's tasks, so it must be quick and must not block
+    /// on I/O beyond a local write; it suits audit logs, counters and tests.
+    /// A process that exits inside it on [`Event::Finished`] leaves the
+    /// outcome recorded but unacked: the next start acks it without running
+    /// the directive again.
+    pub fn on_event(mut self, observer: impl Fn(&Event) + Send + Sync + 'static) -> Self {
+        self.observer = Some(std::sync::Arc::new(observer));
+        self
+    }
+
     /// Checks every option, opens (or creates) the local state and returns
     /// the client. Nothing touches the network until [`Client::run`].
     pub async fn build(self) -> Result<Client> {
@@ -259,7 +340,7 @@ impl ClientBuilder {
         if capabilities.len() > 256 {
             return Err(Error::config("handler", "at most 256 directive types"));
         }
-        Client::start(config, handlers, capabilities).await
+        Client::start(config, handlers, capabilities, self.observer).await
     }
 }
 
@@ -274,6 +355,7 @@ impl Config {
         for url in &self.endpoints {
             check_endpoint(url)?;
         }
+        self.tls.check(&self.endpoints)?;
         check_name(&self.name)?;
         check_labels(&self.labels)?;
         if self.version.chars().count() > 64 {
@@ -320,17 +402,15 @@ fn positive(field: &'static str, n: u64) -> Result<()> {
 }
 
 fn check_endpoint(url: &str) -> Result<()> {
-    if url.starts_with("https://") {
-        return Err(Error::config(
-            "endpoint",
-            format!(
-                "{url}: https needs TLS, which this build of spoke-client does not include yet"
-            ),
-        ));
-    }
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| Error::config("endpoint", format!("{url}: must start with http://")))?;
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| {
+            Error::config(
+                "endpoint",
+                format!("{url}: must start with http:// or https://"),
+            )
+        })?;
     if rest.is_empty() || rest.starts_with('/') {
         return Err(Error::config("endpoint", format!("{url}: no host")));
     }
@@ -431,7 +511,7 @@ mod tests {
         c.endpoints.clear();
         assert_eq!(field_of(c), "endpoint");
         let mut c = base();
-        c.endpoints = vec!["https://hub:443".into()];
+        c.endpoints = vec!["ftp://hub:21".into()];
         assert_eq!(field_of(c), "endpoint");
         let mut c = base();
         c.endpoints = vec!["127.0.0.1:50051".into()];

@@ -93,5 +93,27 @@ impl From<tonic::Status> for Error {
     }
 }
 
+/// What went wrong below an error, for one line of output: tonic's
+/// transport error only says "transport error", its sources say why
+/// ("tcp connect error: Connection refused", "invalid peer certificate:
+/// UnknownIssuer"). The error itself when it has no source.
+pub(crate) fn causes(e: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        // Some layers repeat their source in their own message.
+        if !parts.last().is_some_and(|p| p.ends_with(&part)) {
+            parts.push(part);
+        }
+        source = s.source();
+    }
+    if parts.is_empty() {
+        e.to_string()
+    } else {
+        parts.join(": ")
+    }
+}
+
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

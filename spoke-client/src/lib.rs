@@ -40,8 +40,10 @@
 //! - [`metrics`]: the buffer actor; [`flush`]: the task that pushes it;
 //! - `store`: the local SQLite state, the only module that touches sqlx;
 //! - `link`: the current connection, shared by every caller;
-//! - [`status`]: what [`Client::status`] reports; `wire`: protobuf
-//!   well-known types; [`error`]: the crate's error type.
+//! - `tls`: CA, server name and client identity for `https://` endpoints;
+//! - [`status`]: what [`Client::status`] reports; [`event`]: what an
+//!   observer is told; `wire`: protobuf well-known types; [`error`]: the
+//!   crate's error type.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -50,6 +52,7 @@ pub mod client;
 pub mod config;
 mod directives;
 pub mod error;
+pub mod event;
 pub mod flush;
 pub mod handler;
 mod heartbeat;
@@ -59,12 +62,14 @@ pub mod reconnect;
 mod session;
 pub mod status;
 mod store;
+mod tls;
 mod wire;
 
 pub use backoff::Backoff;
 pub use client::Client;
 pub use config::ClientBuilder;
 pub use error::{Error, Result};
+pub use event::Event;
 pub use flush::FlushReport;
 pub use handler::Context;
 pub use hub_proto as proto;

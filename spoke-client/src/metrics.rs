@@ -9,11 +9,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use hub_proto::v1 as proto;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::error::{Error, Result};
 use crate::status::Tracker;
 use crate::store::{PendingBatch, Store};
+use crate::wire::{timestamp_ns, unix_ns};
 
 /// Points waiting in the channel to the actor; beyond it `record` drops
 /// (and counts) rather than wait.
@@ -81,6 +83,18 @@ impl Point {
     pub fn at(mut self, time: SystemTime) -> Self {
         self.time = time;
         self
+    }
+
+    /// The point as the wire carries it.
+    pub(crate) fn into_proto(self) -> proto::MetricPoint {
+        proto::MetricPoint {
+            domain: self.domain,
+            name: self.name,
+            value: self.value,
+            unit: self.unit,
+            labels: self.labels.into_iter().collect(),
+            time: Some(timestamp_ns(unix_ns(self.time))),
+        }
     }
 }
 

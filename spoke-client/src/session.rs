@@ -10,11 +10,12 @@ use std::time::{Duration, SystemTime};
 use hub_proto::v1 as proto;
 use hub_proto::v1::watch_directives_response::Message;
 use tonic::Status;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::config::Config;
 use crate::directives::Directives;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, causes};
+use crate::event::{self, Event, Observer};
 use crate::heartbeat;
 use crate::link::{self, Link};
 use crate::reconnect::{Dial, StreamEnd, Watch};
@@ -41,6 +42,8 @@ pub(crate) struct Shared {
     pub hub_max_batch: Arc<AtomicU32>,
     /// The registration, once known (loaded at start or issued by the hub).
     pub registration: Arc<Mutex<Option<Registration>>>,
+    /// Told of each registration.
+    pub observer: Option<Observer>,
 }
 
 /// Dials endpoints for the reconnect machine.
@@ -68,8 +71,9 @@ impl Dial for Connector {
 
 async fn open(shared: Shared, url: String) -> Result<Session> {
     let config = &shared.config;
-    let channel = Endpoint::from_shared(url.clone())
-        .map_err(|e| Error::config("endpoint", format!("{url}: {e}")))?
+    let channel = config
+        .tls
+        .endpoint(&url)?
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))
@@ -77,7 +81,7 @@ async fn open(shared: Shared, url: String) -> Result<Session> {
         .keep_alive_while_idle(true)
         .connect()
         .await
-        .map_err(|e| Status::unavailable(format!("cannot reach {url}: {e}")))?;
+        .map_err(|e| Status::unavailable(format!("cannot reach {url}: {}", causes(&e))))?;
     // Registering runs to completion even if run() is dropped meanwhile: a
     // key the hub issued must reach the store, or it is lost for good.
     let registering = tokio::spawn(register(shared.clone(), channel.clone()));
@@ -153,6 +157,12 @@ async fn register(shared: Shared, channel: Channel) -> Result<(String, Option<pr
         .register(call)
         .await?
         .into_inner();
+    let new = known.is_none();
+    let spoke_id = reply
+        .spoke
+        .as_ref()
+        .map(|s| s.id.clone())
+        .unwrap_or_default();
     let key = match known {
         Some(reg) => reg.spoke_key,
         None => {
@@ -182,6 +192,10 @@ async fn register(shared: Shared, channel: Channel) -> Result<(String, Option<pr
             .hub_max_batch
             .store(hints.max_points_per_batch, Ordering::Relaxed);
     }
+    event::tell(
+        shared.observer.as_ref(),
+        Event::Registered { spoke_id, new },
+    );
     Ok((key, reply.hints))
 }
 

@@ -5,41 +5,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pbjson_types::{Struct, Timestamp};
 
-/// A Struct as a JSON object. Whole numbers come out without a fraction
-/// (`3`, not `3.0`), so a payload field typed `u32` deserializes.
+/// A Struct as a JSON object (see [`hub_proto::json`]: whole numbers come
+/// out without a fraction, so a payload field typed `u32` deserializes).
 pub(crate) fn json_of_struct(s: &Struct) -> serde_json::Value {
-    serde_json::Value::Object(
-        s.fields
-            .iter()
-            .map(|(k, v)| (k.clone(), json_of_value(v)))
-            .collect(),
-    )
-}
-
-fn json_of_value(v: &pbjson_types::Value) -> serde_json::Value {
-    use pbjson_types::value::Kind;
-    use serde_json::Value as J;
-    match &v.kind {
-        None | Some(Kind::NullValue(_)) => J::Null,
-        Some(Kind::BoolValue(b)) => J::Bool(*b),
-        Some(Kind::StringValue(s)) => J::String(s.clone()),
-        Some(Kind::NumberValue(n)) => {
-            // 2^53: beyond it not every integer is exact in a double.
-            if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
-                J::from(*n as i64)
-            } else {
-                serde_json::Number::from_f64(*n).map_or(J::Null, J::Number)
-            }
-        }
-        Some(Kind::StructValue(s)) => json_of_struct(s),
-        Some(Kind::ListValue(l)) => J::Array(l.values.iter().map(json_of_value).collect()),
-    }
+    hub_proto::json::to_json(s)
 }
 
 /// A JSON object as a Struct (anything else becomes `{}`; callers wrap
-/// non-objects first).
+/// non-objects first). JSON null stays an explicit null.
 pub(crate) fn struct_of_json(value: serde_json::Value) -> Struct {
-    serde_json::from_value(value).unwrap_or_default()
+    hub_proto::json::from_json(value).unwrap_or_default()
 }
 
 /// Unix nanoseconds of a std time (negative before 1970, saturating).

@@ -12,3 +12,4 @@ mod lifecycle;
 mod metrics;
 mod registration;
 mod timers;
+mod tls;

@@ -11,10 +11,14 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use hub_proto::v1::admin_service_client::AdminServiceClient;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 pub use commands::run;
+
+use crate::error::causes;
 
 /// Where the hub is and how to authenticate, shared by every client command.
 #[derive(Debug, Clone, Args)]
@@ -36,6 +40,9 @@ pub struct Connection {
     /// Print JSON (proto3 JSON mapping) instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// PEM CA certificate to trust for an https:// --addr [default: the system's roots].
+    #[arg(long, env = "HUB_TLS_CA", value_name = "PATH", global = true)]
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// The client subcommands.
@@ -251,9 +258,43 @@ impl Connection {
         });
         if addr.contains("://") {
             addr
+        } else if self.tls_ca.is_some() {
+            format!("https://{addr}")
         } else {
             format!("http://{addr}")
         }
+    }
+
+    /// TLS for an `https://` address: the `--tls-ca` certificate, else the
+    /// system's roots.
+    fn tls(&self, addr: &str) -> Result<Option<ClientTlsConfig>, CliError> {
+        if !addr.starts_with("https://") {
+            return match &self.tls_ca {
+                Some(_) => Err(CliError::Usage(format!(
+                    "--tls-ca (HUB_TLS_CA) needs an https:// address, not {addr}"
+                ))),
+                None => Ok(None),
+            };
+        }
+        let Some(path) = &self.tls_ca else {
+            return Ok(Some(ClientTlsConfig::new().with_native_roots()));
+        };
+        let bad = |reason: String| {
+            CliError::Usage(format!(
+                "--tls-ca (HUB_TLS_CA) {}: {reason}",
+                path.display()
+            ))
+        };
+        let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(bad("no PEM certificate in it".into()));
+        }
+        Ok(Some(
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+        ))
     }
 
     fn token(&self) -> Result<String, CliError> {
@@ -276,16 +317,19 @@ impl Connection {
         let header = format!("Bearer {token}").parse().map_err(|_| {
             CliError::Usage("the admin token has characters that cannot be sent".into())
         })?;
-        let channel = Channel::from_shared(addr.clone())
+        let mut endpoint = Channel::from_shared(addr.clone())
             .map_err(|e| CliError::Usage(format!("--addr {addr:?}: {e}")))?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|e| CliError::Connect {
+            .connect_timeout(std::time::Duration::from_secs(5));
+        if let Some(tls) = self.tls(&addr)? {
+            endpoint = endpoint.tls_config(tls).map_err(|e| CliError::Connect {
                 addr: addr.clone(),
-                reason: std::error::Error::source(&e)
-                    .map_or_else(|| e.to_string(), |s| s.to_string()),
+                reason: causes(&e),
             })?;
+        }
+        let channel = endpoint.connect().await.map_err(|e| CliError::Connect {
+            addr: addr.clone(),
+            reason: causes(&e),
+        })?;
         Ok(AdminServiceClient::with_interceptor(
             channel,
             BearerToken(header),

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::error::{Error, Result};
+use crate::event::{self, Event, Observer};
 use crate::handler::{BoxHandler, Cancel, Context, Outcome};
 use crate::link::Link;
 use crate::metrics::Buffer;
@@ -47,6 +48,8 @@ struct Inner {
     tasks: Mutex<JoinSet<()>>,
     /// Fired when shutdown gives up waiting: cancels every run.
     stop_all: CancellationToken,
+    /// Told of each outcome recorded and each redelivery answered.
+    observer: Option<Observer>,
 }
 
 impl Directives {
@@ -57,6 +60,7 @@ impl Directives {
         buffer: Buffer,
         status: Tracker,
         concurrency: usize,
+        observer: Option<Observer>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -69,8 +73,13 @@ impl Directives {
                 active: Mutex::default(),
                 tasks: Mutex::default(),
                 stop_all: CancellationToken::new(),
+                observer,
             }),
         }
+    }
+
+    fn observe(&self, event: Event) {
+        event::tell(self.inner.observer.as_ref(), event);
     }
 
     fn active(&self) -> std::sync::MutexGuard<'_, HashMap<String, Cancel>> {
@@ -117,6 +126,10 @@ impl Directives {
                 LocalStatus::Finished | LocalStatus::Acked => {
                     tracing::info!(directive_id = %d.id, "already finished: acking the recorded outcome again");
                     if let Some(outcome) = rec.outcome {
+                        self.observe(Event::Redelivered {
+                            id: d.id.clone(),
+                            attempt: d.attempt,
+                        });
                         let this = self.clone();
                         self.spawn(async move { this.ack(&d.id, &outcome).await });
                     }
@@ -183,6 +196,11 @@ impl Directives {
             self.inner.status.error(&e);
             return;
         }
+        self.observe(Event::Finished {
+            id: d.id.clone(),
+            directive_type: d.r#type.clone(),
+            outcome: outcome.name(),
+        });
         self.ack(&d.id, &outcome).await;
     }
 

@@ -21,6 +21,14 @@ async fn setup(
     handlers: Vec<(&str, BoxHandler)>,
     concurrency: usize,
 ) -> (Directives, Store, tempfile::TempDir) {
+    setup_observed(handlers, concurrency, None).await
+}
+
+async fn setup_observed(
+    handlers: Vec<(&str, BoxHandler)>,
+    concurrency: usize,
+    observer: Option<Observer>,
+) -> (Directives, Store, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).await.unwrap();
     let handlers = handlers
@@ -37,6 +45,7 @@ async fn setup(
         Buffer::detached(),
         Tracker::default(),
         concurrency,
+        observer,
     );
     (d, store, dir)
 }
@@ -129,6 +138,53 @@ async fn a_finished_directive_delivered_again_is_not_run_again() {
             LocalStatus::Finished,
             Some(Outcome::Completed(serde_json::json!({"done": true})))
         )
+    );
+}
+
+#[tokio::test]
+async fn the_observer_hears_of_each_recorded_outcome_and_each_redelivery() {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let heard = events.clone();
+    let observer: Observer = Arc::new(move |e: &Event| heard.lock().unwrap().push(e.clone()));
+    #[derive(serde::Deserialize)]
+    struct Job {
+        n: String,
+    }
+    let typed = handler::boxed(|job: Job, _ctx| async move { Ok::<_, String>(job.n) });
+    let ok = handler::boxed(|_: serde_json::Value, _ctx| async { Ok::<_, String>(()) });
+    let (d, store, _dir) =
+        setup_observed(vec![("typed", typed), ("ok", ok)], 4, Some(observer)).await;
+    d.receive(directive("d1", "ok")).await.unwrap();
+    settle(&d).await;
+    // Told once the outcome is recorded: what it was told is in the store.
+    assert_eq!(status_of(&store, "d1").await.0, LocalStatus::Finished);
+    // No handler runs for these two, and they are reported all the same.
+    d.receive(directive("d2", "typed")).await.unwrap();
+    settle(&d).await;
+    d.receive(directive("d3", "nobody_handles_this"))
+        .await
+        .unwrap();
+    settle(&d).await;
+    let mut again = directive("d1", "ok");
+    again.attempt = 2;
+    d.receive(again).await.unwrap();
+    settle(&d).await;
+    let finished = |id: &str, kind: &str, outcome| Event::Finished {
+        id: id.into(),
+        directive_type: kind.into(),
+        outcome,
+    };
+    assert_eq!(
+        *events.lock().unwrap(),
+        vec![
+            finished("d1", "ok", "COMPLETED"),
+            finished("d2", "typed", "REJECTED"),
+            finished("d3", "nobody_handles_this", "REJECTED"),
+            Event::Redelivered {
+                id: "d1".into(),
+                attempt: 2
+            },
+        ]
     );
 }
 

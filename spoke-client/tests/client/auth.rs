@@ -58,6 +58,42 @@ async fn the_stored_key_is_reused_and_a_key_the_hub_refuses_is_fatal() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_observer_hears_each_registration_new_then_with_the_stored_key() {
+    use std::sync::{Arc, Mutex};
+
+    use spoke_client::Event;
+
+    let hub = TestHub::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let heard = Arc::new(Mutex::new(Vec::new()));
+    for _start in 0..2 {
+        let events = heard.clone();
+        let client = spoke("audited", &hub.url(), state.path())
+            .on_event(move |e: &Event| events.lock().unwrap().push(e.clone()))
+            .build()
+            .await
+            .unwrap();
+        let running = run(&client);
+        connected(&client).await;
+        client.shutdown();
+        running.await.unwrap().unwrap();
+    }
+    let registrations: Vec<(String, bool)> = heard
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            Event::Registered { spoke_id, new, .. } => Some((spoke_id.clone(), *new)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(registrations.len(), 2, "{registrations:?}");
+    assert!(!registrations[0].0.is_empty());
+    assert_eq!(registrations[1].0, registrations[0].0, "the same spoke");
+    assert_eq!((registrations[0].1, registrations[1].1), (true, false));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_key_stops_the_running_client() {
     let hub = TestHub::start().await;
     let state = tempfile::tempdir().unwrap();

@@ -159,8 +159,10 @@ async fn a_run_longer_than_the_ack_deadline_is_kept_alive_not_redelivered() {
             count(&counted, &ctx);
             async move {
                 ctx.progress(10, "warming up").await.unwrap();
-                // Three ack deadlines of one second each.
-                tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+                // Two and a half ack deadlines of two seconds each (the
+                // client renews at half the deadline: a second of slack on
+                // a busy machine).
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
                 Ok::<_, String>(json!({"attempt": ctx.attempt()}))
             }
         })
@@ -171,7 +173,7 @@ async fn a_run_longer_than_the_ack_deadline_is_kept_alive_not_redelivered() {
     hub.wait_connected("slow").await;
     let mut req = create_for("slow", "crunch", json!({}));
     req.ack_deadline = Some(pbjson_types::Duration {
-        seconds: 1,
+        seconds: 2,
         nanos: 0,
     });
     req.max_attempts = 2;

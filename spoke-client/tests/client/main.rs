@@ -9,3 +9,4 @@ mod auth;
 mod directives;
 mod metrics;
 mod restarts;
+mod tls;

@@ -96,6 +96,54 @@ async fn flushes_at_the_size_threshold_and_on_demand() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_the_callers_own_is_pushed_as_is_and_a_resend_is_a_duplicate() {
+    use hub_proto::v1::BatchStatus;
+
+    let hub = TestHub::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let client = spoke("stats", &hub.url(), state.path())
+        .build()
+        .await
+        .unwrap();
+    let points = || {
+        vec![
+            Point::new("statistics", "orders", 42.0).label("shop", "eu"),
+            Point::new("compensation", "payout", 1234.5).unit("EUR"),
+        ]
+    };
+    let early = client.push_batch("my-batch-1", points()).await;
+    assert!(matches!(early, Err(Error::NotConnected)), "{early:?}");
+    let running = run(&client);
+    connected(&client).await;
+
+    let first = client.push_batch("my-batch-1", points()).await.unwrap();
+    assert_eq!(
+        (
+            first.batch_id.as_str(),
+            first.status(),
+            first.accepted_points
+        ),
+        ("my-batch-1", BatchStatus::Accepted, 2)
+    );
+    let again = client.push_batch("my-batch-1", points()).await.unwrap();
+    assert_eq!(
+        (again.status(), again.accepted_points),
+        (BatchStatus::Duplicate, 2)
+    );
+    let stored = hub.points("stats").await;
+    assert_eq!(stored.len(), 2, "stored once");
+    assert!(stored.iter().all(|p| p.batch_id == "my-batch-1"));
+    assert_eq!(
+        client.status().buffered_points,
+        0,
+        "the buffer is not involved"
+    );
+
+    client.shutdown();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_whose_answer_is_lost_is_retried_and_stored_once() {
     let hub = TestHub::start().await;
     let proxy = Proxy::start(hub.addr).await;

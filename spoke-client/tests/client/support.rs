@@ -1,22 +1,23 @@
 //! Starts the real hub in process on 127.0.0.1 with a fresh SQLite file
 //! (listeners bound before the server task starts; a panic of the server
-//! task is re-raised on stop), restarts it on the same port and data dir,
-//! and gives tests spoke clients and small helpers.
+//! task is re-raised on stop), in plaintext or over TLS with a CA made for
+//! the test, restarts it on the same port and data dir, and gives tests
+//! spoke clients and small helpers.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hub::Settings;
 use hub::auth::TokenHash;
+use hub::{Settings, TlsIdentity};
 use hub_proto::v1 as proto;
 use hub_proto::v1::admin_service_client::AdminServiceClient;
 use spoke_client::{Client, ClientBuilder};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic::{Request, Status};
 
 pub const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
@@ -25,6 +26,8 @@ pub const ENROLLMENT_TOKEN: &str = "enrollment-token-for-tests-012345";
 /// A hub running in this process.
 pub struct TestHub {
     pub addr: SocketAddr,
+    /// The CA (PEM) of the hub's certificate, when it serves TLS.
+    pub ca: Option<String>,
     dir: PathBuf,
     settings: Settings,
     stop: Option<oneshot::Sender<()>>,
@@ -54,6 +57,21 @@ impl TestHub {
         hub
     }
 
+    /// A hub serving TLS with a certificate for 127.0.0.1 and localhost,
+    /// signed by a fresh CA ([`TestHub::ca`]).
+    pub async fn start_tls() -> Self {
+        let pki = Pki::new();
+        let settings = Settings {
+            tls: Some(TlsIdentity::from_pem(pki.cert, pki.key).expect("a valid identity")),
+            ..Settings::default()
+        };
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let mut hub = Self::start_in(tmp.path(), settings, "127.0.0.1:0".parse().unwrap()).await;
+        hub._tmp = Some(tmp);
+        hub.ca = Some(pki.ca);
+        hub
+    }
+
     async fn start_in(dir: &Path, settings: Settings, addr: SocketAddr) -> Self {
         let url = format!("sqlite://{}", dir.join("hub.db").display());
         let store = hub::Store::open(&url).await.expect("open store");
@@ -77,6 +95,7 @@ impl TestHub {
         ));
         Self {
             addr,
+            ca: None,
             dir: dir.to_path_buf(),
             settings,
             stop: Some(stop),
@@ -104,9 +123,11 @@ impl TestHub {
     pub async fn start_again(&mut self) {
         assert!(self.task.is_none(), "stop the hub first");
         let tmp = self._tmp.take();
+        let ca = self.ca.take();
         let dir = self.dir.clone();
         *self = Self::start_in(&dir, self.settings.clone(), self.addr).await;
         self._tmp = tmp;
+        self.ca = ca;
     }
 
     /// Stops the hub and starts it again on the same port and data dir.
@@ -116,15 +137,17 @@ impl TestHub {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub async fn admin(&self) -> AdminServiceClient<Channel> {
-        let channel = Channel::from_shared(self.url())
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect to hub");
+        let mut endpoint = Channel::from_shared(self.url()).unwrap();
+        if let Some(ca) = &self.ca {
+            let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+            endpoint = endpoint.tls_config(tls).unwrap();
+        }
+        let channel = endpoint.connect().await.expect("connect to hub");
         AdminServiceClient::new(channel)
     }
 
@@ -234,6 +257,39 @@ impl Drop for TestHub {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+    }
+}
+
+/// A fresh CA, and a server certificate it signed for 127.0.0.1 and
+/// localhost (all PEM); made at test time, never stored.
+pub struct Pki {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "spoke-client test CA");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut leaf =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = leaf.signed_by(&key, &ca).unwrap();
+        Self {
+            ca: ca.pem(),
+            cert: cert.pem(),
+            key: key.serialize_pem(),
         }
     }
 }
