@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod json;
+pub mod rules;
 
 /// Package `hub.v1`, generated from `proto/hub/v1/*.proto`.
 pub mod v1 {

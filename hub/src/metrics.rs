@@ -114,11 +114,7 @@ fn validate(p: proto::MetricPoint, now_ns: i64) -> Result<Point, String> {
 
 /// Identifiers: 1 to `max` of `[A-Za-z0-9_.-]`, starting with a letter.
 fn check_ident(s: &str, max: usize) -> Result<(), String> {
-    let ok = (1..=max).contains(&s.len())
-        && s.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-    if ok {
+    if hub_proto::rules::is_metric_ident(s, max) {
         Ok(())
     } else {
         Err(format!(

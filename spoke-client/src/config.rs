@@ -422,15 +422,7 @@ fn check_endpoint(url: &str) -> Result<()> {
 /// The hub's rule for names: 1 to 63 of `[a-z0-9_.-]`, starting with a
 /// letter or digit.
 fn check_name(name: &str) -> Result<()> {
-    let ok = (1..=63).contains(&name.len())
-        && name
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
-    if ok {
+    if hub_proto::rules::is_spoke_name(name) {
         Ok(())
     } else {
         Err(Error::config(
@@ -443,20 +435,17 @@ fn check_name(name: &str) -> Result<()> {
 }
 
 fn check_labels(labels: &BTreeMap<String, String>) -> Result<()> {
-    if labels.len() > 32 {
+    if labels.len() > hub_proto::rules::MAX_LABELS {
         return Err(Error::config("label", "at most 32 labels"));
     }
     for (k, v) in labels {
-        let ok = (1..=63).contains(&k.len())
-            && k.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
-        if !ok {
+        if !hub_proto::rules::is_label_key(k) {
             return Err(Error::config(
                 "label",
                 format!("key {k:?}: 1 to 63 of letters, digits, '-', '_', '.', '/'"),
             ));
         }
-        if v.chars().count() > 256 {
+        if v.chars().count() > hub_proto::rules::MAX_LABEL_VALUE_CHARS {
             return Err(Error::config(
                 "label",
                 format!("value of {k:?}: at most 256 characters"),
@@ -467,11 +456,7 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<()> {
 }
 
 fn check_type(kind: &str) -> Result<()> {
-    let ok = (1..=64).contains(&kind.len())
-        && kind
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_-./".contains(&b));
-    if ok {
+    if hub_proto::rules::is_directive_type(kind) {
         Ok(())
     } else {
         Err(Error::config(
