@@ -19,7 +19,8 @@
 //!   Prometheus metrics; [`shutdown`]: the
 //!   drain signal;
 //! - [`wire`]: well-known protobuf types to and from stored values;
-//! - [`error`]: the error type and its one mapping to gRPC statuses.
+//! - [`error`]: the error type and its one mapping to gRPC statuses;
+//! - `testing` (feature `testing`): the in-process hub the tests share.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -41,6 +42,8 @@ pub mod shutdown;
 pub mod spokes;
 pub mod store;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod timers;
 pub mod tls;
 pub mod wire;

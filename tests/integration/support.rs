@@ -1,95 +1,44 @@
-//! Starts the real hub in process on 127.0.0.1:0 with a fresh SQLite file,
-//! and gives tests clients and small helpers.
+//! The shared in-process hub (`hub::testing::TestHub`, started on
+//! 127.0.0.1 with a fresh SQLite file) plus clients and small helpers for
+//! these tests.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::ops::{Deref, DerefMut};
 
 use hub::Settings;
-use hub::auth::TokenHash;
 use hub_proto::v1 as proto;
 use hub_proto::v1::admin_service_client::AdminServiceClient;
 use hub_proto::v1::spoke_service_client::SpokeServiceClient;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-pub const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
-pub const ENROLLMENT_TOKEN: &str = "enrollment-token-for-tests-012345";
+pub use hub::testing::{ADMIN_TOKEN, ENROLLMENT_TOKEN, authed};
 
-/// A hub running in this process.
-pub struct TestHub {
-    pub addr: SocketAddr,
-    pub http_addr: SocketAddr,
-    dir: PathBuf,
-    settings: Settings,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), hub::RunError>>>,
-    _tmp: Option<tempfile::TempDir>,
+/// The shared test hub, with helpers for these tests.
+pub struct TestHub(hub::testing::TestHub);
+
+impl Deref for TestHub {
+    type Target = hub::testing::TestHub;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl DerefMut for TestHub {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl TestHub {
     /// A hub with default settings on a fresh data directory.
     pub async fn start() -> Self {
-        Self::start_with(Settings::default()).await
+        Self(hub::testing::TestHub::start().await)
     }
 
     /// A hub with `settings` on a fresh data directory.
     pub async fn start_with(settings: Settings) -> Self {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let mut hub = Self::start_in(tmp.path(), settings).await;
-        hub._tmp = Some(tmp);
-        hub
-    }
-
-    async fn start_in(dir: &Path, settings: Settings) -> Self {
-        let url = format!("sqlite://{}", dir.join("hub.db").display());
-        let store = hub::Store::open(&url).await.expect("open store");
-        // Bound before the server task starts, so clients can connect at once.
-        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = grpc.local_addr().unwrap();
-        let http_addr = http.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let secrets = hub::Secrets {
-            admin_token: TokenHash::new(ADMIN_TOKEN),
-            enrollment_token: TokenHash::new(ENROLLMENT_TOKEN),
-        };
-        let task = tokio::spawn(hub::run(
-            grpc,
-            http,
-            store,
-            settings.clone(),
-            secrets,
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        Self {
-            addr,
-            http_addr,
-            dir: dir.to_path_buf(),
-            settings,
-            stop: Some(stop),
-            task: Some(task),
-            _tmp: None,
-        }
-    }
-
-    /// Shuts the hub down gracefully and waits for it; re-raises a panic of
-    /// the server task.
-    pub async fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            match task.await {
-                Ok(result) => result.expect("hub run returned an error"),
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(e) => panic!("hub task failed: {e}"),
-            }
-        }
+        Self(hub::testing::TestHub::start_with(settings).await)
     }
 
     /// A hub on a manual clock (starting in 2027), and that clock.
@@ -101,16 +50,6 @@ impl TestHub {
         })
         .await;
         (hub, clock)
-    }
-
-    /// Stops the hub and starts it again on the same data directory (new
-    /// ports).
-    pub async fn restart(&mut self) {
-        self.stop().await;
-        let tmp = self._tmp.take();
-        let dir = self.dir.clone();
-        *self = Self::start_in(&dir, self.settings.clone()).await;
-        self._tmp = tmp;
     }
 
     pub async fn channel(&self) -> Channel {
@@ -253,14 +192,6 @@ impl TestHub {
     }
 }
 
-impl Drop for TestHub {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
 /// A registered spoke with its own client.
 pub struct Spoke {
     pub id: String,
@@ -306,14 +237,6 @@ impl Spoke {
         let req = self.req(req);
         self.client.ack(req).await.map(|r| r.into_inner())
     }
-}
-
-/// Adds `authorization: Bearer <token>`.
-pub fn authed<T>(msg: T, token: &str) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    req
 }
 
 pub fn json_struct(value: serde_json::Value) -> pbjson_types::Struct {

@@ -1,60 +1,51 @@
-//! Starts the real hub in process on 127.0.0.1 with a fresh SQLite file
-//! (listeners bound before the server task starts; a panic of the server
-//! task is re-raised on stop), in plaintext or over TLS with a CA made for
-//! the test, restarts it on the same port and data dir, and gives tests
-//! spoke clients and small helpers.
+//! The shared in-process hub (`hub::testing::TestHub`: 127.0.0.1, a fresh
+//! SQLite file, restarts on the same port and data dir), in plaintext or
+//! over TLS with a CA made for the test, plus spoke clients and small
+//! helpers.
 
 use std::future::Future;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::ops::{Deref, DerefMut};
+use std::path::Path;
 use std::time::Duration;
 
-use hub::auth::TokenHash;
 use hub::{Settings, TlsIdentity};
 use hub_proto::v1 as proto;
 use hub_proto::v1::admin_service_client::AdminServiceClient;
 use spoke_client::{Client, ClientBuilder};
-use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic::{Request, Status};
 
-pub const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
-pub const ENROLLMENT_TOKEN: &str = "enrollment-token-for-tests-012345";
+pub use hub::testing::{ADMIN_TOKEN, ENROLLMENT_TOKEN};
 
-/// A hub running in this process.
+/// The shared test hub, with helpers for the client's tests.
 pub struct TestHub {
-    pub addr: SocketAddr,
+    inner: hub::testing::TestHub,
     /// The CA (PEM) of the hub's certificate, when it serves TLS.
     pub ca: Option<String>,
-    dir: PathBuf,
-    settings: Settings,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), hub::RunError>>>,
-    _tmp: Option<tempfile::TempDir>,
 }
 
-/// Binds `addr` (port 0: any), allowing a port the previous hub just left.
-fn bind(addr: SocketAddr) -> TcpListener {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_reuseaddr(true).unwrap();
-    socket.bind(addr).expect("bind the hub's port");
-    socket.listen(1024).unwrap()
+impl Deref for TestHub {
+    type Target = hub::testing::TestHub;
+
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
+}
+
+impl DerefMut for TestHub {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.inner
+    }
 }
 
 impl TestHub {
     /// A hub with default settings on a fresh data directory.
     pub async fn start() -> Self {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let mut hub = Self::start_in(
-            tmp.path(),
-            Settings::default(),
-            "127.0.0.1:0".parse().unwrap(),
-        )
-        .await;
-        hub._tmp = Some(tmp);
-        hub
+        Self {
+            inner: hub::testing::TestHub::start().await,
+            ca: None,
+        }
     }
 
     /// A hub serving TLS with a certificate for 127.0.0.1 and localhost,
@@ -65,80 +56,10 @@ impl TestHub {
             tls: Some(TlsIdentity::from_pem(pki.cert, pki.key).expect("a valid identity")),
             ..Settings::default()
         };
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let mut hub = Self::start_in(tmp.path(), settings, "127.0.0.1:0".parse().unwrap()).await;
-        hub._tmp = Some(tmp);
-        hub.ca = Some(pki.ca);
-        hub
-    }
-
-    async fn start_in(dir: &Path, settings: Settings, addr: SocketAddr) -> Self {
-        let url = format!("sqlite://{}", dir.join("hub.db").display());
-        let store = hub::Store::open(&url).await.expect("open store");
-        let grpc = bind(addr);
-        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = grpc.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let secrets = hub::Secrets {
-            admin_token: TokenHash::new(ADMIN_TOKEN),
-            enrollment_token: TokenHash::new(ENROLLMENT_TOKEN),
-        };
-        let task = tokio::spawn(hub::run(
-            grpc,
-            http,
-            store,
-            settings.clone(),
-            secrets,
-            async move {
-                let _ = stopped.await;
-            },
-        ));
         Self {
-            addr,
-            ca: None,
-            dir: dir.to_path_buf(),
-            settings,
-            stop: Some(stop),
-            task: Some(task),
-            _tmp: None,
+            inner: hub::testing::TestHub::start_with(settings).await,
+            ca: Some(pki.ca),
         }
-    }
-
-    /// Shuts the hub down gracefully and waits for it; re-raises a panic of
-    /// the server task.
-    pub async fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            match task.await {
-                Ok(result) => result.expect("hub run returned an error"),
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(e) => panic!("hub task failed: {e}"),
-            }
-        }
-    }
-
-    /// Starts a stopped hub again on the same port and data directory.
-    pub async fn start_again(&mut self) {
-        assert!(self.task.is_none(), "stop the hub first");
-        let tmp = self._tmp.take();
-        let ca = self.ca.take();
-        let dir = self.dir.clone();
-        *self = Self::start_in(&dir, self.settings.clone(), self.addr).await;
-        self._tmp = tmp;
-        self.ca = ca;
-    }
-
-    /// Stops the hub and starts it again on the same port and data dir.
-    pub async fn restart(&mut self) {
-        self.stop().await;
-        self.start_again().await;
-    }
-
-    pub fn url(&self) -> String {
-        let scheme = if self.ca.is_some() { "https" } else { "http" };
-        format!("{scheme}://{}", self.addr)
     }
 
     pub async fn admin(&self) -> AdminServiceClient<Channel> {
@@ -250,14 +171,6 @@ impl TestHub {
             ..Default::default()
         };
         self.admin().await.revoke_spoke(authed(req)).await.map(drop)
-    }
-}
-
-impl Drop for TestHub {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
     }
 }
 

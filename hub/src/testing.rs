@@ -1,0 +1,153 @@
+//! Test support (cargo feature `testing`): the real hub in this process on
+//! 127.0.0.1 with a fresh SQLite file, the one harness the workspace's
+//! integration tests share. Listeners are bound before the server task
+//! starts, so clients can connect at once; stopping re-raises a panic of the
+//! server task; a restart keeps the port and the data directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::auth::TokenHash;
+use crate::{RunError, Secrets, Settings, Store};
+
+/// The admin token of every test hub.
+pub const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
+/// The enrollment token of every test hub.
+pub const ENROLLMENT_TOKEN: &str = "enrollment-token-for-tests-012345";
+
+/// A hub running in this process.
+pub struct TestHub {
+    /// The gRPC address.
+    pub addr: SocketAddr,
+    /// The HTTP address (health, metrics, admin page).
+    pub http_addr: SocketAddr,
+    dir: PathBuf,
+    settings: Settings,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), RunError>>>,
+    tmp: Option<tempfile::TempDir>,
+}
+
+/// Binds `addr` (port 0: any), allowing a port the previous hub just left.
+fn bind(addr: SocketAddr) -> TcpListener {
+    let socket = TcpSocket::new_v4().expect("a socket");
+    socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+    socket.bind(addr).expect("bind the hub's port");
+    socket.listen(1024).expect("listen")
+}
+
+impl TestHub {
+    /// A hub with default settings on a fresh data directory.
+    pub async fn start() -> Self {
+        Self::start_with(Settings::default()).await
+    }
+
+    /// A hub with `settings` on a fresh data directory.
+    pub async fn start_with(settings: Settings) -> Self {
+        let tmp = tempfile::tempdir().expect("a temp dir");
+        let any = "127.0.0.1:0".parse().expect("an address");
+        let mut hub = Self::start_in(tmp.path(), settings, any).await;
+        hub.tmp = Some(tmp);
+        hub
+    }
+
+    async fn start_in(dir: &Path, settings: Settings, addr: SocketAddr) -> Self {
+        let url = format!("sqlite://{}", dir.join("hub.db").display());
+        let store = Store::open(&url).await.expect("open the store");
+        let grpc = bind(addr);
+        let http = TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
+        let addr = grpc.local_addr().expect("gRPC address");
+        let http_addr = http.local_addr().expect("HTTP address");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let secrets = Secrets {
+            admin_token: TokenHash::new(ADMIN_TOKEN),
+            enrollment_token: TokenHash::new(ENROLLMENT_TOKEN),
+        };
+        let task = tokio::spawn(crate::run(
+            grpc,
+            http,
+            store,
+            settings.clone(),
+            secrets,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            addr,
+            http_addr,
+            dir: dir.to_path_buf(),
+            settings,
+            stop: Some(stop),
+            task: Some(task),
+            tmp: None,
+        }
+    }
+
+    /// The settings the hub runs with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The hub's gRPC URL (`https://` when it serves TLS).
+    pub fn url(&self) -> String {
+        let scheme = if self.settings.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// Shuts the hub down gracefully and waits for it; re-raises a panic of
+    /// the server task.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            match task.await {
+                Ok(result) => result.expect("hub::run returned an error"),
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => panic!("the hub task failed: {e}"),
+            }
+        }
+    }
+
+    /// Starts a stopped hub again on the same port and data directory.
+    pub async fn start_again(&mut self) {
+        assert!(self.task.is_none(), "stop the hub first");
+        let tmp = self.tmp.take();
+        let dir = self.dir.clone();
+        *self = Self::start_in(&dir, self.settings.clone(), self.addr).await;
+        self.tmp = tmp;
+    }
+
+    /// Stops the hub and starts it again on the same port and data dir.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.start_again().await;
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to a request.
+pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("an ASCII token"),
+    );
+    req
+}
