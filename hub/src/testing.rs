@@ -151,3 +151,54 @@ pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
     );
     req
 }
+
+/// A CA made for one test, and a server certificate it signed for
+/// 127.0.0.1 and localhost (all PEM). Nothing is written to disk.
+pub struct TestPki {
+    /// The CA certificate clients should trust.
+    pub ca: String,
+    /// The hub's certificate.
+    pub cert: String,
+    /// The hub's private key.
+    pub key: String,
+}
+
+impl TestPki {
+    /// A fresh CA and server certificate.
+    pub fn new() -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "hub test CA");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("a CA key"))
+            .expect("a self-signed CA");
+        let key = KeyPair::generate().expect("a server key");
+        let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .expect("server certificate parameters");
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = leaf
+            .signed_by(&key, &ca)
+            .expect("a signed server certificate");
+        Self {
+            ca: ca.pem(),
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+
+    /// The hub's identity, for `Settings::tls`.
+    pub fn identity(&self) -> crate::TlsIdentity {
+        crate::TlsIdentity::from_pem(self.cert.clone(), self.key.clone()).expect("a valid identity")
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        Self::new()
+    }
+}

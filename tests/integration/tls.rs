@@ -4,8 +4,8 @@
 //! `--tls-ca`.
 
 use clap::Parser;
+use hub::Settings;
 use hub::config::{Cli, Command};
-use hub::{Settings, TlsIdentity};
 use hub_proto::v1 as proto;
 use hub_proto::v1::admin_service_client::AdminServiceClient;
 use hub_proto::v1::spoke_service_client::SpokeServiceClient;
@@ -13,41 +13,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 use crate::support::*;
 
-/// A CA, and a server certificate it signed for 127.0.0.1 and localhost.
-struct Pki {
-    ca: String,
-    cert: String,
-    key: String,
-}
-
-impl Pki {
-    fn new() -> Self {
-        use rcgen::{
-            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
-            IsCa, KeyPair, KeyUsagePurpose,
-        };
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "hub test CA");
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let mut leaf =
-            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
-        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let cert = leaf.signed_by(&key, &ca).unwrap();
-        Self {
-            ca: ca.pem(),
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        }
-    }
-
-    fn identity(&self) -> TlsIdentity {
-        TlsIdentity::from_pem(self.cert.clone(), self.key.clone()).expect("a valid identity")
-    }
-}
+use hub::testing::TestPki as Pki;
 
 async fn tls_hub(pki: &Pki) -> TestHub {
     TestHub::start_with(Settings {

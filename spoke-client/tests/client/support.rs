@@ -8,7 +8,7 @@ use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::time::Duration;
 
-use hub::{Settings, TlsIdentity};
+use hub::Settings;
 use hub_proto::v1 as proto;
 use hub_proto::v1::admin_service_client::AdminServiceClient;
 use spoke_client::{Client, ClientBuilder};
@@ -53,7 +53,7 @@ impl TestHub {
     pub async fn start_tls() -> Self {
         let pki = Pki::new();
         let settings = Settings {
-            tls: Some(TlsIdentity::from_pem(pki.cert, pki.key).expect("a valid identity")),
+            tls: Some(pki.identity()),
             ..Settings::default()
         };
         Self {
@@ -174,38 +174,7 @@ impl TestHub {
     }
 }
 
-/// A fresh CA, and a server certificate it signed for 127.0.0.1 and
-/// localhost (all PEM); made at test time, never stored.
-pub struct Pki {
-    pub ca: String,
-    pub cert: String,
-    pub key: String,
-}
-
-impl Pki {
-    pub fn new() -> Self {
-        use rcgen::{
-            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
-            IsCa, KeyPair, KeyUsagePurpose,
-        };
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "spoke-client test CA");
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let mut leaf =
-            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
-        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let cert = leaf.signed_by(&key, &ca).unwrap();
-        Self {
-            ca: ca.pem(),
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        }
-    }
-}
+pub use hub::testing::TestPki as Pki;
 
 /// Adds `authorization: Bearer <admin token>`.
 pub fn authed<T>(msg: T) -> Request<T> {
