@@ -96,10 +96,10 @@ for family in text_string_to_metric_families(sys.stdin.read()):
         values[f"{s.name}{{{labels}}}"] = s.value
 for key in ["hub_deliveries_total{}", "hub_acks_total{outcome=completed}",
             "hub_directives{state=COMPLETED}", "hub_spokes{health=ONLINE}"]:
-    print(key, values.get(key))
+    print(f"{key}={values.get(key)};")
 ') || fail "/metrics does not parse as OpenMetrics"
 expect "/metrics parses and counts the walk-through's deliveries and acks" "$SCRAPE" \
-  "hub_deliveries_total{} 2" "hub_acks_total{outcome=completed} 2" "hub_directives{state=COMPLETED} 2"
+  "hub_deliveries_total{}=2;" "hub_acks_total{outcome=completed}=2;" "hub_directives{state=COMPLETED}=2;"
 
 ERR=$(cd "$WORK" && "$HUB_BIN" cancel 00000000-0000-7000-8000-000000000000 2>&1) && fail "cancelling nothing succeeded"
 expect "an error is one line with the code" "$ERR" "hub: error: NOT_FOUND: directive"
