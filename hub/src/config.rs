@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cli::{ClientCommand, Connection};
 use crate::settings::Settings;
+use crate::store::Durability;
 use crate::tls::{TlsError, TlsIdentity};
 
 /// The hub: a gRPC control plane that pushes directives to spokes.
@@ -44,6 +45,18 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// How hard a commit holds on to its data (`--sync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Sync {
+    /// Every commit is synced to disk before any caller is answered:
+    /// survives power loss.
+    Full,
+    /// Commits reach the OS before callers are answered and are synced at
+    /// checkpoints: survives a killed hub; an OS crash or power loss may
+    /// lose the last moments.
+    Normal,
 }
 
 /// Options of `hub serve`.
@@ -109,6 +122,11 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "HUB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Durability of commits: full (fsync each commit; survives power loss)
+    /// or normal (survives a killed process; may lose the last moments on
+    /// an OS crash or power loss).
+    #[arg(long, env = "HUB_SYNC", value_enum, default_value_t = Sync::Full)]
+    pub sync: Sync,
     /// PEM certificate chain (leaf first) for TLS on the gRPC port; needs --tls-key [default: plaintext].
     #[arg(long, env = "HUB_TLS_CERT", value_name = "PATH")]
     pub tls_cert: Option<PathBuf>,
@@ -180,6 +198,8 @@ pub struct Config {
     pub settings: Settings,
     /// Log format.
     pub log_format: LogFormat,
+    /// Durability of commits.
+    pub durability: Durability,
 }
 
 const MIN_TOKEN_LEN: usize = 16;
@@ -340,6 +360,10 @@ impl Config {
             enrollment_token_source,
             settings,
             log_format: args.log_format,
+            durability: match args.sync {
+                Sync::Full => Durability::Full,
+                Sync::Normal => Durability::Normal,
+            },
         })
     }
 }

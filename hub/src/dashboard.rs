@@ -161,7 +161,8 @@ th{background:#eef0f3;font-weight:600}td.mono,code{font-family:ui-monospace,mono
 async fn render(hub: &Hub) -> crate::Result<String> {
     let now = hub.now_ms();
     let store = hub.store();
-    let spokes = store.list_spokes("", ROWS).await?;
+    let spokes = hub.ledger().list_spokes("", ROWS as usize);
+    hub.ledger().barrier().await?;
     let outstanding = store.outstanding_directives(ROWS).await?;
     let events = store.recent_events(50).await?;
     let names: HashMap<String, String> = spokes

@@ -240,6 +240,29 @@ impl NewDirective {
     }
 }
 
+/// The parts of a directive that never change after it is created.
+#[derive(Debug, Clone)]
+pub struct Fixed {
+    /// Type.
+    pub directive_type: String,
+    /// Priority.
+    pub priority: i32,
+    /// Deliveries allowed.
+    pub max_attempts: u32,
+    /// Created, Unix ms.
+    pub created_at: i64,
+    /// Expiry, Unix ms.
+    pub expires_at: Option<i64>,
+    /// Ack deadline, ms.
+    pub ack_deadline_ms: i64,
+    /// The create call that made it.
+    pub group_id: Uuid,
+    /// Idempotency key of that call.
+    pub idempotency_key: Option<String>,
+    /// Coalesce key.
+    pub coalesce_key: Option<String>,
+}
+
 /// A directive as stored.
 #[derive(Debug, Clone)]
 pub struct DirectiveRecord {
@@ -344,6 +367,15 @@ impl AckOutcome {
             Self::Rejected(_) => State::Rejected,
         }
     }
+}
+
+/// The result of applying an ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckApplied {
+    /// State after the ack.
+    pub state: State,
+    /// Whether it repeated an earlier final ack and changed nothing.
+    pub duplicate: bool,
 }
 
 /// A validated `AckRequest`.

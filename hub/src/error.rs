@@ -31,6 +31,9 @@ pub enum Error {
     /// The hub is shutting down.
     #[error("hub is shutting down")]
     ShuttingDown,
+    /// The hub cannot serve this now; retrying later may work.
+    #[error("{0}")]
+    Unavailable(&'static str),
     /// The database failed; details are logged, not sent to the caller.
     #[error("database error")]
     Database(#[source] sqlx::Error),
@@ -67,7 +70,7 @@ impl From<Error> for Status {
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
-            Error::ShuttingDown => Code::Unavailable,
+            Error::ShuttingDown | Error::Unavailable(_) => Code::Unavailable,
             Error::Database(source) => {
                 tracing::error!(error = %source, "database error");
                 return Status::internal("internal error");

@@ -36,7 +36,9 @@ async fn readyz(State(hub): State<Hub>) -> (StatusCode, &'static str) {
 
 async fn metrics(State(hub): State<Hub>) -> axum::response::Response {
     let counts = async {
-        let health = hub.store().spokes_by_health().await?;
+        let health = hub.ledger().spokes_by_health();
+        // Counted as committed, after everything decided so far.
+        hub.ledger().barrier().await?;
         let states = hub.store().directives_by_state().await?;
         Ok::<_, crate::Error>((health, states))
     };
@@ -44,7 +46,7 @@ async fn metrics(State(hub): State<Hub>) -> axum::response::Response {
         Ok((health, states)) => {
             let body = hub
                 .telemetry()
-                .render(hub.dispatcher().connected(), &health, &states);
+                .render(hub.ledger().connected(), &health, &states);
             (
                 [(
                     header::CONTENT_TYPE,

@@ -8,10 +8,13 @@
 //! - [`api`]: `SpokeService` and `AdminService`, the edge where wire types
 //!   become domain values;
 //! - [`spokes`], [`directives`], [`metrics`]: domain rules and validation;
-//! - [`dispatch`]: in-memory wake-ups of live directive streams and polls;
+//! - [`ledger`]: the in-memory state every decision is made against (the
+//!   fleet, outstanding directives, delivery order and windows, due times,
+//!   live streams), and the committer that writes its log in groups;
 //! - [`events`]: the event log's types; [`timers`]: redelivery, expiry,
 //!   the health sweeper and retention; [`clock`]: system or manual time;
-//! - [`store`]: the database, the only module that touches sqlx;
+//! - [`store`]: the database, the only module that touches sqlx: group
+//!   commits of the ledger's log, the snapshot it is rebuilt from, queries;
 //! - [`auth`]: keys and tokens; [`tls`]: the gRPC port's certificate and
 //!   key; [`limits`]: message-size statuses;
 //! - [`http`]: health, readiness, `/metrics` and the admin page over HTTP;
@@ -30,10 +33,10 @@ pub mod clock;
 pub mod config;
 pub mod dashboard;
 pub mod directives;
-pub mod dispatch;
 pub mod error;
 pub mod events;
 pub mod http;
+pub mod ledger;
 pub mod limits;
 pub mod metrics;
 pub mod server;

@@ -48,7 +48,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let store = hub::Store::open(&config.database_url)
+    let store = hub::Store::open(&config.database_url, config.durability)
         .await
         .with_context(|| {
             format!(

@@ -66,6 +66,112 @@ impl Registration {
     }
 }
 
+/// What identifies a spoke and what it registered with: changes only on
+/// re-registration, revocation and key rotation (the ledger replaces it).
+#[derive(Debug, Clone)]
+pub struct SpokeInfo {
+    /// Hub-assigned id.
+    pub id: Uuid,
+    /// Unique name.
+    pub name: String,
+    /// SHA-256 of its key, hex.
+    pub key_hash: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// `labels` as stored (JSON text).
+    pub labels_json: String,
+    /// Declared directive types and handler versions.
+    pub capabilities: Vec<(String, String)>,
+    /// `capabilities` as stored (JSON text).
+    pub capabilities_json: String,
+    /// In-flight window.
+    pub max_in_flight: u32,
+    /// First registration, Unix ms.
+    pub registered_at: i64,
+    /// When revoked, if revoked.
+    pub revoked_at: Option<i64>,
+}
+
+impl SpokeInfo {
+    /// A spoke as stored; the JSON columns are derived from the values.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: Uuid,
+        name: String,
+        key_hash: String,
+        labels: BTreeMap<String, String>,
+        capabilities: Vec<(String, String)>,
+        max_in_flight: u32,
+        registered_at: i64,
+        revoked_at: Option<i64>,
+    ) -> Self {
+        Self {
+            labels_json: serde_json::to_string(&labels).unwrap_or_else(|_| "{}".to_owned()),
+            capabilities_json: serde_json::to_string(&capabilities)
+                .unwrap_or_else(|_| "[]".to_owned()),
+            id,
+            name,
+            key_hash,
+            labels,
+            capabilities,
+            max_in_flight,
+            registered_at,
+            revoked_at,
+        }
+    }
+
+    /// Whether the spoke declared `directive_type`.
+    pub fn handles(&self, directive_type: &str) -> bool {
+        self.capabilities.iter().any(|(t, _)| t == directive_type)
+    }
+
+    /// Whether every pair of `selector` is among the spoke's labels.
+    pub fn matches(&self, selector: &BTreeMap<String, String>) -> bool {
+        selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+}
+
+/// What a spoke reports and when it was last seen: changes with every
+/// heartbeat, lives in memory and is stored in batches.
+#[derive(Debug, Clone)]
+pub struct SpokeLive {
+    /// The spoke's version string.
+    pub version: String,
+    /// Latest heartbeat, Unix ms.
+    pub last_heartbeat_at: Option<i64>,
+    /// Latest sign of life (registration, heartbeat, stream), Unix ms.
+    pub last_seen_at: Option<i64>,
+    /// Latest reported status.
+    pub status: proto::SpokeStatus,
+    /// Latest status message.
+    pub status_message: String,
+    /// Reported in-flight directives.
+    pub reported_in_flight: u32,
+    /// Reported buffered metric points.
+    pub reported_buffered_points: u64,
+    /// Reported failed metric pushes.
+    pub reported_failed_pushes: u64,
+    /// The health last recorded with an event (`health_name`).
+    pub health: &'static str,
+}
+
+impl SpokeLive {
+    /// A spoke that has just registered: seen now, ONLINE.
+    pub fn registered(version: String, now_ms: i64) -> Self {
+        Self {
+            version,
+            last_heartbeat_at: None,
+            last_seen_at: Some(now_ms),
+            status: proto::SpokeStatus::Unspecified,
+            status_message: String::new(),
+            reported_in_flight: 0,
+            reported_buffered_points: 0,
+            reported_failed_pushes: 0,
+            health: "ONLINE",
+        }
+    }
+}
+
 /// A spoke as stored, plus the hub-side counts read with it.
 #[derive(Debug, Clone)]
 pub struct SpokeRecord {
@@ -104,6 +210,28 @@ pub struct SpokeRecord {
 }
 
 impl SpokeRecord {
+    /// A snapshot of a spoke with `outstanding` directives not final yet.
+    pub fn new(info: &SpokeInfo, live: &SpokeLive, outstanding: u64) -> Self {
+        Self {
+            id: info.id,
+            name: info.name.clone(),
+            labels: info.labels.clone(),
+            capabilities: info.capabilities.clone(),
+            version: live.version.clone(),
+            max_in_flight: info.max_in_flight,
+            registered_at: info.registered_at,
+            revoked_at: info.revoked_at,
+            last_heartbeat_at: live.last_heartbeat_at,
+            last_seen_at: live.last_seen_at,
+            status: live.status,
+            status_message: live.status_message.clone(),
+            reported_in_flight: live.reported_in_flight,
+            reported_buffered_points: live.reported_buffered_points,
+            reported_failed_pushes: live.reported_failed_pushes,
+            outstanding,
+        }
+    }
+
     /// Whether the spoke declared `directive_type`.
     pub fn handles(&self, directive_type: &str) -> bool {
         self.capabilities.iter().any(|(t, _)| t == directive_type)

@@ -60,6 +60,12 @@ pub struct Telemetry {
     pub acks: Family<OutcomeLabels, Counter>,
     /// Metric points received, by what happened to them.
     pub points: Family<PointLabels, Counter>,
+    /// Group commits of the ledger's log.
+    pub commits: Counter,
+    /// Commits that failed (their calls were answered UNAVAILABLE).
+    pub commit_failures: Counter,
+    /// Changes (rows and events) per commit.
+    pub commit_changes: Histogram,
     rpc: Family<RpcLabels, Histogram>,
     connected_streams: Gauge,
     spokes: Family<HealthLabels, Gauge>,
@@ -124,6 +130,9 @@ impl Default for Telemetry {
             redeliveries: Counter::default(),
             acks: Family::default(),
             points: Family::default(),
+            commits: Counter::default(),
+            commit_failures: Counter::default(),
+            commit_changes: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             rpc: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0005, 2.0, 16))
             }),
@@ -146,6 +155,21 @@ impl Default for Telemetry {
             "metric_points",
             "Metric points received, by result (accepted, rejected, duplicate)",
             t.points.clone(),
+        );
+        registry.register(
+            "commits",
+            "Group commits: each is one transaction and one sync for every write gathered meanwhile",
+            t.commits.clone(),
+        );
+        registry.register(
+            "commit_failures",
+            "Commits that failed; their calls were answered UNAVAILABLE",
+            t.commit_failures.clone(),
+        );
+        registry.register(
+            "commit_changes",
+            "Changes (rows and events) per group commit",
+            t.commit_changes.clone(),
         );
         registry.register(
             "rpc_duration_seconds",

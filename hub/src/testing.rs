@@ -57,7 +57,9 @@ impl TestHub {
 
     async fn start_in(dir: &Path, settings: Settings, addr: SocketAddr) -> Self {
         let url = format!("sqlite://{}", dir.join("hub.db").display());
-        let store = Store::open(&url).await.expect("open the store");
+        let store = Store::open(&url, crate::store::Durability::Full)
+            .await
+            .expect("open the store");
         let grpc = bind(addr);
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
         let addr = grpc.local_addr().expect("gRPC address");

@@ -1,45 +1,14 @@
 //! Background work driven by time: redelivery after missed ack deadlines,
 //! exhaustion and expiry; the health sweeper; retention. Due times live in
-//! the store, so a restarted hub picks up where the last one stopped.
+//! the ledger (and in the store it is rebuilt from, so a restarted hub
+//! picks up where the last one stopped).
 
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::Notify;
-
 use crate::api::Hub;
-use crate::dispatch::Control;
 
-/// Longest the delivery timer sleeps without looking at the store again.
+/// Longest the delivery timer sleeps without looking at the ledger again.
 const MAX_TIMER_SLEEP_MS: i64 = 60_000;
-/// Pause after a failed pass (e.g. the database is briefly unavailable).
-const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
-
-/// When the delivery timer plans to wake next, so that a new, earlier due
-/// time can wake it sooner.
-#[derive(Debug)]
-pub struct TimerPlan {
-    planned_ms: AtomicI64,
-    kick: Notify,
-}
-
-impl Default for TimerPlan {
-    fn default() -> Self {
-        Self {
-            planned_ms: AtomicI64::new(i64::MAX),
-            kick: Notify::new(),
-        }
-    }
-}
-
-impl TimerPlan {
-    /// Makes sure the timer runs no later than `due_ms`.
-    pub fn schedule(&self, due_ms: i64) {
-        if due_ms < self.planned_ms.fetch_min(due_ms, Ordering::SeqCst) {
-            self.kick.notify_one();
-        }
-    }
-}
 
 /// Redelivers, fails and expires directives as their due times pass.
 pub async fn run_delivery_timer(hub: Hub) {
@@ -48,49 +17,16 @@ pub async fn run_delivery_timer(hub: Hub) {
     let plan = hub.timer_plan();
     loop {
         let now = hub.now_ms();
-        // Until the next plan is known, any due time scheduled counts as
-        // earlier and leaves a kick behind, so nothing slips between this
-        // pass and the sleep.
-        plan.planned_ms.store(i64::MAX, Ordering::SeqCst);
-        let delay = match hub.store().run_timers(now).await {
-            Ok(sweep) => {
-                for (spoke, directive_id) in sweep.expired_in_flight {
-                    hub.dispatcher().send(
-                        spoke,
-                        Control::Cancelled {
-                            directive_id,
-                            reason: "expired before it was completed".to_owned(),
-                        },
-                    );
-                }
-                for spoke in sweep.wake {
-                    hub.dispatcher().wake(spoke);
-                }
-                if sweep.more {
-                    continue;
-                }
-                match hub.store().next_due().await {
-                    Ok(next) => {
-                        let at = next
-                            .unwrap_or(i64::MAX)
-                            .min(now.saturating_add(MAX_TIMER_SLEEP_MS));
-                        plan.planned_ms.fetch_min(at, Ordering::SeqCst);
-                        Duration::from_millis(u64::try_from(at - hub.now_ms()).unwrap_or(0))
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reading the next due time failed");
-                        RETRY_AFTER_ERROR
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "delivery timer pass failed");
-                RETRY_AFTER_ERROR
-            }
-        };
+        plan.reset();
+        let next = hub.ledger().run_due(now);
+        let at = next
+            .unwrap_or(i64::MAX)
+            .min(now.saturating_add(MAX_TIMER_SLEEP_MS));
+        plan.plan(at);
+        let delay = Duration::from_millis(u64::try_from(at - hub.now_ms()).unwrap_or(0));
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
-            () = plan.kick.notified() => {}
+            () = plan.kicked() => {}
             () = ticks.changed() => {}
             () = shutdown.wait() => return,
         }
@@ -105,18 +41,8 @@ pub async fn run_health_sweeper(hub: Hub) {
     let interval = hub.settings().heartbeat_interval;
     let interval_ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
     loop {
-        let dispatcher = hub.dispatcher().clone();
-        match hub
-            .store()
-            .sweep_health(hub.now_ms(), interval_ms, |id| dispatcher.is_connected(id))
-            .await
-        {
-            Ok(changes) => {
-                for change in changes {
-                    tracing::info!(spoke_id = %change.spoke_id, health = change.to, "spoke health changed");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "health sweep failed"),
+        for change in hub.ledger().sweep_health(hub.now_ms(), interval_ms) {
+            tracing::info!(spoke_id = %change.spoke_id, health = change.to, "spoke health changed");
         }
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
@@ -152,22 +78,5 @@ pub async fn run_retention(hub: Hub) {
             () = ticks.changed() => {}
             () = shutdown.wait() => return,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn only_an_earlier_due_time_kicks_the_timer() {
-        let plan = TimerPlan::default();
-        plan.planned_ms.store(1_000, Ordering::SeqCst);
-        plan.schedule(5_000);
-        let kicked = tokio::time::timeout(Duration::from_millis(10), plan.kick.notified()).await;
-        assert!(kicked.is_err(), "a later due time does not kick");
-        plan.schedule(500);
-        plan.kick.notified().await;
-        assert_eq!(plan.planned_ms.load(Ordering::SeqCst), 500);
     }
 }

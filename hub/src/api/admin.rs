@@ -11,12 +11,12 @@ use uuid::Uuid;
 
 use super::Hub;
 use crate::auth::{generate_secret, hash_secret};
-use crate::directives::{NewDirective, State, Target, parse_id};
-use crate::dispatch::Control;
+use crate::directives::{NewDirective, State, parse_id};
 use crate::error::{Error, Result};
 use crate::events::{EventFilter, Kind};
+use crate::ledger::{self, CancelStep, CreateStep};
 use crate::spokes::{SpokeRecord, check_labels, check_len};
-use crate::store::{DirectiveFilter, MetricFilter, NewDirectiveRow};
+use crate::store::{DirectiveFilter, MetricFilter};
 use crate::wire::ns_of;
 
 /// The AdminService implementation.
@@ -32,81 +32,35 @@ impl AdminApi {
     }
 
     /// A spoke named by exactly one of `spoke_id` / `spoke_name`.
-    async fn spoke_ref(&self, spoke_id: &str, spoke_name: &str) -> Result<SpokeRecord> {
+    fn spoke_ref(&self, spoke_id: &str, spoke_name: &str) -> Result<SpokeRecord> {
         match (spoke_id.is_empty(), spoke_name.is_empty()) {
             (false, false) => Err(Error::invalid(
                 "spoke_name",
                 "set spoke_id or spoke_name, not both",
             )),
             (true, true) => Err(Error::invalid("spoke_id", "required (or spoke_name)")),
-            (false, true) => self.spoke_by_id(parse_id(spoke_id, "spoke_id")?).await,
-            (true, false) => self.spoke_by_name(spoke_name).await,
+            (false, true) => self.spoke_by_id(parse_id(spoke_id, "spoke_id")?),
+            (true, false) => self
+                .hub
+                .ledger()
+                .spoke_by_name(spoke_name)
+                .ok_or_else(|| Error::NotFound(format!("spoke {spoke_name:?} not found"))),
         }
     }
 
     /// An optional spoke filter: `None` when neither field is set.
-    async fn spoke_filter(&self, spoke_id: &str, spoke_name: &str) -> Result<Option<Uuid>> {
+    fn spoke_filter(&self, spoke_id: &str, spoke_name: &str) -> Result<Option<Uuid>> {
         if spoke_id.is_empty() && spoke_name.is_empty() {
             return Ok(None);
         }
-        Ok(Some(self.spoke_ref(spoke_id, spoke_name).await?.id))
+        Ok(Some(self.spoke_ref(spoke_id, spoke_name)?.id))
     }
 
-    async fn spoke_by_id(&self, id: Uuid) -> Result<SpokeRecord> {
+    fn spoke_by_id(&self, id: Uuid) -> Result<SpokeRecord> {
         self.hub
-            .store()
-            .spoke_by_id(id)
-            .await?
+            .ledger()
+            .spoke(id)
             .ok_or_else(|| Error::NotFound(format!("spoke {id} not found")))
-    }
-
-    async fn spoke_by_name(&self, name: &str) -> Result<SpokeRecord> {
-        self.hub
-            .store()
-            .spoke_by_name(name)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("spoke {name:?} not found")))
-    }
-
-    /// The spokes a create aims at, and how many matched but lack the type.
-    async fn resolve_targets(&self, new: &NewDirective) -> Result<(Vec<SpokeRecord>, u32)> {
-        let single = match &new.target {
-            Target::SpokeId(id) => Some(self.spoke_by_id(*id).await?),
-            Target::SpokeName(name) => Some(self.spoke_by_name(name).await?),
-            Target::Selector(_) | Target::All => None,
-        };
-        if let Some(spoke) = single {
-            if spoke.revoked_at.is_some() {
-                return Err(Error::FailedPrecondition(format!(
-                    "spoke {:?} is revoked",
-                    spoke.name
-                )));
-            }
-            if !new.force && !spoke.handles(&new.directive_type) {
-                return Err(Error::FailedPrecondition(format!(
-                    "spoke {:?} did not declare directive type {:?}; set force to send it anyway",
-                    spoke.name, new.directive_type
-                )));
-            }
-            return Ok((vec![spoke], 0));
-        }
-        let mut skipped = 0;
-        let mut targets = Vec::new();
-        for spoke in self.hub.store().active_spokes().await? {
-            let selected = match &new.target {
-                Target::Selector(selector) => spoke.matches(selector),
-                _ => true,
-            };
-            if !selected {
-                continue;
-            }
-            if new.force || spoke.handles(&new.directive_type) {
-                targets.push(spoke);
-            } else {
-                skipped += 1;
-            }
-        }
-        Ok((targets, skipped))
     }
 }
 
@@ -128,35 +82,19 @@ impl AdminService for AdminApi {
     ) -> Result<Response<proto::CreateDirectiveResponse>, Status> {
         let now = self.hub.now_ms();
         let new = NewDirective::parse(request.into_inner(), self.hub.create_defaults(), now)?;
-        let store = self.hub.store();
-        let (targets, skipped) = self.resolve_targets(&new).await?;
-        let rows: Vec<NewDirectiveRow> = targets
-            .iter()
-            .map(|spoke| NewDirectiveRow {
-                spoke_id: spoke.id,
-                directive_type: new.directive_type.clone(),
-                payload: new.payload.clone(),
-                priority: new.priority,
-                expires_at: new.expires_at,
-                ack_deadline_ms: new.ack_deadline_ms,
-                max_attempts: new.max_attempts,
-                coalesce_key: new.coalesce_key.clone(),
-            })
-            .collect();
-        let (group_id, created, replay) = store
-            .create_directives(&rows, new.idempotency_key.as_deref(), now)
-            .await?;
-        if !replay {
-            // Only after commit: a spoke never sees a directive that could
-            // still roll back.
-            for d in &created {
-                self.hub.dispatcher().wake(d.spoke_id);
+        let (group_id, created, skipped, replay) = match self.hub.ledger().create(&new, now)? {
+            CreateStep::Created(created, done) => {
+                // Confirmed only once committed; the commit itself makes
+                // them deliverable, whether or not this caller waits.
+                ledger::committed(done).await?;
+                tracing::info!(group_id = %created.group_id, count = created.directives.len(), r#type = %new.directive_type, "directives created");
+                (created.group_id, created.directives, created.skipped, false)
             }
-            if let Some(at) = new.expires_at {
-                self.hub.timer_plan().schedule(at);
+            CreateStep::Replay(group_id) => {
+                self.hub.ledger().barrier().await?;
+                (group_id, self.hub.store().group(group_id).await?, 0, true)
             }
-            tracing::info!(group_id = %group_id, count = created.len(), r#type = %new.directive_type, "directives created");
-        }
+        };
         let directives = created
             .iter()
             .map(|d| d.to_proto())
@@ -164,7 +102,7 @@ impl AdminService for AdminApi {
         Ok(Response::new(proto::CreateDirectiveResponse {
             directives,
             group_id: group_id.to_string(),
-            skipped_spokes: if replay { 0 } else { skipped },
+            skipped_spokes: skipped,
             idempotent_replay: replay,
         }))
     }
@@ -181,26 +119,34 @@ impl AdminService for AdminApi {
             "" => "cancelled by an operator".to_owned(),
             r => r.to_owned(),
         };
-        let cancelled = self
-            .hub
+        let hub = &self.hub;
+        match hub.ledger().cancel(id, &reason, hub.now_ms())? {
+            CancelStep::Logged {
+                committed,
+                was_delivered,
+            } => {
+                ledger::committed(committed).await?;
+                tracing::info!(directive_id = %id, told_spoke = was_delivered, "directive cancelled");
+            }
+            CancelStep::Unknown => hub.ledger().barrier().await?,
+        }
+        let directive = hub
             .store()
-            .cancel_directive(id, &reason, self.hub.now_ms())
-            .await?;
-        let spoke_id = cancelled.directive.spoke_id;
-        if cancelled.was_delivered && !cancelled.already {
-            let sent = self.hub.dispatcher().send(
-                spoke_id,
-                Control::Cancelled {
-                    directive_id: id,
-                    reason,
-                },
-            );
-            tracing::info!(directive_id = %id, spoke_id = %spoke_id, told_spoke = sent, "directive cancelled");
-            // Its slot in the window is free again.
-            self.hub.dispatcher().wake(spoke_id);
+            .directive(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("directive {id} not found")))?;
+        match directive.state {
+            State::Cancelled => {}
+            s => {
+                return Err(Error::FailedPrecondition(format!(
+                    "directive {id} is {}: only a directive that is not final can be cancelled",
+                    s.as_str()
+                ))
+                .into());
+            }
         }
         Ok(Response::new(proto::CancelDirectiveResponse {
-            directive: Some(cancelled.directive.to_proto()?),
+            directive: Some(directive.to_proto()?),
         }))
     }
 
@@ -209,6 +155,8 @@ impl AdminService for AdminApi {
         request: Request<proto::GetDirectiveRequest>,
     ) -> Result<Response<proto::GetDirectiveResponse>, Status> {
         let id = parse_id(&request.into_inner().directive_id, "directive_id")?;
+        // Reads see every change logged before this call.
+        self.hub.ledger().barrier().await?;
         let directive = self
             .hub
             .store()
@@ -226,7 +174,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<proto::ListDirectivesResponse>, Status> {
         let req = request.into_inner();
         let filter = DirectiveFilter {
-            spoke_id: self.spoke_filter(&req.spoke_id, &req.spoke_name).await?,
+            spoke_id: self.spoke_filter(&req.spoke_id, &req.spoke_name)?,
             state: State::from_proto(req.state, "state")?,
             directive_type: Some(req.r#type).filter(|t| !t.is_empty()),
             group_id: match req.group_id.as_str() {
@@ -242,6 +190,7 @@ impl AdminService for AdminApi {
             },
         };
         let size = page_size(req.page_size);
+        self.hub.ledger().barrier().await?;
         let mut page = self.hub.store().list_directives(&filter, size + 1).await?;
         let next_page_token = if page.len() > size as usize {
             page.truncate(size as usize);
@@ -282,7 +231,7 @@ impl AdminService for AdminApi {
         // Health is derived, not stored, so filtering happens here; read
         // pages until this one is full or the spokes run out.
         let next_page_token = 'pages: loop {
-            let chunk = self.hub.store().list_spokes(&after, size as u32).await?;
+            let chunk = self.hub.ledger().list_spokes(&after, size);
             let exhausted = chunk.len() < size;
             let mut chunk = chunk.into_iter().peekable();
             while let Some(spoke) = chunk.next() {
@@ -313,7 +262,7 @@ impl AdminService for AdminApi {
         request: Request<proto::GetSpokeRequest>,
     ) -> Result<Response<proto::GetSpokeResponse>, Status> {
         let req = request.into_inner();
-        let spoke = self.spoke_ref(&req.spoke_id, &req.spoke_name).await?;
+        let spoke = self.spoke_ref(&req.spoke_id, &req.spoke_name)?;
         Ok(Response::new(proto::GetSpokeResponse {
             spoke: Some(self.hub.spoke_to_proto(&spoke)),
         }))
@@ -324,16 +273,12 @@ impl AdminService for AdminApi {
         request: Request<proto::RevokeSpokeRequest>,
     ) -> Result<Response<proto::RevokeSpokeResponse>, Status> {
         let req = request.into_inner();
-        let spoke = self.spoke_ref(&req.spoke_id, &req.spoke_name).await?;
-        self.hub
-            .store()
-            .revoke_spoke(spoke.id, self.hub.now_ms())
-            .await?;
-        self.hub
-            .dispatcher()
-            .invalidate_key(spoke.id, "spoke key revoked");
-        tracing::info!(spoke_id = %spoke.id, spoke = %spoke.name, "spoke revoked");
-        let spoke = self.spoke_by_id(spoke.id).await?;
+        let spoke = self.spoke_ref(&req.spoke_id, &req.spoke_name)?;
+        if let Some(done) = self.hub.ledger().revoke(spoke.id, self.hub.now_ms())? {
+            ledger::committed(done).await?;
+            tracing::info!(spoke_id = %spoke.id, spoke = %spoke.name, "spoke revoked");
+        }
+        let spoke = self.spoke_by_id(spoke.id)?;
         Ok(Response::new(proto::RevokeSpokeResponse {
             spoke: Some(self.hub.spoke_to_proto(&spoke)),
         }))
@@ -344,15 +289,13 @@ impl AdminService for AdminApi {
         request: Request<proto::RotateSpokeKeyRequest>,
     ) -> Result<Response<proto::RotateSpokeKeyResponse>, Status> {
         let req = request.into_inner();
-        let spoke = self.spoke_ref(&req.spoke_id, &req.spoke_name).await?;
+        let spoke = self.spoke_ref(&req.spoke_id, &req.spoke_name)?;
         let key = generate_secret();
-        self.hub
-            .store()
-            .rotate_key(spoke.id, &hash_secret(&key), self.hub.now_ms())
-            .await?;
-        self.hub
-            .dispatcher()
-            .invalidate_key(spoke.id, "spoke key rotated");
+        let done = self
+            .hub
+            .ledger()
+            .rotate_key(spoke.id, hash_secret(&key), self.hub.now_ms())?;
+        ledger::committed(done).await?;
         tracing::info!(spoke_id = %spoke.id, spoke = %spoke.name, "spoke key rotated");
         Ok(Response::new(proto::RotateSpokeKeyResponse {
             spoke: Some(self.hub.spoke_to_proto(&spoke)),
@@ -366,7 +309,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<proto::QueryMetricsResponse>, Status> {
         let req = request.into_inner();
         let filter = MetricFilter {
-            spoke_id: self.spoke_filter(&req.spoke_id, &req.spoke_name).await?,
+            spoke_id: self.spoke_filter(&req.spoke_id, &req.spoke_name)?,
             domain: Some(req.domain).filter(|d| !d.is_empty()),
             name: Some(req.name).filter(|n| !n.is_empty()),
             start_ns: req

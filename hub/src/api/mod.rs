@@ -14,14 +14,13 @@ use crate::auth::{TokenHash, bearer, hash_secret};
 use crate::clock::Clock;
 use crate::dashboard::Sessions;
 use crate::directives::CreateDefaults;
-use crate::dispatch::Dispatcher;
 use crate::error::{Error, Result};
+use crate::ledger::{Ledger, TimerPlan};
 use crate::settings::Settings;
 use crate::shutdown::Shutdown;
-use crate::spokes::SpokeRecord;
+use crate::spokes::{SpokeInfo, SpokeRecord};
 use crate::store::Store;
 use crate::telemetry::Telemetry;
-use crate::timers::TimerPlan;
 use crate::wire::duration_std;
 
 /// State shared by every call; cheap to clone.
@@ -31,10 +30,7 @@ pub struct Hub {
 }
 
 struct Inner {
-    store: Store,
-    dispatcher: Dispatcher,
-    timer_plan: TimerPlan,
-    telemetry: Arc<Telemetry>,
+    ledger: Ledger,
     sessions: Sessions,
     settings: Settings,
     admin_token: TokenHash,
@@ -45,7 +41,7 @@ struct Inner {
 impl Hub {
     /// Assembles the shared state.
     pub fn new(
-        store: Store,
+        ledger: Ledger,
         settings: Settings,
         admin_token: TokenHash,
         enrollment_token: TokenHash,
@@ -53,10 +49,7 @@ impl Hub {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                store,
-                dispatcher: Dispatcher::default(),
-                timer_plan: TimerPlan::default(),
-                telemetry: Arc::new(Telemetry::default()),
+                ledger,
                 sessions: Sessions::default(),
                 settings,
                 admin_token,
@@ -66,14 +59,14 @@ impl Hub {
         }
     }
 
-    /// The store.
+    /// The store (for queries; writes go through the ledger).
     pub fn store(&self) -> &Store {
-        &self.inner.store
+        self.inner.ledger.store()
     }
 
-    /// Live streams.
-    pub fn dispatcher(&self) -> &Dispatcher {
-        &self.inner.dispatcher
+    /// The in-memory state every decision is made against.
+    pub fn ledger(&self) -> &Ledger {
+        &self.inner.ledger
     }
 
     /// Settings.
@@ -98,7 +91,7 @@ impl Hub {
 
     /// The hub's own metrics.
     pub fn telemetry(&self) -> &Arc<Telemetry> {
-        &self.inner.telemetry
+        self.inner.ledger.telemetry()
     }
 
     /// Signed-in admin page sessions.
@@ -113,23 +106,23 @@ impl Hub {
 
     /// The delivery timer's plan.
     pub fn timer_plan(&self) -> &TimerPlan {
-        &self.inner.timer_plan
+        self.inner.ledger.timer_plan()
     }
 
-    /// The spoke whose key the call carries; revoked keys are refused.
-    pub async fn authenticate_spoke(&self, metadata: &MetadataMap) -> Result<SpokeRecord> {
+    /// The spoke whose key the call carries; revoked and rotated keys are
+    /// refused.
+    pub fn authenticate_spoke(&self, metadata: &MetadataMap) -> Result<Arc<SpokeInfo>> {
         let key = bearer(metadata)?;
-        match self.store().spoke_by_key_hash(&hash_secret(key)).await? {
-            None => Err(Error::Unauthenticated("unknown spoke key")),
-            Some(spoke) if spoke.revoked_at.is_some() => {
-                Err(Error::Unauthenticated("spoke key revoked"))
-            }
-            Some(spoke) => {
-                // Names the spoke in this call's log lines (see telemetry).
-                tracing::Span::current().record("spoke_id", tracing::field::display(spoke.id));
-                Ok(spoke)
-            }
+        let spoke = self
+            .ledger()
+            .spoke_by_key(&hash_secret(key))
+            .ok_or(Error::Unauthenticated("unknown spoke key"))?;
+        if spoke.revoked_at.is_some() {
+            return Err(Error::Unauthenticated("spoke key revoked"));
         }
+        // Names the spoke in this call's log lines (see telemetry).
+        tracing::Span::current().record("spoke_id", tracing::field::display(spoke.id));
+        Ok(spoke)
     }
 
     /// Checks the admin token of an AdminService call.
@@ -167,7 +160,7 @@ impl Hub {
 
     /// The spoke in wire form, with health derived now.
     pub fn spoke_to_proto(&self, spoke: &SpokeRecord) -> proto::Spoke {
-        let connected = self.dispatcher().is_connected(spoke.id);
+        let connected = self.ledger().is_connected(spoke.id);
         let interval =
             i64::try_from(self.settings().heartbeat_interval.as_millis()).unwrap_or(i64::MAX);
         let health = spoke.health(self.now_ms(), interval, connected);

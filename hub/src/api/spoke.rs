@@ -9,14 +9,16 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use std::sync::Arc;
+
 use super::Hub;
 use crate::auth::{bearer, generate_secret, hash_secret};
-use crate::directives::{Ack, State};
-use crate::dispatch::{self, Control};
+use crate::directives::{Ack, AckApplied, DirectiveRecord, State};
 use crate::error::{Error, Result};
+use crate::ledger::{self, AckStep, Delivery, End as StreamEnd, Step, Subscription};
 use crate::limits;
 use crate::metrics::Batch;
-use crate::spokes::{Heartbeat, Registration, SpokeRecord};
+use crate::spokes::{Heartbeat, Registration, SpokeInfo};
 use crate::store::StoredBatch;
 use crate::telemetry::{OutcomeLabels, PointLabels};
 use crate::wire::{duration_std, ms_of_duration, timestamp_ms};
@@ -56,21 +58,18 @@ impl SpokeService for SpokeApi {
         // Who is calling comes first: an unauthenticated caller learns
         // nothing, not even whether its request was well-formed.
         let secret = bearer(request.metadata())?;
-        let existing = if hub.is_enrollment_token(secret) {
-            None
-        } else {
-            let spoke = hub
-                .store()
-                .spoke_by_key_hash(&hash_secret(secret))
-                .await?
-                .ok_or(Error::Unauthenticated(
-                    "unknown enrollment token or spoke key",
-                ))?;
-            if spoke.revoked_at.is_some() {
-                return Err(Error::Unauthenticated("spoke key revoked").into());
-            }
-            Some(spoke)
-        };
+        let existing =
+            if hub.is_enrollment_token(secret) {
+                None
+            } else {
+                let spoke = hub.ledger().spoke_by_key(&hash_secret(secret)).ok_or(
+                    Error::Unauthenticated("unknown enrollment token or spoke key"),
+                )?;
+                if spoke.revoked_at.is_some() {
+                    return Err(Error::Unauthenticated("spoke key revoked").into());
+                }
+                Some(spoke)
+            };
         let settings = hub.settings();
         let reg = Registration::parse(
             request.into_inner(),
@@ -80,10 +79,10 @@ impl SpokeService for SpokeApi {
         let (spoke, spoke_key) = match existing {
             None => {
                 let key = generate_secret();
-                let spoke = hub
-                    .store()
-                    .insert_spoke(&reg, &hash_secret(&key), hub.now_ms())
-                    .await?;
+                let (spoke, done) = hub
+                    .ledger()
+                    .register(reg, hash_secret(&key), hub.now_ms())?;
+                ledger::committed(done).await?;
                 tracing::info!(spoke_id = %spoke.id, spoke = %spoke.name, "spoke registered");
                 (spoke, key)
             }
@@ -91,11 +90,11 @@ impl SpokeService for SpokeApi {
                 return Err(Error::Unauthenticated("the key belongs to another spoke name").into());
             }
             Some(existing) => {
-                let spoke = hub
-                    .store()
-                    .update_registration(existing.id, &reg, hub.now_ms())
-                    .await?;
-                tracing::info!(spoke_id = %spoke.id, spoke = %spoke.name, "spoke re-registered");
+                let (spoke, done) = hub.ledger().reregister(existing.id, reg, hub.now_ms())?;
+                if let Some(done) = done {
+                    ledger::committed(done).await?;
+                    tracing::info!(spoke_id = %spoke.id, spoke = %spoke.name, "spoke re-registered");
+                }
                 (spoke, String::new())
             }
         };
@@ -112,15 +111,11 @@ impl SpokeService for SpokeApi {
         &self,
         request: Request<proto::WatchDirectivesRequest>,
     ) -> Result<Response<Self::WatchDirectivesStream>, Status> {
-        let spoke = self.hub.authenticate_spoke(request.metadata()).await?;
-        let registration = self.hub.dispatcher().register(spoke.id);
-        self.hub
-            .store()
-            .mark_seen(spoke.id, self.hub.now_ms())
-            .await?;
+        let spoke = self.hub.authenticate_spoke(request.metadata())?;
+        let subscription = self.hub.ledger().subscribe(spoke.id, self.hub.now_ms())?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tracing::debug!(spoke_id = %spoke.id, "directive stream opened");
-        tokio::spawn(stream_directives(self.hub.clone(), spoke, registration, tx));
+        tokio::spawn(stream_directives(self.hub.clone(), spoke, subscription, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -128,14 +123,10 @@ impl SpokeService for SpokeApi {
         &self,
         request: Request<proto::AckRequest>,
     ) -> Result<Response<proto::AckResponse>, Status> {
-        let spoke = self.hub.authenticate_spoke(request.metadata()).await?;
+        let spoke = self.hub.authenticate_spoke(request.metadata())?;
         let ack = Ack::try_from(request.into_inner())?;
         tracing::Span::current().record("directive_id", tracing::field::display(ack.directive_id));
-        let applied = self
-            .hub
-            .store()
-            .apply_ack(spoke.id, &ack, self.hub.now_ms())
-            .await?;
+        let applied = apply_ack(&self.hub, spoke.id, &ack).await?;
         let outcome = match applied.state {
             State::InProgress => "in_progress",
             State::Completed => "completed",
@@ -147,10 +138,6 @@ impl SpokeService for SpokeApi {
             .acks
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
-        if applied.state.is_final() && !applied.duplicate {
-            // A final ack frees a slot in the spoke's in-flight window.
-            self.hub.dispatcher().wake(spoke.id);
-        }
         Ok(Response::new(proto::AckResponse {
             state: applied.state.to_proto().into(),
             duplicate: applied.duplicate,
@@ -161,13 +148,10 @@ impl SpokeService for SpokeApi {
         &self,
         request: Request<proto::HeartbeatRequest>,
     ) -> Result<Response<proto::HeartbeatResponse>, Status> {
-        let spoke = self.hub.authenticate_spoke(request.metadata()).await?;
+        let spoke = self.hub.authenticate_spoke(request.metadata())?;
         let heartbeat = Heartbeat::try_from(request.into_inner())?;
         let now = self.hub.now_ms();
-        self.hub
-            .store()
-            .record_heartbeat(spoke.id, &heartbeat, now)
-            .await?;
+        self.hub.ledger().heartbeat(spoke.id, heartbeat, now);
         Ok(Response::new(proto::HeartbeatResponse {
             next_interval: Some(duration_std(self.hub.settings().heartbeat_interval)),
             hub_time: Some(timestamp_ms(now)),
@@ -178,62 +162,41 @@ impl SpokeService for SpokeApi {
         &self,
         request: Request<Streaming<proto::PushMetricsRequest>>,
     ) -> Result<Response<proto::PushMetricsResponse>, Status> {
-        let spoke = self.hub.authenticate_spoke(request.metadata()).await?;
+        let spoke = self.hub.authenticate_spoke(request.metadata())?;
         let mut stream = request.into_inner();
         let max_points = self.hub.settings().max_points_per_batch as usize;
-        let mut batches = Vec::new();
-        while let Some(msg) = stream.message().await.map_err(limits::map_status)? {
-            if batches.len() >= MAX_BATCHES_PER_CALL {
-                return Err(Error::ResourceExhausted(format!(
-                    "at most {MAX_BATCHES_PER_CALL} batches per PushMetrics call; the earlier ones are stored"
-                ))
-                .into());
-            }
-            let now = self.hub.now_ms();
-            let batch = Batch::parse(msg, max_points, now.saturating_mul(1_000_000))?;
-            let rejected = batch
-                .rejected
-                .iter()
-                .map(|(index, reason)| proto::PointRejection {
-                    index: *index,
-                    reason: reason.clone(),
-                })
-                .collect();
-            let stored = self.hub.store().store_batch(spoke.id, &batch, now).await?;
-            let points = &self.hub.telemetry().points;
-            match stored {
-                StoredBatch::Accepted(n) => {
-                    points
-                        .get_or_create(&PointLabels { result: "accepted" })
-                        .inc_by(u64::from(n));
-                    points
-                        .get_or_create(&PointLabels { result: "rejected" })
-                        .inc_by(batch.rejected.len() as u64);
+        // Batches are logged as they arrive and share commits; the reply
+        // waits for all of them.
+        let mut pending = Vec::new();
+        let read = async {
+            while let Some(msg) = stream.message().await.map_err(limits::map_status)? {
+                if pending.len() >= MAX_BATCHES_PER_CALL {
+                    return Err(Error::ResourceExhausted(format!(
+                        "at most {MAX_BATCHES_PER_CALL} batches per PushMetrics call; the earlier ones are stored"
+                    ))
+                    .into());
                 }
-                StoredBatch::Duplicate(_) => {
-                    points
-                        .get_or_create(&PointLabels {
-                            result: "duplicate",
-                        })
-                        .inc_by((batch.points.len() + batch.rejected.len()) as u64);
-                }
+                let now = self.hub.now_ms();
+                let batch = Arc::new(Batch::parse(msg, max_points, now.saturating_mul(1_000_000))?);
+                let ledger = self.hub.ledger().clone();
+                let stored = {
+                    let batch = batch.clone();
+                    let spoke_id = spoke.id;
+                    tokio::spawn(async move { ledger.store_metrics(spoke_id, batch, now).await })
+                };
+                pending.push((batch, stored));
             }
-            let result = match stored {
-                StoredBatch::Accepted(n) => proto::BatchResult {
-                    batch_id: batch.batch_id,
-                    status: proto::BatchStatus::Accepted.into(),
-                    accepted_points: n,
-                    rejected,
-                },
-                StoredBatch::Duplicate(n) => proto::BatchResult {
-                    batch_id: batch.batch_id,
-                    status: proto::BatchStatus::Duplicate.into(),
-                    accepted_points: n,
-                    rejected: Vec::new(),
-                },
-            };
-            batches.push(result);
+            Ok::<_, Status>(())
         }
+        .await;
+        let mut batches = Vec::with_capacity(pending.len());
+        for (batch, stored) in pending {
+            let stored = stored
+                .await
+                .map_err(|_| Error::Unavailable("storing a metric batch was interrupted"))??;
+            batches.push(self.batch_result(&batch, stored));
+        }
+        read?;
         Ok(Response::new(proto::PushMetricsResponse { batches }))
     }
 
@@ -241,7 +204,7 @@ impl SpokeService for SpokeApi {
         &self,
         request: Request<proto::PollDirectivesRequest>,
     ) -> Result<Response<proto::PollDirectivesResponse>, Status> {
-        let spoke = self.hub.authenticate_spoke(request.metadata()).await?;
+        let spoke = self.hub.authenticate_spoke(request.metadata())?;
         let req = request.into_inner();
         let max = match req.max_directives {
             0 => 1,
@@ -253,36 +216,26 @@ impl SpokeService for SpokeApi {
             Some(d) => ms_of_duration(d, "wait")?.min(MAX_POLL_WAIT_MS),
         };
         let hub = &self.hub;
-        hub.store().mark_seen(spoke.id, hub.now_ms()).await?;
+        hub.ledger().seen(spoke.id, hub.now_ms());
         let deadline =
             tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms as u64);
-        let waker = hub.dispatcher().poll_waker(spoke.id);
+        let waker = hub.ledger().poll_waker(spoke.id);
         let mut shutdown = hub.shutdown();
-        // Waits between queries hold no database connection.
         let taken = loop {
             let notified = waker.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let taken = hub
-                .store()
-                .take_pending(
-                    spoke.id,
-                    &spoke.name,
-                    spoke.max_in_flight,
-                    max,
-                    hub.now_ms(),
-                )
-                .await?;
-            if !taken.is_empty() || tokio::time::Instant::now() >= deadline {
+            let taken = hub.ledger().poll(spoke.id, max, hub.now_ms());
+            if !taken.directives.is_empty() || tokio::time::Instant::now() >= deadline {
                 break taken;
             }
             tokio::select! {
                 () = notified => {}
                 () = tokio::time::sleep_until(deadline) => {}
-                () = shutdown.wait() => break Vec::new(),
+                () = shutdown.wait() => break Delivery::default(),
             }
         };
-        delivered(hub, &taken);
+        let taken = with_payloads(hub, taken).await?;
         let directives = taken
             .iter()
             .map(|d| d.to_proto())
@@ -294,13 +247,102 @@ impl SpokeService for SpokeApi {
     }
 }
 
-/// Counts deliveries, and makes sure the delivery timer wakes for the ack
-/// deadlines of `taken`.
-fn delivered(hub: &Hub, taken: &[crate::directives::DirectiveRecord]) {
-    hub.telemetry().delivered(taken.iter().map(|d| d.attempts));
-    if let Some(due) = taken.iter().filter_map(|d| d.ack_due_at).min() {
-        hub.timer_plan().schedule(due);
+impl SpokeApi {
+    /// The reply's report on one stored batch, counted in the hub's metrics.
+    fn batch_result(&self, batch: &Batch, stored: StoredBatch) -> proto::BatchResult {
+        let points = &self.hub.telemetry().points;
+        match stored {
+            StoredBatch::Accepted(n) => {
+                points
+                    .get_or_create(&PointLabels { result: "accepted" })
+                    .inc_by(u64::from(n));
+                points
+                    .get_or_create(&PointLabels { result: "rejected" })
+                    .inc_by(batch.rejected.len() as u64);
+                proto::BatchResult {
+                    batch_id: batch.batch_id.clone(),
+                    status: proto::BatchStatus::Accepted.into(),
+                    accepted_points: n,
+                    rejected: batch
+                        .rejected
+                        .iter()
+                        .map(|(index, reason)| proto::PointRejection {
+                            index: *index,
+                            reason: reason.clone(),
+                        })
+                        .collect(),
+                }
+            }
+            StoredBatch::Duplicate(n) => {
+                points
+                    .get_or_create(&PointLabels {
+                        result: "duplicate",
+                    })
+                    .inc_by((batch.points.len() + batch.rejected.len()) as u64);
+                proto::BatchResult {
+                    batch_id: batch.batch_id.clone(),
+                    status: proto::BatchStatus::Duplicate.into(),
+                    accepted_points: n,
+                    rejected: Vec::new(),
+                }
+            }
+        }
     }
+}
+
+/// Applies an ack: decided by the ledger and answered after its commit;
+/// an ack of a directive that is not outstanding is answered from the
+/// store (after every change logged so far is committed).
+pub(crate) async fn apply_ack(hub: &Hub, spoke_id: uuid::Uuid, ack: &Ack) -> Result<AckApplied> {
+    let id = ack.directive_id;
+    match hub.ledger().ack(spoke_id, ack, hub.now_ms())? {
+        AckStep::Logged(applied, done) => {
+            ledger::committed(done).await?;
+            Ok(applied)
+        }
+        AckStep::Unknown => {
+            hub.ledger().barrier().await?;
+            let wanted = ack.outcome.state();
+            match hub.store().directive_state(id).await? {
+                Some((owner, state)) if owner == spoke_id => {
+                    if state == wanted && state.is_final() {
+                        Ok(AckApplied {
+                            state,
+                            duplicate: true,
+                        })
+                    } else {
+                        Err(Error::FailedPrecondition(format!(
+                            "directive {id} is {}: it can no longer be acked as {}",
+                            state.as_str(),
+                            wanted.as_str()
+                        )))
+                    }
+                }
+                _ => Err(Error::NotFound(format!("directive {id} not found"))),
+            }
+        }
+    }
+}
+
+/// The directives of `delivery`, with the payloads the ledger did not
+/// hold read from the store.
+async fn with_payloads(hub: &Hub, delivery: Delivery) -> Result<Vec<DirectiveRecord>> {
+    let Delivery {
+        mut directives,
+        missing_payloads,
+        ..
+    } = delivery;
+    hub.telemetry()
+        .delivered(directives.iter().map(|d| d.attempts));
+    if !missing_payloads.is_empty() {
+        let mut payloads = hub.store().payloads(&missing_payloads).await?;
+        for d in &mut directives {
+            if let Some(payload) = payloads.remove(&d.id) {
+                d.payload = payload;
+            }
+        }
+    }
+    Ok(directives)
 }
 
 /// Why a stream task stopped.
@@ -312,33 +354,31 @@ enum End {
 }
 
 /// Feeds one spoke's stream: the backlog first, then whatever a wake-up
-/// announces, plus keepalives and control messages, until the spoke leaves,
-/// a newer stream takes over, or the hub shuts down.
+/// announces, plus keepalives and notices, until the spoke leaves, a newer
+/// stream takes over, or the hub shuts down.
 async fn stream_directives(
     hub: Hub,
-    spoke: SpokeRecord,
-    mut registration: dispatch::Subscription,
+    spoke: Arc<SpokeInfo>,
+    subscription: Subscription,
     tx: mpsc::Sender<Result<proto::WatchDirectivesResponse, Status>>,
 ) {
-    let end = match run_stream(&hub, &spoke, &mut registration, &tx).await {
+    let end = match run_stream(&hub, &spoke, &subscription, &tx).await {
         Ok(end) => end,
         Err(e) => End::Status(e.into()),
     };
     if let End::Status(status) = end {
         let _ = tx.send(Err(status)).await;
     }
-    drop(registration);
+    drop(subscription);
     // Staleness counts from the moment the stream went away.
-    if let Err(e) = hub.store().mark_seen(spoke.id, hub.now_ms()).await {
-        tracing::warn!(spoke_id = %spoke.id, error = %e, "recording the end of a stream failed");
-    }
+    hub.ledger().seen(spoke.id, hub.now_ms());
     tracing::debug!(spoke_id = %spoke.id, "directive stream closed");
 }
 
 async fn run_stream(
     hub: &Hub,
-    spoke: &SpokeRecord,
-    registration: &mut dispatch::Subscription,
+    spoke: &SpokeInfo,
+    subscription: &Subscription,
     tx: &mpsc::Sender<Result<proto::WatchDirectivesResponse, Status>>,
 ) -> Result<End> {
     use proto::watch_directives_response::Message;
@@ -347,30 +387,22 @@ async fn run_stream(
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    // The slot is registered before the backlog query, so a directive
-    // committed from here on either is in the backlog or wakes us below.
-    let window = spoke.max_in_flight;
-    let backlog = hub
-        .store()
-        .take_backlog(spoke.id, &spoke.name, window, hub.now_ms())
-        .await?;
-    delivered(hub, &backlog);
-    if !send_directives(tx, &backlog).await? {
-        return Ok(End::Quiet);
+    // The stream is registered before the backlog is taken, so a directive
+    // published from here on either is in the backlog or wakes us below.
+    let backlog = hub.ledger().backlog(subscription, hub.now_ms());
+    if let Some(end) = send_step(hub, tx, backlog).await? {
+        return Ok(end);
     }
     loop {
         tokio::select! {
-            () = registration.wake.notified() => {
+            () = subscription.woken() => {
                 loop {
-                    let taken = hub
-                        .store()
-                        .take_pending(spoke.id, &spoke.name, window, TAKE_CHUNK, hub.now_ms())
-                        .await?;
-                    delivered(hub, &taken);
-                    if !send_directives(tx, &taken).await? {
-                        return Ok(End::Quiet);
+                    let step = hub.ledger().next(subscription, TAKE_CHUNK, hub.now_ms());
+                    let full = matches!(&step, Step::Work(d) if d.directives.len() >= TAKE_CHUNK as usize);
+                    if let Some(end) = send_step(hub, tx, step).await? {
+                        return Ok(end);
                     }
-                    if taken.len() < TAKE_CHUNK as usize {
+                    if !full {
                         break;
                     }
                 }
@@ -381,25 +413,6 @@ async fn run_stream(
                     return Ok(End::Quiet);
                 }
             }
-            control = registration.control.recv() => match control {
-                Some(Control::Cancelled { directive_id, reason }) => {
-                    let msg = Message::Cancelled(proto::DirectiveCancelled {
-                        directive_id: directive_id.to_string(),
-                        reason,
-                    });
-                    if !send(tx, msg).await {
-                        return Ok(End::Quiet);
-                    }
-                }
-                Some(Control::KeyInvalidated(reason)) => {
-                    return Ok(End::Status(Status::unauthenticated(reason)));
-                }
-                Some(Control::Superseded) | None => {
-                    return Ok(End::Status(Status::aborted(
-                        "superseded by a newer WatchDirectives stream of this spoke",
-                    )));
-                }
-            },
             () = shutdown.wait() => {
                 let mut hints = hub.hints(spoke.max_in_flight);
                 hints.retry_after = Some(duration_std(std::time::Duration::from_secs(1)));
@@ -411,6 +424,42 @@ async fn run_stream(
     }
 }
 
+/// Sends what the ledger handed out; `Some` when the stream must end.
+async fn send_step(
+    hub: &Hub,
+    tx: &mpsc::Sender<Result<proto::WatchDirectivesResponse, Status>>,
+    step: Step,
+) -> Result<Option<End>> {
+    use proto::watch_directives_response::Message;
+    let mut delivery = match step {
+        Step::End(StreamEnd::Superseded) => {
+            return Ok(Some(End::Status(Status::aborted(
+                "superseded by a newer WatchDirectives stream of this spoke",
+            ))));
+        }
+        Step::End(StreamEnd::KeyInvalidated(reason)) => {
+            return Ok(Some(End::Status(Status::unauthenticated(reason))));
+        }
+        Step::Work(delivery) => delivery,
+    };
+    for (directive_id, reason) in std::mem::take(&mut delivery.notices) {
+        let msg = Message::Cancelled(proto::DirectiveCancelled {
+            directive_id: directive_id.to_string(),
+            reason,
+        });
+        if !send(tx, msg).await {
+            return Ok(Some(End::Quiet));
+        }
+    }
+    let directives = with_payloads(hub, delivery).await?;
+    for d in &directives {
+        if !send(tx, Message::Directive(d.to_proto()?)).await {
+            return Ok(Some(End::Quiet));
+        }
+    }
+    Ok(None)
+}
+
 async fn send(
     tx: &mpsc::Sender<Result<proto::WatchDirectivesResponse, Status>>,
     message: proto::watch_directives_response::Message,
@@ -420,22 +469,4 @@ async fn send(
     }))
     .await
     .is_ok()
-}
-
-/// Sends directives in order; `false` when the spoke has gone.
-async fn send_directives(
-    tx: &mpsc::Sender<Result<proto::WatchDirectivesResponse, Status>>,
-    directives: &[crate::directives::DirectiveRecord],
-) -> Result<bool> {
-    for d in directives {
-        if !send(
-            tx,
-            proto::watch_directives_response::Message::Directive(d.to_proto()?),
-        )
-        .await
-        {
-            return Ok(false);
-        }
-    }
-    Ok(true)
 }

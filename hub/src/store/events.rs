@@ -1,32 +1,12 @@
-//! Event rows: written inside the transaction of the change they record,
-//! read back by sequence for WatchEvents.
+//! Event rows, read back by sequence for WatchEvents. (They are written by
+//! the group commit, in the transaction of the change they record.)
 
 use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::Store;
 use crate::error::Result;
-use crate::events::{EventFilter, EventRecord, Kind, NewEvent};
-
-/// Inserts an event; returns its sequence number.
-pub(super) async fn insert(
-    conn: &mut SqliteConnection,
-    event: &NewEvent,
-    now_ms: i64,
-) -> Result<i64> {
-    let seq = sqlx::query(
-        "INSERT INTO events (type, time, spoke_id, directive_id, details) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(event.kind.as_str())
-    .bind(now_ms)
-    .bind(event.spoke_id.map(|id| id.to_string()))
-    .bind(event.directive_id.map(|id| id.to_string()))
-    .bind(event.details.to_string())
-    .execute(conn)
-    .await?
-    .last_insert_rowid();
-    Ok(seq)
-}
+use crate::events::{EventFilter, EventRecord, Kind};
 
 fn event_from_row(row: &SqliteRow) -> Result<EventRecord> {
     let kind: String = row.try_get("type")?;

@@ -1,37 +1,53 @@
-//! Storage: the one interface the services use to reach the database.
+//! Storage: the log the hub's in-memory ledger is rebuilt from, and the
+//! place operators' queries read.
 //!
 //! Only this module touches sqlx. The embedded default is SQLite in WAL mode
 //! with one writer connection (SQLite serialises writers anyway; one
 //! connection avoids lock-upgrade failures) and a small pool of readers.
 //! Migrations are embedded from `migrations/sqlite` and run at open.
 //!
-//! Every state change writes its event in the same transaction ([`Write`]);
-//! after commit the highest committed sequence is published, which is what
-//! WatchEvents waits on.
+//! Writes arrive as [`Change`]s decided by the ledger and are committed in
+//! groups ([`Store::commit`]): one transaction and one sync for everything
+//! gathered since the last commit, with multi-row statements. Events get
+//! their sequence numbers here, in commit order; after commit the highest
+//! committed sequence is published, which is what WatchEvents waits on.
 
+mod commit;
 mod directives;
 mod events;
+mod load;
 mod metrics;
 mod retention;
-mod spokes;
-mod timers;
 
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, SqlitePool, Transaction};
 use tokio::sync::watch;
 
-pub use directives::{AckApplied, Cancelled, DirectiveFilter, NewDirectiveRow};
+pub use commit::{Change, Committed, DirectiveUpdate};
+pub use directives::DirectiveFilter;
+pub use load::{OutstandingRow, Snapshot};
 pub use metrics::{MetricFilter, StoredBatch};
 pub use retention::Purged;
-pub use spokes::HealthChange;
-pub use timers::TimerSweep;
 
 use crate::error::{Error, Result};
-use crate::events::NewEvent;
+
+/// How hard a commit holds on to its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Every commit is synced to disk before anyone is answered: it survives
+    /// power loss.
+    #[default]
+    Full,
+    /// Commits reach the operating system before anyone is answered and are
+    /// synced at checkpoints: they survive a killed hub, and an OS crash or
+    /// power loss may lose the last moments.
+    Normal,
+}
 
 /// Handle to the hub's database; cheap to clone.
 #[derive(Clone, Debug)]
@@ -40,22 +56,9 @@ pub struct Store {
     reader: SqlitePool,
     /// The highest event sequence committed so far.
     committed_events: Arc<watch::Sender<i64>>,
-}
-
-/// One write transaction, with the time it happens at and the last event it
-/// recorded.
-struct Write<'c> {
-    tx: Transaction<'c, Sqlite>,
-    now_ms: i64,
-    last_event: i64,
-}
-
-impl Write<'_> {
-    /// Records an event in this transaction.
-    async fn event(&mut self, event: NewEvent) -> Result<()> {
-        self.last_event = events::insert(&mut self.tx, &event, self.now_ms).await?;
-        Ok(())
-    }
+    /// The sequence the next event gets. Only the committer (one task)
+    /// advances it.
+    next_seq: Arc<AtomicI64>,
 }
 
 /// Migrations for the SQLite backend, embedded in the binary.
@@ -64,19 +67,22 @@ static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migration
 impl Store {
     /// Opens (creating if needed) the database at `url` and applies pending
     /// migrations. Only `sqlite:` URLs are supported so far.
-    pub async fn open(url: &str) -> Result<Self> {
+    pub async fn open(url: &str, durability: Durability) -> Result<Self> {
         if !url.starts_with("sqlite:") {
             return Err(Error::invalid(
                 "database_url",
                 "only sqlite: URLs are supported by this build",
             ));
         }
+        let synchronous = match durability {
+            Durability::Full => SqliteSynchronous::Full,
+            Durability::Normal => SqliteSynchronous::Normal,
+        };
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| Error::invalid("database_url", e.to_string()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            // FULL: a commit survives power loss, not only a killed process.
-            .synchronous(SqliteSynchronous::Full)
+            .synchronous(synchronous)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         let writer = SqlitePoolOptions::new()
@@ -91,45 +97,46 @@ impl Store {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        let last: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM events")
-            .fetch_one(&reader)
-            .await?;
+        // AUTOINCREMENT remembers the highest sequence ever used, even after
+        // retention deleted those events: a sequence is never reused.
+        let last: i64 = sqlx::query_scalar(
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0), \
+             COALESCE((SELECT MAX(seq) FROM events), 0))",
+        )
+        .fetch_one(&writer)
+        .await?;
         Ok(Self {
             writer,
             reader,
-            committed_events: Arc::new(watch::Sender::new(last.unwrap_or(0))),
+            committed_events: Arc::new(watch::Sender::new(last)),
+            next_seq: Arc::new(AtomicI64::new(last + 1)),
         })
     }
 
-    /// Begins a write transaction happening at `now_ms`.
-    async fn write(&self, now_ms: i64) -> Result<Write<'static>> {
-        Ok(Write {
-            tx: self.writer.begin().await?,
-            now_ms,
-            last_event: 0,
-        })
-    }
-
-    /// Commits, then publishes the events it recorded.
-    async fn commit(&self, w: Write<'static>) -> Result<()> {
-        w.tx.commit().await?;
-        let last = w.last_event;
-        if last > 0 {
-            self.committed_events.send_if_modified(|seq| {
-                let newer = last > *seq;
-                if newer {
-                    *seq = last;
-                }
-                newer
-            });
-        }
-        Ok(())
+    /// Publishes `last` as the highest committed event sequence.
+    fn publish_events(&self, last: i64) {
+        self.committed_events.send_if_modified(|seq| {
+            let newer = last > *seq;
+            if newer {
+                *seq = last;
+            }
+            newer
+        });
     }
 
     /// Follows the highest committed event sequence: every event up to it is
     /// readable.
     pub fn committed_events(&self) -> watch::Receiver<i64> {
         self.committed_events.subscribe()
+    }
+
+    /// The highest committed event sequence now.
+    pub fn last_event(&self) -> i64 {
+        *self.committed_events.borrow()
+    }
+
+    fn take_seq(&self) -> i64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Whether the database answers and every embedded migration is applied.
@@ -141,14 +148,18 @@ impl Store {
         Ok(applied as usize == SQLITE_MIGRATIONS.iter().count())
     }
 
+    /// Runs `sql` on the writer connection: tests inject faults with it.
+    #[cfg(test)]
+    pub(crate) async fn execute_for_test(&self, sql: &'static str) {
+        sqlx::query(sql)
+            .execute(&self.writer)
+            .await
+            .expect("test SQL runs");
+    }
+
     /// Closes both pools, waiting for in-flight statements to finish.
     pub async fn close(&self) {
         self.writer.close().await;
         self.reader.close().await;
     }
-}
-
-/// Whether an error is a violation of a UNIQUE constraint.
-fn is_unique_violation(err: &sqlx::Error) -> bool {
-    matches!(err, sqlx::Error::Database(db) if db.is_unique_violation())
 }

@@ -1,0 +1,162 @@
+//! The committer: the one task that writes the ledger's log to the store.
+//!
+//! It takes everything logged since its last commit, commits it as one
+//! batch, then answers the waiters and applies the batch's effects. While a
+//! commit runs, new changes gather for the next one, so the batch size
+//! follows the load: an idle hub commits a lone write at once, a busy one
+//! shares each sync among everything that arrived during the last.
+
+use std::mem;
+use std::time::Duration;
+
+use super::{Effect, Ledger, Log, State, Waiter};
+use crate::error::Error;
+use crate::store::{Change, Committed};
+
+/// Longest a changed spoke row (a heartbeat, a sign of life) waits in
+/// memory before it is written when nothing else is.
+const SPOKE_FLUSH: Duration = Duration::from_secs(1);
+/// Pause between attempts to rebuild the ledger after a failed commit.
+const REBUILD_RETRY: Duration = Duration::from_secs(1);
+
+/// One batch taken from the log.
+struct Batch {
+    changes: Vec<Change>,
+    waiters: Vec<Waiter>,
+    effects: Vec<Effect>,
+}
+
+/// Commits the ledger's log until [`Ledger::close`]; then writes what is
+/// left and returns.
+pub async fn run_committer(ledger: Ledger) {
+    let mut closing = ledger.shared.closing.subscribe();
+    loop {
+        if commit_next(&ledger).await {
+            continue;
+        }
+        if *closing.borrow_and_update() {
+            return;
+        }
+        tokio::select! {
+            () = ledger.shared.kick.notified() => {}
+            () = tokio::time::sleep(SPOKE_FLUSH) => {}
+            _ = closing.changed() => {}
+        }
+    }
+}
+
+/// Commits everything logged so far as one batch; `false` when there was
+/// nothing. After a failed commit, returns once the ledger is rebuilt.
+pub(super) async fn commit_next(ledger: &Ledger) -> bool {
+    let Some(batch) = ledger.lock().take_batch() else {
+        return false;
+    };
+    let result = ledger.store().commit(&batch.changes).await;
+    let telemetry = ledger.telemetry();
+    match result {
+        Ok(done) => {
+            telemetry.commits.inc();
+            telemetry.commit_changes.observe(batch.changes.len() as f64);
+            ledger.lock().committed(batch, done);
+        }
+        Err(e) => {
+            telemetry.commit_failures.inc();
+            tracing::error!(error = %e, changes = batch.changes.len(), "a commit failed; its calls are answered UNAVAILABLE and the ledger is rebuilt from the store");
+            fail(batch.waiters);
+            let later = {
+                let mut state = ledger.lock();
+                state.poisoned = true;
+                state.committing = false;
+                mem::take(&mut state.log)
+            };
+            fail(later.waiters);
+            rebuild(ledger).await;
+        }
+    }
+    true
+}
+
+/// Reads the ledger back from the store, retrying until it can.
+async fn rebuild(ledger: &Ledger) {
+    loop {
+        match ledger.store().snapshot().await {
+            Ok(snapshot) => {
+                let mut state = ledger.lock();
+                // Whatever was decided against the lost state goes too.
+                let later = mem::take(&mut state.log);
+                state.rebuild(snapshot);
+                state.poisoned = false;
+                drop(state);
+                fail(later.waiters);
+                tracing::info!("ledger rebuilt from the store");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "rebuilding the ledger failed; retrying");
+                tokio::time::sleep(REBUILD_RETRY).await;
+            }
+        }
+    }
+}
+
+fn fail(waiters: Vec<Waiter>) {
+    let error = || Error::Unavailable("the hub could not commit this write; retry");
+    for waiter in waiters {
+        match waiter {
+            Waiter::Done(tx) => {
+                let _ = tx.send(Err(error()));
+            }
+            Waiter::Metrics(tx) => {
+                let _ = tx.send(Err(error()));
+            }
+        }
+    }
+}
+
+impl State {
+    /// Everything logged since the last commit, plus the rows of changed
+    /// spokes; `None` when there is nothing to write.
+    fn take_batch(&mut self) -> Option<Batch> {
+        if self.log.changes.is_empty() && self.log.waiters.is_empty() && self.dirty.is_empty() {
+            return None;
+        }
+        let Log {
+            mut changes,
+            waiters,
+            effects,
+        } = mem::take(&mut self.log);
+        for id in self.dirty.drain() {
+            if let Some(spoke) = self.spokes.get(&id) {
+                changes.push(Change::Spoke(spoke.info.clone(), spoke.live.clone()));
+            }
+        }
+        self.committing = true;
+        Some(Batch {
+            changes,
+            waiters,
+            effects,
+        })
+    }
+
+    /// Answers the waiters of a committed batch and applies its effects.
+    fn committed(&mut self, batch: Batch, done: Committed) {
+        self.committing = false;
+        let mut metrics = done.metrics.into_iter();
+        for waiter in batch.waiters {
+            match waiter {
+                Waiter::Done(tx) => {
+                    let _ = tx.send(Ok(()));
+                }
+                Waiter::Metrics(tx) => {
+                    let outcome = metrics
+                        .next()
+                        .ok_or_else(|| Error::Corrupt("a metric batch without an outcome".into()));
+                    let _ = tx.send(outcome);
+                }
+            }
+        }
+        for effect in batch.effects {
+            self.apply(effect);
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! The ledger: the hub's in-memory state of the fleet, and the authority
+//! every decision is made against.
+//!
+//! It holds every spoke (registration, reported state, health, its live
+//! stream) and every directive that is not final (state, attempts, due
+//! times, the per-spoke delivery order and in-flight window). Calls decide
+//! against it under one lock held for microseconds and never across an
+//! `.await`; what they decide is appended to the log as [`Change`]s, which
+//! the committer (`committer.rs`) writes in groups: one transaction and one
+//! sync for everything gathered while the previous commit ran. A caller
+//! whose answer depends on durability (a create, an ack, a registration)
+//! waits for the commit that holds its changes; deliveries, heartbeats and
+//! timer decisions do not wait for anything.
+//!
+//! The store is the log the ledger is rebuilt from: at start, and after a
+//! failed commit (the changes of that batch and of anything decided after
+//! it are answered UNAVAILABLE and dropped, and the ledger is read back from
+//! what is committed).
+//!
+//! What happens after a commit is part of the commit, not of the request
+//! that asked for it: new directives become deliverable and their spokes
+//! are woken, and cancel notices are queued for streams, by the committer
+//! ([`Effect`]), so a caller that gives up early changes nothing.
+
+mod committer;
+mod delivery;
+mod directives;
+mod due;
+mod spokes;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::{Notify, oneshot, watch};
+use uuid::Uuid;
+
+pub use committer::run_committer;
+pub use delivery::{Delivery, End, Step, Subscription};
+pub use directives::{AckStep, CancelStep, CreateStep, Created};
+pub use due::TimerPlan;
+pub use spokes::HealthChange;
+
+use self::directives::Entry;
+use self::spokes::Spoke;
+use crate::error::{Error, Result};
+use crate::store::{Change, Snapshot, Store, StoredBatch};
+use crate::telemetry::Telemetry;
+
+/// The payload bytes the ledger keeps in memory for directives waiting to be
+/// delivered; beyond it, payloads are read from the store when sent.
+const PAYLOAD_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Handle to the ledger; cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Poked when the log has something that waits for a commit.
+    kick: Notify,
+    /// Set when the hub stops: the committer writes what is left and ends.
+    closing: watch::Sender<bool>,
+    store: Store,
+    timer_plan: TimerPlan,
+    telemetry: Arc<Telemetry>,
+}
+
+/// Everything behind the lock.
+#[derive(Default)]
+struct State {
+    spokes: HashMap<Uuid, Spoke>,
+    by_key: HashMap<String, Uuid>,
+    by_name: BTreeMap<String, Uuid>,
+    directives: HashMap<Uuid, Entry>,
+    /// Ack deadlines of deliveries: (due, directive).
+    ack_due: BTreeSet<(i64, Uuid)>,
+    /// Expiry times of directives that are not final: (at, directive).
+    expiry: BTreeSet<(i64, Uuid)>,
+    idempotency: HashMap<String, Uuid>,
+    /// Spokes whose row changed since the last commit.
+    dirty: HashSet<Uuid>,
+    log: Log,
+    /// Whether a batch is being committed right now.
+    committing: bool,
+    /// Set after a failed commit until the ledger is rebuilt: writes are
+    /// refused meanwhile.
+    poisoned: bool,
+    payload_bytes: usize,
+    next_stream: u64,
+}
+
+/// Changes waiting for the next commit, with who waits for them and what
+/// follows from them.
+#[derive(Default)]
+struct Log {
+    changes: Vec<Change>,
+    waiters: Vec<Waiter>,
+    effects: Vec<Effect>,
+}
+
+/// Someone waiting for the commit of their changes.
+enum Waiter {
+    Done(oneshot::Sender<Result<()>>),
+    Metrics(oneshot::Sender<Result<StoredBatch>>),
+}
+
+/// What a commit sets off.
+#[derive(Debug, Clone)]
+enum Effect {
+    /// A new directive may be delivered now.
+    Publish(Uuid),
+    /// Tell the spoke to stop working on a directive.
+    Notice {
+        spoke_id: Uuid,
+        directive_id: Uuid,
+        reason: String,
+    },
+}
+
+/// Completes when the commit holding a call's changes is done.
+pub type Committed = oneshot::Receiver<Result<()>>;
+
+/// Waits for a commit; a dropped sender (the hub stopping) is UNAVAILABLE.
+pub async fn committed(rx: Committed) -> Result<()> {
+    rx.await.unwrap_or(Err(Error::ShuttingDown))
+}
+
+impl Ledger {
+    /// A ledger rebuilt from what `store` holds; commits are counted in
+    /// `telemetry`.
+    pub async fn load(store: Store, telemetry: Arc<Telemetry>) -> Result<Self> {
+        let snapshot = store.snapshot().await?;
+        let (closing, _) = watch::channel(false);
+        let ledger = Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                kick: Notify::new(),
+                closing,
+                store,
+                timer_plan: TimerPlan::default(),
+                telemetry,
+            }),
+        };
+        ledger.lock().rebuild(snapshot);
+        Ok(ledger)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The store behind the ledger.
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// The hub's own metrics.
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.shared.telemetry
+    }
+
+    /// When the delivery timer should run next.
+    pub fn timer_plan(&self) -> &TimerPlan {
+        &self.shared.timer_plan
+    }
+
+    /// Completes once every change logged so far is committed (at once when
+    /// nothing is pending): after it, the store answers for them.
+    pub async fn barrier(&self) -> Result<()> {
+        let rx = {
+            let mut state = self.lock();
+            if state.log.changes.is_empty() && state.dirty.is_empty() && !state.committing {
+                return Ok(());
+            }
+            let (tx, rx) = oneshot::channel();
+            state.log.waiters.push(Waiter::Done(tx));
+            rx
+        };
+        self.shared.kick.notify_one();
+        committed(rx).await
+    }
+
+    /// Stores a metric batch with the next commit; answers whether it was
+    /// stored or a duplicate.
+    pub async fn store_metrics(
+        &self,
+        spoke_id: Uuid,
+        batch: Arc<crate::metrics::Batch>,
+        now_ms: i64,
+    ) -> Result<StoredBatch> {
+        let rx = {
+            let mut state = self.lock();
+            state.writable()?;
+            let (tx, rx) = oneshot::channel();
+            state.log.changes.push(Change::Metrics {
+                spoke_id,
+                batch,
+                at: now_ms,
+            });
+            state.log.waiters.push(Waiter::Metrics(tx));
+            rx
+        };
+        self.shared.kick.notify_one();
+        rx.await.unwrap_or(Err(Error::ShuttingDown))
+    }
+
+    /// Asks the committer to write what is left and stop; completes when it
+    /// has (see [`run_committer`]).
+    pub fn close(&self) {
+        self.shared.closing.send_replace(true);
+        self.shared.kick.notify_one();
+    }
+}
+
+impl State {
+    /// Refuses writes while the ledger is being rebuilt.
+    fn writable(&self) -> Result<()> {
+        if self.poisoned {
+            Err(Error::Unavailable(
+                "the hub could not write to its database; retry shortly",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A waiter for the commit of what was just logged.
+    fn waiter(&mut self) -> Committed {
+        let (tx, rx) = oneshot::channel();
+        self.log.waiters.push(Waiter::Done(tx));
+        rx
+    }
+
+    /// Replaces everything but the live streams with `snapshot`.
+    fn rebuild(&mut self, snapshot: Snapshot) {
+        let mut streams = HashMap::new();
+        for (id, spoke) in self.spokes.drain() {
+            streams.insert(id, spoke.detach());
+        }
+        self.by_key.clear();
+        self.by_name.clear();
+        self.directives.clear();
+        self.ack_due.clear();
+        self.expiry.clear();
+        self.dirty.clear();
+        self.payload_bytes = 0;
+        self.idempotency = snapshot.idempotency.into_iter().collect();
+        for (info, live) in snapshot.spokes {
+            let id = info.id;
+            let mut spoke = Spoke::new(Arc::new(info), live);
+            if let Some(stream) = streams.remove(&id) {
+                spoke.attach(stream);
+            }
+            self.index_spoke(&spoke);
+            self.spokes.insert(id, spoke);
+        }
+        for row in snapshot.outstanding {
+            self.restore(row);
+        }
+        for spoke in self.spokes.values() {
+            spoke.wake();
+        }
+    }
+}

@@ -1,0 +1,8 @@
+-- The fast durable path: due times live in the hub's memory (rebuilt from
+-- these columns at start), so the timers' indexes only cost writes now.
+DROP INDEX directives_by_ack_due;
+DROP INDEX directives_expiring;
+-- A spoke's directives, newest first, without an entry that moves with
+-- every state change.
+DROP INDEX directives_by_spoke;
+CREATE INDEX directives_by_spoke ON directives (spoke_id, id);
