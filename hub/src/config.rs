@@ -522,6 +522,17 @@ mod tests {
     }
 
     #[test]
+    fn sync_is_full_unless_told_normal() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(load(dir.path(), &[]).unwrap().durability, Durability::Full);
+        let normal = load(dir.path(), &["--sync", "normal"]).unwrap();
+        assert_eq!(normal.durability, Durability::Normal);
+        let argv = ["hub", "serve", "--sync", "sometimes"];
+        let err = Cli::try_parse_from(argv).unwrap_err().to_string();
+        assert!(err.contains("--sync"), "{err}");
+    }
+
+    #[test]
     fn errors_name_the_option() {
         let dir = tempfile::tempdir().unwrap();
         let err = load(dir.path(), &["--admin-token", "short"]).unwrap_err();
