@@ -313,12 +313,25 @@ pub struct DirectiveRecord {
 impl DirectiveRecord {
     /// The wire form.
     pub fn to_proto(&self) -> Result<proto::Directive> {
+        self.wire(true)
+    }
+
+    /// The wire form without the payload (left unset).
+    pub fn to_proto_without_payload(&self) -> Result<proto::Directive> {
+        self.wire(false)
+    }
+
+    fn wire(&self, payload: bool) -> Result<proto::Directive> {
         Ok(proto::Directive {
             id: self.id.to_string(),
             spoke_id: self.spoke_id.to_string(),
             spoke_name: self.spoke_name.clone(),
             r#type: self.directive_type.clone(),
-            payload: Some(struct_of_json(&self.payload)?),
+            payload: if payload {
+                Some(struct_of_json(&self.payload)?)
+            } else {
+                None
+            },
             state: self.state.to_proto().into(),
             attempt: self.attempts,
             max_attempts: self.max_attempts,

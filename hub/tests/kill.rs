@@ -148,14 +148,34 @@ async fn killed_mid_work_loses_nothing(sync: &str) {
     let sent: BTreeMap<String, u32> = first.iter().map(|d| (d.id.clone(), d.attempt)).collect();
     assert_eq!(sent.keys().cloned().collect::<BTreeSet<_>>(), created);
     let acked: BTreeSet<String> = sent.keys().take(ACKED).cloned().collect();
-    for id in &acked {
-        let ack = proto::AckRequest {
-            directive_id: id.clone(),
-            outcome: proto::AckOutcome::Completed.into(),
-            result: Some(serde_json::from_value(serde_json::json!({"done": id})).unwrap()),
-            ..Default::default()
-        };
-        spoke.ack(authed(ack, &key)).await.unwrap();
+    let ack = |id: &String| proto::AckRequest {
+        directive_id: id.clone(),
+        outcome: proto::AckOutcome::Completed.into(),
+        result: Some(serde_json::from_value(serde_json::json!({"done": id})).unwrap()),
+        ..Default::default()
+    };
+    // Half acked one call each, half on one AckStream; each confirmed.
+    let unary: Vec<&String> = acked.iter().step_by(2).collect();
+    let streamed: Vec<&String> = acked.iter().skip(1).step_by(2).collect();
+    for id in unary {
+        spoke.ack(authed(ack(id), &key)).await.unwrap();
+    }
+    let requests: Vec<proto::AckRequest> = streamed.iter().map(|id| ack(id)).collect();
+    let mut answers = spoke
+        .ack_stream(authed(tokio_stream::iter(requests), &key))
+        .await
+        .unwrap()
+        .into_inner();
+    for id in streamed {
+        let answer = answers.message().await.unwrap().expect("an answer per ack");
+        assert_eq!(&answer.directive_id, id);
+        assert!(
+            matches!(
+                answer.outcome,
+                Some(proto::ack_stream_response::Outcome::Ack(_))
+            ),
+            "{answer:?}"
+        );
     }
 
     hub.kill(); // SIGKILL

@@ -162,6 +162,11 @@ check_run() {
   out=$(step_output "$n" 'AdminService/CancelDirective$')
   expect_contains "[$n] CancelDirective answers CANCELLED with the reason" "$out" \
     '"state": "DIRECTIVE_STATE_CANCELLED"' '"error": "sent by mistake"'
+  out=$(step_output "$n" 'AdminService/CreateDirectives$')
+  expect_contains "[$n] CreateDirectives answers each item: two created, one refused naming the field" "$out" \
+    '"results": [' '"created": {' '"type": "sync_doc"' '"code": 3' '"message": "type: '
+  [[ $(grep -c '"state": "DIRECTIVE_STATE_PENDING"' <<<"$out") == 2 ]] \
+    || fail "[$n] CreateDirectives should create exactly two PENDING directives" "$out"
   out=$(step_output "$n" 'AdminService/WatchEvents')
   expect_contains "[$n] WatchEvents replays the completed and the cancelled directive" "$out" \
     '"type": "EVENT_TYPE_DIRECTIVE_COMPLETED"' "\"directiveId\": \"$id\"" \

@@ -4,6 +4,7 @@
 mod support;
 
 mod bad_input;
+mod batched;
 mod cli;
 mod delivery;
 mod events;

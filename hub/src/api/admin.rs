@@ -9,7 +9,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::Hub;
+use super::{Hub, acks};
 use crate::auth::{generate_secret, hash_secret};
 use crate::directives::{NewDirective, State, parse_id};
 use crate::error::{Error, Result};
@@ -64,6 +64,60 @@ impl AdminApi {
     }
 }
 
+/// Most items in one CreateDirectives call.
+const MAX_CREATE_ITEMS: usize = 1000;
+
+/// Every directive in a CreateDirectives reply.
+fn created_directives(
+    reply: &mut proto::CreateDirectivesResponse,
+) -> impl Iterator<Item = &mut proto::Directive> {
+    reply.results.iter_mut().flat_map(|r| match &mut r.outcome {
+        Some(proto::create_directives_result::Outcome::Created(c)) => c.directives.iter_mut(),
+        _ => [].iter_mut(),
+    })
+}
+
+impl AdminApi {
+    /// The reply to a create, once its directives are committed (or, for a
+    /// repeated idempotency key, the directives the first create made).
+    async fn created(
+        &self,
+        new: &NewDirective,
+        step: CreateStep,
+        payloads: bool,
+    ) -> Result<proto::CreateDirectiveResponse> {
+        let (group_id, created, skipped, replay) = match step {
+            CreateStep::Created(created, done) => {
+                // Confirmed only once committed; the commit itself makes
+                // them deliverable, whether or not this caller waits.
+                ledger::committed(done).await?;
+                tracing::info!(group_id = %created.group_id, count = created.directives.len(), r#type = %new.directive_type, "directives created");
+                (created.group_id, created.directives, created.skipped, false)
+            }
+            CreateStep::Replay(group_id) => {
+                self.hub.ledger().barrier().await?;
+                (group_id, self.hub.store().group(group_id).await?, 0, true)
+            }
+        };
+        let directives = created
+            .iter()
+            .map(|d| {
+                if payloads {
+                    d.to_proto()
+                } else {
+                    d.to_proto_without_payload()
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(proto::CreateDirectiveResponse {
+            directives,
+            group_id: group_id.to_string(),
+            skipped_spokes: skipped,
+            idempotent_replay: replay,
+        })
+    }
+}
+
 /// Page size from a request: 0 means 100, capped at 1000.
 fn page_size(requested: u32) -> u32 {
     match requested {
@@ -82,29 +136,71 @@ impl AdminService for AdminApi {
     ) -> Result<Response<proto::CreateDirectiveResponse>, Status> {
         let now = self.hub.now_ms();
         let new = NewDirective::parse(request.into_inner(), self.hub.create_defaults(), now)?;
-        let (group_id, created, skipped, replay) = match self.hub.ledger().create(&new, now)? {
-            CreateStep::Created(created, done) => {
-                // Confirmed only once committed; the commit itself makes
-                // them deliverable, whether or not this caller waits.
-                ledger::committed(done).await?;
-                tracing::info!(group_id = %created.group_id, count = created.directives.len(), r#type = %new.directive_type, "directives created");
-                (created.group_id, created.directives, created.skipped, false)
-            }
-            CreateStep::Replay(group_id) => {
-                self.hub.ledger().barrier().await?;
-                (group_id, self.hub.store().group(group_id).await?, 0, true)
-            }
+        let step = self.hub.ledger().create(&new, now)?;
+        Ok(Response::new(self.created(&new, step, true).await?))
+    }
+
+    async fn create_directives(
+        &self,
+        request: Request<proto::CreateDirectivesRequest>,
+    ) -> Result<Response<proto::CreateDirectivesResponse>, Status> {
+        use proto::create_directives_result::Outcome;
+        let req = request.into_inner();
+        if req.items.is_empty() || req.items.len() > MAX_CREATE_ITEMS {
+            return Err(Error::invalid(
+                "items",
+                format!("1 to {MAX_CREATE_ITEMS} items, got {}", req.items.len()),
+            )
+            .into());
+        }
+        let now = self.hub.now_ms();
+        // Every item is decided first, in order, so they share commits.
+        let decided: Vec<_> = req
+            .items
+            .into_iter()
+            .map(|item| {
+                let new = NewDirective::parse(item, self.hub.create_defaults(), now)?;
+                let step = self.hub.ledger().create(&new, now)?;
+                Ok((new, step))
+            })
+            .collect::<Vec<Result<_>>>();
+        let mut results = Vec::with_capacity(decided.len());
+        for item in decided {
+            let outcome = match item {
+                Ok((new, step)) => match self.created(&new, step, req.include_payloads).await {
+                    Ok(created) => Outcome::Created(created),
+                    Err(e) => Outcome::Error(acks::item_error(e)),
+                },
+                Err(e) => Outcome::Error(acks::item_error(e)),
+            };
+            results.push(proto::CreateDirectivesResult {
+                outcome: Some(outcome),
+            });
+        }
+        let include_payloads = req.include_payloads;
+        let mut reply = proto::CreateDirectivesResponse {
+            results,
+            payloads_omitted: false,
+            directives_omitted: false,
         };
-        let directives = created
-            .iter()
-            .map(|d| d.to_proto())
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Response::new(proto::CreateDirectiveResponse {
-            directives,
-            group_id: group_id.to_string(),
-            skipped_spokes: skipped,
-            idempotent_replay: replay,
-        }))
+        // Committed work is never reported as failed: the reply shrinks to
+        // fit instead.
+        let limit = self.hub.settings().max_message_bytes.saturating_sub(1024);
+        if include_payloads && prost::Message::encoded_len(&reply) > limit {
+            reply.payloads_omitted = true;
+            for d in created_directives(&mut reply) {
+                d.payload = None;
+            }
+        }
+        if prost::Message::encoded_len(&reply) > limit {
+            reply.directives_omitted = true;
+            for result in &mut reply.results {
+                if let Some(Outcome::Created(created)) = &mut result.outcome {
+                    created.directives.clear();
+                }
+            }
+        }
+        Ok(Response::new(reply))
     }
 
     async fn cancel_directive(

@@ -2,6 +2,7 @@
 //! operators, over one shared [`Hub`] state. Requests are converted into
 //! domain values at this edge; errors leave through [`crate::error`].
 
+pub mod acks;
 pub mod admin;
 pub mod spoke;
 

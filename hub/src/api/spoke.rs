@@ -11,16 +11,16 @@ use tonic::{Request, Response, Status, Streaming};
 
 use std::sync::Arc;
 
-use super::Hub;
+use super::{Hub, acks};
 use crate::auth::{bearer, generate_secret, hash_secret};
-use crate::directives::{Ack, AckApplied, DirectiveRecord, State};
+use crate::directives::{Ack, DirectiveRecord};
 use crate::error::{Error, Result};
-use crate::ledger::{self, AckStep, Delivery, End as StreamEnd, Step, Subscription};
+use crate::ledger::{self, Delivery, End as StreamEnd, Step, Subscription};
 use crate::limits;
 use crate::metrics::Batch;
 use crate::spokes::{Heartbeat, Registration, SpokeInfo};
 use crate::store::StoredBatch;
-use crate::telemetry::{OutcomeLabels, PointLabels};
+use crate::telemetry::PointLabels;
 use crate::wire::{duration_std, ms_of_duration, timestamp_ms};
 
 /// Directives taken from the store per query while streaming.
@@ -126,22 +126,22 @@ impl SpokeService for SpokeApi {
         let spoke = self.hub.authenticate_spoke(request.metadata())?;
         let ack = Ack::try_from(request.into_inner())?;
         tracing::Span::current().record("directive_id", tracing::field::display(ack.directive_id));
-        let applied = apply_ack(&self.hub, spoke.id, &ack).await?;
-        let outcome = match applied.state {
-            State::InProgress => "in_progress",
-            State::Completed => "completed",
-            State::Failed => "failed",
-            _ => "rejected",
-        };
-        self.hub
-            .telemetry()
-            .acks
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc();
-        Ok(Response::new(proto::AckResponse {
-            state: applied.state.to_proto().into(),
-            duplicate: applied.duplicate,
-        }))
+        let applied = acks::apply_ack(&self.hub, spoke.id, ack).await?;
+        Ok(Response::new(acks::ack_response(applied)))
+    }
+
+    type AckStreamStream = acks::AckAnswers;
+
+    async fn ack_stream(
+        &self,
+        request: Request<Streaming<proto::AckRequest>>,
+    ) -> Result<Response<Self::AckStreamStream>, Status> {
+        let spoke = self.hub.authenticate_spoke(request.metadata())?;
+        Ok(Response::new(acks::ack_stream(
+            self.hub.clone(),
+            spoke.id,
+            request.into_inner(),
+        )))
     }
 
     async fn heartbeat(
@@ -285,40 +285,6 @@ impl SpokeApi {
                     accepted_points: n,
                     rejected: Vec::new(),
                 }
-            }
-        }
-    }
-}
-
-/// Applies an ack: decided by the ledger and answered after its commit;
-/// an ack of a directive that is not outstanding is answered from the
-/// store (after every change logged so far is committed).
-pub(crate) async fn apply_ack(hub: &Hub, spoke_id: uuid::Uuid, ack: &Ack) -> Result<AckApplied> {
-    let id = ack.directive_id;
-    match hub.ledger().ack(spoke_id, ack, hub.now_ms())? {
-        AckStep::Logged(applied, done) => {
-            ledger::committed(done).await?;
-            Ok(applied)
-        }
-        AckStep::Unknown => {
-            hub.ledger().barrier().await?;
-            let wanted = ack.outcome.state();
-            match hub.store().directive_state(id).await? {
-                Some((owner, state)) if owner == spoke_id => {
-                    if state == wanted && state.is_final() {
-                        Ok(AckApplied {
-                            state,
-                            duplicate: true,
-                        })
-                    } else {
-                        Err(Error::FailedPrecondition(format!(
-                            "directive {id} is {}: it can no longer be acked as {}",
-                            state.as_str(),
-                            wanted.as_str()
-                        )))
-                    }
-                }
-                _ => Err(Error::NotFound(format!("directive {id} not found"))),
             }
         }
     }
