@@ -77,6 +77,7 @@ pub async fn run(
         tokio::spawn(timers::run_delivery_timer(hub.clone())),
         tokio::spawn(timers::run_health_sweeper(hub.clone())),
         tokio::spawn(timers::run_retention(hub.clone())),
+        tokio::spawn(timers::run_checkpointer(hub.clone())),
     ];
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -1,5 +1,5 @@
 //! Background work driven by time: redelivery after missed ack deadlines,
-//! exhaustion and expiry; the health sweeper; retention. Due times live in
+//! exhaustion and expiry; the health sweeper; retention; WAL checkpoints. Due times live in
 //! the ledger (and in the store it is rebuilt from, so a restarted hub
 //! picks up where the last one stopped).
 
@@ -47,6 +47,24 @@ pub async fn run_health_sweeper(hub: Hub) {
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
             () = ticks.changed() => {}
+            () = shutdown.wait() => return,
+        }
+    }
+}
+
+/// How often WAL checkpoints run (when there were commits).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+
+/// Copies committed pages from the WAL into the database file beside the
+/// committer, so no commit waits for a checkpoint.
+pub async fn run_checkpointer(hub: Hub) {
+    let mut shutdown = hub.shutdown();
+    loop {
+        if let Err(e) = hub.store().checkpoint().await {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(CHECKPOINT_EVERY) => {}
             () = shutdown.wait() => return,
         }
     }

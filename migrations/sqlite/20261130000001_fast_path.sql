@@ -6,3 +6,5 @@ DROP INDEX directives_expiring;
 -- every state change.
 DROP INDEX directives_by_spoke;
 CREATE INDEX directives_by_spoke ON directives (spoke_id, id);
+-- Retention deletes the oldest events by sequence (sequences follow time).
+DROP INDEX events_by_time;

@@ -1,10 +1,10 @@
 //! Group commit: everything the ledger decided since the last commit goes
 //! into one transaction, with one sync.
 //!
-//! Each kind of row is written by one multi-row statement whose rows arrive
-//! as one JSON array parameter (`json_each`), so a batch costs a handful of
-//! statements whatever its size, and every statement's text is fixed (it
-//! stays prepared in the connection's cache). Changes to the same row within
+//! Each kind of row is written by multi-row statements (`VALUES (…), (…)`)
+//! in chunks of fixed sizes, so a batch costs a handful of statements
+//! whatever its size, and each statement has only a few texts, which stay
+//! prepared in the connection's cache. Changes to the same row within
 //! a batch are merged first: the ledger always sends a row's whole mutable
 //! state, so the last change wins.
 
@@ -12,15 +12,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use serde::Serialize;
-use sqlx::{Sqlite, Transaction};
+use sqlx::{AssertSqlSafe, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::Store;
 use super::metrics::{StoredBatch, store_batch};
 use crate::directives::{Fixed, State};
 use crate::error::Result;
-use crate::events::NewEvent;
+use crate::events::{Kind, NewEvent};
 use crate::metrics::Batch;
 use crate::spokes::{SpokeInfo, SpokeLive};
 
@@ -100,48 +99,21 @@ pub struct Committed {
     pub metrics: Vec<StoredBatch>,
 }
 
-#[derive(Serialize)]
-struct SpokeJson<'a> {
-    id: String,
-    name: &'a str,
-    key_hash: &'a str,
-    labels: &'a str,
-    capabilities: &'a str,
-    version: &'a str,
-    max_in_flight: u32,
-    registered_at: i64,
-    revoked_at: Option<i64>,
-    last_heartbeat_at: Option<i64>,
-    last_seen_at: Option<i64>,
-    status: i32,
-    status_message: &'a str,
-    reported_in_flight: u32,
-    reported_buffered_points: i64,
-    reported_failed_pushes: i64,
-    health: &'a str,
+struct SpokeRow<'a> {
+    info: &'a SpokeInfo,
+    live: &'a SpokeLive,
 }
 
-#[derive(Serialize)]
-struct NewDirectiveJson<'a> {
-    id: String,
-    spoke_id: String,
-    r#type: &'a str,
+struct NewDirectiveRow<'a> {
+    id: Uuid,
+    spoke_id: Uuid,
+    fixed: &'a Fixed,
     payload: &'a str,
-    max_attempts: u32,
-    priority: i32,
-    created_at: i64,
-    expires_at: Option<i64>,
-    ack_deadline_ms: i64,
-    group_id: String,
-    idempotency_key: Option<&'a str>,
-    coalesce_key: Option<&'a str>,
-    #[serde(flatten)]
-    state: UpdateJson<'a>,
+    state: UpdateRow<'a>,
 }
 
-#[derive(Serialize)]
-struct UpdateJson<'a> {
-    id: String,
+struct UpdateRow<'a> {
+    id: Uuid,
     state: &'static str,
     attempts: u32,
     updated_at: i64,
@@ -152,10 +124,10 @@ struct UpdateJson<'a> {
     progress_message: &'a str,
 }
 
-impl<'a> From<&'a DirectiveUpdate> for UpdateJson<'a> {
+impl<'a> From<&'a DirectiveUpdate> for UpdateRow<'a> {
     fn from(u: &'a DirectiveUpdate) -> Self {
         Self {
-            id: u.id.to_string(),
+            id: u.id,
             state: u.state.as_str(),
             attempts: u.attempts,
             updated_at: u.updated_at,
@@ -168,75 +140,180 @@ impl<'a> From<&'a DirectiveUpdate> for UpdateJson<'a> {
     }
 }
 
-#[derive(Serialize)]
-struct EventJson {
+struct EventRow {
     seq: i64,
-    r#type: &'static str,
+    kind: Kind,
     time: i64,
-    spoke_id: Option<String>,
-    directive_id: Option<String>,
+    spoke_id: Option<Uuid>,
+    directive_id: Option<Uuid>,
+    /// JSON text.
     details: String,
 }
 
-#[derive(Serialize)]
-struct KeyJson<'a> {
+impl EventRow {
+    fn new(seq: i64, event: &NewEvent, time: i64) -> Self {
+        Self {
+            seq,
+            kind: event.kind,
+            time,
+            spoke_id: event.spoke_id,
+            directive_id: event.directive_id,
+            details: event.details.to_string(),
+        }
+    }
+}
+
+struct KeyRow<'a> {
     key: &'a str,
-    group_id: String,
+    group_id: Uuid,
     created_at: i64,
 }
 
-const UPSERT_SPOKES: &str = "INSERT INTO spokes (id, name, key_hash, labels, capabilities, version, \
-     max_in_flight, registered_at, revoked_at, last_heartbeat_at, last_seen_at, status, status_message, \
-     reported_in_flight, reported_buffered_points, reported_failed_pushes, health) \
-     SELECT value->>'id', value->>'name', value->>'key_hash', value->>'labels', value->>'capabilities', \
-     value->>'version', value->>'max_in_flight', value->>'registered_at', value->>'revoked_at', \
-     value->>'last_heartbeat_at', value->>'last_seen_at', value->>'status', value->>'status_message', \
-     value->>'reported_in_flight', value->>'reported_buffered_points', value->>'reported_failed_pushes', \
-     value->>'health' FROM json_each($1) WHERE true \
-     ON CONFLICT (id) DO UPDATE SET name = excluded.name, key_hash = excluded.key_hash, \
-     labels = excluded.labels, capabilities = excluded.capabilities, version = excluded.version, \
-     max_in_flight = excluded.max_in_flight, revoked_at = excluded.revoked_at, \
-     last_heartbeat_at = excluded.last_heartbeat_at, last_seen_at = excluded.last_seen_at, \
-     status = excluded.status, status_message = excluded.status_message, \
-     reported_in_flight = excluded.reported_in_flight, \
-     reported_buffered_points = excluded.reported_buffered_points, \
-     reported_failed_pushes = excluded.reported_failed_pushes, health = excluded.health";
+/// Rows per statement: a batch is cut into chunks of these sizes, largest
+/// first, so each statement has at most five texts, each prepared once and
+/// kept in the connection's statement cache.
+const CHUNKS: [usize; 5] = [256, 64, 16, 4, 1];
 
-const INSERT_DIRECTIVES: &str = "INSERT INTO directives (id, spoke_id, type, payload, state, attempts, \
-     max_attempts, priority, created_at, updated_at, expires_at, ack_deadline_ms, ack_due_at, group_id, \
-     idempotency_key, coalesce_key, result, error, progress, progress_message) \
-     SELECT value->>'id', value->>'spoke_id', value->>'type', value->>'payload', value->>'state', \
-     value->>'attempts', value->>'max_attempts', value->>'priority', value->>'created_at', \
-     value->>'updated_at', value->>'expires_at', value->>'ack_deadline_ms', value->>'ack_due_at', \
-     value->>'group_id', value->>'idempotency_key', value->>'coalesce_key', value->>'result', \
-     value->>'error', value->>'progress', value->>'progress_message' FROM json_each($1)";
+type Query<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
 
-const UPDATE_DIRECTIVES: &str = "WITH v AS (SELECT value->>'id' AS id, value->>'state' AS state, \
-     value->>'attempts' AS attempts, value->>'updated_at' AS updated_at, \
-     value->>'ack_due_at' AS ack_due_at, value->>'result' AS result, value->>'error' AS error, \
-     value->>'progress' AS progress, value->>'progress_message' AS progress_message \
-     FROM json_each($1)) \
-     UPDATE directives SET state = v.state, attempts = v.attempts, updated_at = v.updated_at, \
-     ack_due_at = v.ack_due_at, result = v.result, error = v.error, progress = v.progress, \
-     progress_message = v.progress_message FROM v WHERE directives.id = v.id";
+/// One multi-row statement: its text around the rows' `VALUES` list, and how
+/// a row binds.
+struct Statement<R> {
+    head: &'static str,
+    columns: usize,
+    tail: &'static str,
+    bind: for<'q> fn(Query<'q>, &R) -> Query<'q>,
+}
 
-const INSERT_KEYS: &str = "INSERT INTO idempotency_keys (key, group_id, created_at) \
-     SELECT value->>'key', value->>'group_id', value->>'created_at' FROM json_each($1)";
+fn upsert_spokes<'a>() -> Statement<SpokeRow<'a>> {
+    Statement {
+        head: "INSERT INTO spokes (id, name, key_hash, labels, capabilities, version, \
+        max_in_flight, registered_at, revoked_at, last_heartbeat_at, last_seen_at, status, \
+        status_message, reported_in_flight, reported_buffered_points, reported_failed_pushes, \
+        health) VALUES ",
+        columns: 17,
+        tail: " ON CONFLICT (id) DO UPDATE SET name = excluded.name, key_hash = excluded.key_hash, \
+        labels = excluded.labels, capabilities = excluded.capabilities, version = excluded.version, \
+        max_in_flight = excluded.max_in_flight, revoked_at = excluded.revoked_at, \
+        last_heartbeat_at = excluded.last_heartbeat_at, last_seen_at = excluded.last_seen_at, \
+        status = excluded.status, status_message = excluded.status_message, \
+        reported_in_flight = excluded.reported_in_flight, \
+        reported_buffered_points = excluded.reported_buffered_points, \
+        reported_failed_pushes = excluded.reported_failed_pushes, health = excluded.health",
+        bind: |q, r| {
+            let (info, live) = (r.info, r.live);
+            q.bind(info.id.to_string())
+                .bind(info.name.clone())
+                .bind(info.key_hash.clone())
+                .bind(info.labels_json.clone())
+                .bind(info.capabilities_json.clone())
+                .bind(live.version.clone())
+                .bind(i64::from(info.max_in_flight))
+                .bind(info.registered_at)
+                .bind(info.revoked_at)
+                .bind(live.last_heartbeat_at)
+                .bind(live.last_seen_at)
+                .bind(live.status as i32)
+                .bind(live.status_message.clone())
+                .bind(i64::from(live.reported_in_flight))
+                .bind(i64::try_from(live.reported_buffered_points).unwrap_or(i64::MAX))
+                .bind(i64::try_from(live.reported_failed_pushes).unwrap_or(i64::MAX))
+                .bind(live.health)
+        },
+    }
+}
 
-const INSERT_EVENTS: &str = "INSERT INTO events (seq, type, time, spoke_id, directive_id, details) \
-     SELECT value->>'seq', value->>'type', value->>'time', value->>'spoke_id', \
-     value->>'directive_id', value->>'details' FROM json_each($1)";
+fn insert_directives<'a>() -> Statement<NewDirectiveRow<'a>> {
+    Statement {
+        head: "INSERT INTO directives (id, spoke_id, type, payload, max_attempts, priority, \
+        created_at, expires_at, ack_deadline_ms, group_id, idempotency_key, coalesce_key, state, \
+        attempts, updated_at, ack_due_at, result, error, progress, progress_message) VALUES ",
+        columns: 20,
+        tail: "",
+        bind: |q, r| {
+            let f = r.fixed;
+            let q = q
+                .bind(r.id.to_string())
+                .bind(r.spoke_id.to_string())
+                .bind(f.directive_type.clone())
+                .bind(r.payload.to_owned())
+                .bind(i64::from(f.max_attempts))
+                .bind(i64::from(f.priority))
+                .bind(f.created_at)
+                .bind(f.expires_at)
+                .bind(f.ack_deadline_ms)
+                .bind(f.group_id.to_string())
+                .bind(f.idempotency_key.clone())
+                .bind(f.coalesce_key.clone());
+            bind_state(q, &r.state)
+        },
+    }
+}
+
+/// Binds the mutable columns after the id.
+fn bind_state<'q>(q: Query<'q>, u: &UpdateRow) -> Query<'q> {
+    q.bind(u.state)
+        .bind(i64::from(u.attempts))
+        .bind(u.updated_at)
+        .bind(u.ack_due_at)
+        .bind(u.result.map(str::to_owned))
+        .bind(u.error.to_owned())
+        .bind(i64::from(u.progress))
+        .bind(u.progress_message.to_owned())
+}
+
+fn update_directives<'a>() -> Statement<UpdateRow<'a>> {
+    Statement {
+        head: "WITH v (id, state, attempts, updated_at, ack_due_at, result, error, progress, \
+        progress_message) AS (VALUES ",
+        columns: 9,
+        tail: ") UPDATE directives SET state = v.state, attempts = v.attempts, \
+        updated_at = v.updated_at, ack_due_at = v.ack_due_at, result = v.result, \
+        error = v.error, progress = v.progress, progress_message = v.progress_message \
+        FROM v WHERE directives.id = v.id",
+        bind: |q, r| bind_state(q.bind(r.id.to_string()), r),
+    }
+}
+
+fn insert_keys<'a>() -> Statement<KeyRow<'a>> {
+    Statement {
+        head: "INSERT INTO idempotency_keys (key, group_id, created_at) VALUES ",
+        columns: 3,
+        tail: "",
+        bind: |q, r| {
+            q.bind(r.key.to_owned())
+                .bind(r.group_id.to_string())
+                .bind(r.created_at)
+        },
+    }
+}
+
+fn insert_events() -> Statement<EventRow> {
+    Statement {
+        head: "INSERT INTO events (seq, type, time, spoke_id, directive_id, details) VALUES ",
+        columns: 6,
+        tail: "",
+        bind: |q, r| {
+            q.bind(r.seq)
+                .bind(r.kind.as_str())
+                .bind(r.time)
+                .bind(r.spoke_id.map(|id| id.to_string()))
+                .bind(r.directive_id.map(|id| id.to_string()))
+                .bind(r.details.clone())
+        },
+    }
+}
 
 /// The rows of one batch, merged per row.
 #[derive(Default)]
 struct Rows<'a> {
-    spokes: Vec<SpokeJson<'a>>,
+    spokes: Vec<SpokeRow<'a>>,
     spoke_index: HashMap<Uuid, usize>,
-    created: Vec<NewDirectiveJson<'a>>,
-    updated: Vec<UpdateJson<'a>>,
+    created: Vec<NewDirectiveRow<'a>>,
+    updated: Vec<UpdateRow<'a>>,
     directive_index: HashMap<Uuid, Slot>,
-    keys: Vec<KeyJson<'a>>,
-    events: Vec<EventJson>,
+    keys: Vec<KeyRow<'a>>,
+    events: Vec<EventRow>,
 }
 
 #[derive(Clone, Copy)]
@@ -247,26 +324,7 @@ enum Slot {
 
 impl<'a> Rows<'a> {
     fn spoke(&mut self, info: &'a SpokeInfo, live: &'a SpokeLive) {
-        let row = SpokeJson {
-            id: info.id.to_string(),
-            name: &info.name,
-            key_hash: &info.key_hash,
-            labels: &info.labels_json,
-            capabilities: &info.capabilities_json,
-            version: &live.version,
-            max_in_flight: info.max_in_flight,
-            registered_at: info.registered_at,
-            revoked_at: info.revoked_at,
-            last_heartbeat_at: live.last_heartbeat_at,
-            last_seen_at: live.last_seen_at,
-            status: live.status as i32,
-            status_message: &live.status_message,
-            reported_in_flight: live.reported_in_flight,
-            reported_buffered_points: i64::try_from(live.reported_buffered_points)
-                .unwrap_or(i64::MAX),
-            reported_failed_pushes: i64::try_from(live.reported_failed_pushes).unwrap_or(i64::MAX),
-            health: live.health,
-        };
+        let row = SpokeRow { info, live };
         match self.spoke_index.get(&info.id) {
             Some(&i) => self.spokes[i] = row,
             None => {
@@ -279,21 +337,13 @@ impl<'a> Rows<'a> {
     fn created(&mut self, id: Uuid, spoke_id: Uuid, fixed: &'a Fixed, payload: &'a str) {
         self.directive_index
             .insert(id, Slot::Created(self.created.len()));
-        self.created.push(NewDirectiveJson {
-            id: id.to_string(),
-            spoke_id: spoke_id.to_string(),
-            r#type: &fixed.directive_type,
+        self.created.push(NewDirectiveRow {
+            id,
+            spoke_id,
+            fixed,
             payload,
-            max_attempts: fixed.max_attempts,
-            priority: fixed.priority,
-            created_at: fixed.created_at,
-            expires_at: fixed.expires_at,
-            ack_deadline_ms: fixed.ack_deadline_ms,
-            group_id: fixed.group_id.to_string(),
-            idempotency_key: fixed.idempotency_key.as_deref(),
-            coalesce_key: fixed.coalesce_key.as_deref(),
-            state: UpdateJson {
-                id: id.to_string(),
+            state: UpdateRow {
+                id,
                 state: State::Pending.as_str(),
                 attempts: 0,
                 updated_at: fixed.created_at,
@@ -307,7 +357,7 @@ impl<'a> Rows<'a> {
     }
 
     fn updated(&mut self, update: &'a DirectiveUpdate) {
-        let row = UpdateJson::from(update);
+        let row = UpdateRow::from(update);
         match self.directive_index.get(&update.id) {
             Some(Slot::Created(i)) => self.created[*i].state = row,
             Some(Slot::Updated(i)) => self.updated[*i] = row,
@@ -317,17 +367,6 @@ impl<'a> Rows<'a> {
                 self.updated.push(row);
             }
         }
-    }
-
-    fn event(&mut self, seq: i64, event: &NewEvent, at: i64) {
-        self.events.push(EventJson {
-            seq,
-            r#type: event.kind.as_str(),
-            time: at,
-            spoke_id: event.spoke_id.map(|id| id.to_string()),
-            directive_id: event.directive_id.map(|id| id.to_string()),
-            details: event.details.to_string(),
-        });
     }
 }
 
@@ -339,6 +378,7 @@ impl Store {
         let result = self.try_commit(changes).await;
         match &result {
             Ok(_) => {
+                self.commits.fetch_add(1, Ordering::Relaxed);
                 let last = self.next_seq.load(Ordering::Relaxed) - 1;
                 self.publish_events(last);
             }
@@ -365,14 +405,13 @@ impl Store {
                     payload,
                 } => rows.created(*id, *spoke_id, fixed, payload),
                 Change::DirectiveUpdated(update) => rows.updated(update),
-                Change::IdempotencyKey { key, group_id, at } => rows.keys.push(KeyJson {
+                Change::IdempotencyKey { key, group_id, at } => rows.keys.push(KeyRow {
                     key,
-                    group_id: group_id.to_string(),
+                    group_id: *group_id,
                     created_at: *at,
                 }),
                 Change::Event { event, at } => {
-                    let seq = self.take_seq();
-                    rows.event(seq, event, *at);
+                    rows.events.push(EventRow::new(self.take_seq(), event, *at));
                 }
                 Change::Metrics {
                     spoke_id,
@@ -382,22 +421,21 @@ impl Store {
                     // Its event's place in the sequence is kept; whether the
                     // event is written is known once the batch is tried.
                     metrics.push((*spoke_id, batch, *at, rows.events.len()));
-                    let seq = self.take_seq();
-                    rows.events.push(EventJson {
-                        seq,
-                        r#type: crate::events::Kind::MetricsReceived.as_str(),
+                    rows.events.push(EventRow {
+                        seq: self.take_seq(),
+                        kind: Kind::MetricsReceived,
                         time: *at,
-                        spoke_id: Some(spoke_id.to_string()),
+                        spoke_id: Some(*spoke_id),
                         directive_id: None,
                         details: String::new(),
                     });
                 }
             }
         }
-        execute(&mut tx, UPSERT_SPOKES, &rows.spokes).await?;
-        execute(&mut tx, INSERT_DIRECTIVES, &rows.created).await?;
-        execute(&mut tx, UPDATE_DIRECTIVES, &rows.updated).await?;
-        execute(&mut tx, INSERT_KEYS, &rows.keys).await?;
+        execute(&mut tx, &upsert_spokes(), &rows.spokes).await?;
+        execute(&mut tx, &insert_directives(), &rows.created).await?;
+        execute(&mut tx, &update_directives(), &rows.updated).await?;
+        execute(&mut tx, &insert_keys(), &rows.keys).await?;
         let mut skipped = Vec::new();
         for (spoke_id, batch, at, event) in metrics {
             let stored = store_batch(&mut tx, spoke_id, batch, at).await?;
@@ -420,7 +458,7 @@ impl Store {
             // tell from a purged event. Renumber instead: the sequences of
             // this batch are still private to it.
             let base = rows.events.first().map_or(0, |e| e.seq);
-            let mut events: Vec<EventJson> = std::mem::take(&mut rows.events)
+            let mut events: Vec<EventRow> = std::mem::take(&mut rows.events)
                 .into_iter()
                 .enumerate()
                 .filter(|(i, _)| !skipped.contains(i))
@@ -433,23 +471,44 @@ impl Store {
                 .store(base + events.len() as i64, Ordering::Relaxed);
             rows.events = events;
         }
-        execute(&mut tx, INSERT_EVENTS, &rows.events).await?;
+        execute(&mut tx, &insert_events(), &rows.events).await?;
         tx.commit().await?;
         Ok(committed)
     }
 }
 
-/// Runs one multi-row statement over `rows`, if there are any.
-async fn execute<T: Serialize>(
+/// Runs `statement` over `rows`, in chunks of [`CHUNKS`] sizes.
+async fn execute<R>(
     tx: &mut Transaction<'static, Sqlite>,
-    sql: &'static str,
-    rows: &[T],
+    statement: &Statement<R>,
+    mut rows: &[R],
 ) -> Result<()> {
-    if rows.is_empty() {
-        return Ok(());
+    while !rows.is_empty() {
+        let n = CHUNKS
+            .iter()
+            .copied()
+            .find(|&n| n <= rows.len())
+            .unwrap_or(1);
+        let (chunk, rest) = rows.split_at(n);
+        let mut sql = String::with_capacity(statement.head.len() + n * statement.columns * 3 + 64);
+        sql.push_str(statement.head);
+        for i in 0..n {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            for c in 0..statement.columns {
+                sql.push_str(if c == 0 { "?" } else { ", ?" });
+            }
+            sql.push(')');
+        }
+        sql.push_str(statement.tail);
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for row in chunk {
+            query = (statement.bind)(query, row);
+        }
+        query.execute(&mut **tx).await?;
+        rows = rest;
     }
-    let json = serde_json::to_string(rows)
-        .map_err(|e| crate::Error::Corrupt(format!("encoding a batch: {e}")))?;
-    sqlx::query(sql).bind(json).execute(&mut **tx).await?;
     Ok(())
 }

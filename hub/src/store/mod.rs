@@ -21,7 +21,7 @@ mod retention;
 
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::SqlitePool;
@@ -54,6 +54,12 @@ pub enum Durability {
 pub struct Store {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// Runs WAL checkpoints beside the writer, so a commit never waits for
+    /// one (the writer's automatic checkpoints are off).
+    checkpointer: SqlitePool,
+    /// Commits so far, and as of the last checkpoint.
+    commits: Arc<AtomicU64>,
+    checkpointed: Arc<AtomicU64>,
     /// The highest event sequence committed so far.
     committed_events: Arc<watch::Sender<i64>>,
     /// The sequence the next event gets. Only the committer (one task)
@@ -87,12 +93,16 @@ impl Store {
             .busy_timeout(Duration::from_secs(10));
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
-            .connect_with(options.clone())
+            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
             .await?;
         SQLITE_MIGRATIONS
             .run(&writer)
             .await
             .map_err(|e| Error::Database(e.into()))?;
+        let checkpointer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
@@ -108,6 +118,9 @@ impl Store {
         Ok(Self {
             writer,
             reader,
+            checkpointer,
+            commits: Arc::default(),
+            checkpointed: Arc::default(),
             committed_events: Arc::new(watch::Sender::new(last)),
             next_seq: Arc::new(AtomicI64::new(last + 1)),
         })
@@ -139,6 +152,21 @@ impl Store {
         self.next_seq.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Copies committed pages from the WAL into the database file, if there
+    /// were commits since the last time, without waiting for readers or the
+    /// writer (PASSIVE); the writer starts the WAL over once all of it is
+    /// copied.
+    pub async fn checkpoint(&self) -> Result<()> {
+        let commits = self.commits.load(Ordering::Relaxed);
+        if self.checkpointed.swap(commits, Ordering::Relaxed) == commits {
+            return Ok(());
+        }
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&self.checkpointer)
+            .await?;
+        Ok(())
+    }
+
     /// Whether the database answers and every embedded migration is applied.
     pub async fn ready(&self) -> Result<bool> {
         let applied: i64 =
@@ -161,5 +189,6 @@ impl Store {
     pub async fn close(&self) {
         self.writer.close().await;
         self.reader.close().await;
+        self.checkpointer.close().await;
     }
 }

@@ -25,7 +25,10 @@ impl Store {
         let points_before_ns = points_before_ms.saturating_mul(1_000_000);
         let statements: [(&str, i64); 3] = [
             (
-                "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE time < $1 LIMIT $2)",
+                // Sequences follow time: the oldest events are the first ones,
+                // so a pass looks at no more than a batch of them.
+                "DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY seq LIMIT $2) \
+                 AND time < $1",
                 events_before_ms,
             ),
             (
