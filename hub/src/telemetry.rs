@@ -66,6 +66,8 @@ pub struct Telemetry {
     pub commit_failures: Counter,
     /// Changes (rows and events) per commit.
     pub commit_changes: Histogram,
+    /// How long each commit took (statements, sync).
+    pub commit_seconds: Histogram,
     rpc: Family<RpcLabels, Histogram>,
     connected_streams: Gauge,
     spokes: Family<HealthLabels, Gauge>,
@@ -135,6 +137,7 @@ impl Default for Telemetry {
             commits: Counter::default(),
             commit_failures: Counter::default(),
             commit_changes: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
+            commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             rpc: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0005, 2.0, 16))
             }),
@@ -172,6 +175,11 @@ impl Default for Telemetry {
             "commit_changes",
             "Changes (rows and events) per group commit",
             t.commit_changes.clone(),
+        );
+        registry.register(
+            "commit_duration_seconds",
+            "How long each group commit took, statements and sync",
+            t.commit_seconds.clone(),
         );
         registry.register(
             "rpc_duration_seconds",

@@ -51,10 +51,14 @@ pub(super) async fn commit_next(ledger: &Ledger) -> bool {
     let Some(batch) = ledger.lock().take_batch() else {
         return false;
     };
+    let started = std::time::Instant::now();
     let result = ledger.store().commit(&batch.changes).await;
     let telemetry = ledger.telemetry();
     match result {
         Ok(done) => {
+            telemetry
+                .commit_seconds
+                .observe(started.elapsed().as_secs_f64());
             telemetry.commits.inc();
             telemetry.commit_changes.observe(batch.changes.len() as f64);
             ledger.lock().committed(batch, done);
