@@ -3,9 +3,10 @@
 //
 // It registers with the enrollment token and keeps its key, holds the
 // WatchDirectives stream open, runs the `echo` and `sum` directive types and
-// acks each one, heartbeats at the interval the hub sets, pushes one metric
-// batch (and resends it once, to show the hub stores it once), and reconnects
-// with exponential backoff whenever the stream breaks. See README.md beside it.
+// acks each one over one AckStream (unary Ack on a hub without it),
+// heartbeats at the interval the hub sets, pushes one metric batch (and
+// resends it once, to show the hub stores it once), and reconnects with
+// exponential backoff whenever the stream breaks. See README.md beside it.
 //
 // Nothing is generated: @grpc/proto-loader reads proto/ when the spoke starts
 // (from ../../proto, or the directory in $HUB_PROTO_DIR).
@@ -197,6 +198,22 @@ function demoPoints(batch) {
   return DEMO_POINTS.map(([domain, name, value, unit]) => ({ domain, name, value, unit, labels: { lang: 'node' }, time }));
 }
 
+/** An error like the ones grpc-js raises: a status code and its details. */
+function grpcError(code, details) {
+  return Object.assign(new Error(`${grpc.status[code] ?? code}: ${details}`), { code, details });
+}
+
+/**
+ * What the hub's refusal of an ack means, from Ack or from AckStream.
+ * Cancelled or expired meanwhile (FAILED_PRECONDITION), or not ours
+ * (NOT_FOUND): nothing more to do. Anything else (e.g. UNAVAILABLE) is
+ * thrown: reconnect, and the hub delivers the directive again.
+ */
+function ackRefused(directiveId, code, details) {
+  if (code !== grpc.status.FAILED_PRECONDITION && code !== grpc.status.NOT_FOUND) throw grpcError(code, details);
+  log('WARN', `ack of ${directiveId} refused: ${details}`);
+}
+
 /** A unary call as a promise. */
 function unary(client, method, request, metadata) {
   return new Promise((resolve, reject) => {
@@ -206,6 +223,126 @@ function unary(client, method, request, metadata) {
 
 function log(level, message) {
   process.stderr.write(`${new Date().toISOString()} ${level} ${message}\n`);
+}
+
+/**
+ * Acks over one AckStream per connection: each ack is a message on the
+ * stream, and the hub answers every message in the order sent, so each answer
+ * belongs to the oldest ack not answered yet. An answer with a result means
+ * the ack is committed. The acks still unanswered when the stream breaks are
+ * kept and sent again first on the next connection's stream (a repeated
+ * final ack is answered OK, duplicate). A hub without AckStream answers
+ * UNIMPLEMENTED: then this connection acks with unary Ack, the unanswered
+ * ones first.
+ */
+class Acks {
+  constructor() {
+    this.unanswered = []; // AckRequests sent, oldest first
+    this.call = null;
+    this.failure = null; // why acking broke on this connection, if it did
+    this.drained = []; // resolvers of drain()
+  }
+
+  /**
+   * Opens this connection's stream and sends the unanswered acks again.
+   * onBroken() is called once if the stream breaks or an ack error means
+   * reconnecting; `failure` then says why.
+   */
+  open(client, metadata, onBroken) {
+    Object.assign(this, { client, metadata, onBroken, unary: false, failure: null });
+    const call = client.ackStream(metadata);
+    this.call = call;
+    // Once closed, a call is ignored: its unanswered acks go again on the next.
+    call.on('data', (answer) => this.call === call && this.answered(answer));
+    call.on('error', () => {}); // reported by 'status'
+    call.on('status', ({ code, details }) => {
+      if (this.call !== call) return;
+      if (code === grpc.status.UNIMPLEMENTED) {
+        this.fallBackToUnary();
+      } else {
+        // Only a broken hub ends it, even with OK: we never stop writing.
+        this.fail(grpcError(code === grpc.status.OK ? grpc.status.UNAVAILABLE : code, details || 'the hub ended the ack stream'));
+      }
+    });
+    for (const request of this.unanswered) call.write(request);
+  }
+
+  close() {
+    const call = this.call;
+    this.call = null;
+    if (call) call.cancel();
+    this.settle();
+  }
+
+  /** Sends an ack; its answer is matched when it comes. */
+  async send(request) {
+    if (this.unary) {
+      await this.unaryAck(request);
+      return;
+    }
+    this.unanswered.push(request);
+    if (!this.failure) this.call.write(request);
+  }
+
+  answered(answer) {
+    if (this.failure) return;
+    const request = this.unanswered[0];
+    if (!request || answer.directiveId !== request.directiveId) {
+      this.fail(grpcError(grpc.status.INTERNAL, `AckStream answered an ack of '${answer.directiveId}' out of order`));
+      return;
+    }
+    this.unanswered.shift();
+    try {
+      if (answer.outcome === 'error') ackRefused(request.directiveId, answer.error.code, answer.error.message);
+      this.settle();
+    } catch (err) {
+      this.fail(err);
+    }
+  }
+
+  async fallBackToUnary() {
+    log('INFO', 'the hub has no AckStream: acking with unary Ack');
+    this.unary = true;
+    try {
+      while (this.unanswered.length > 0) {
+        await this.unaryAck(this.unanswered[0]);
+        this.unanswered.shift();
+      }
+      this.settle();
+    } catch (err) {
+      this.fail(err);
+    }
+  }
+
+  async unaryAck(request) {
+    try {
+      await unary(this.client, 'ack', request, this.metadata);
+    } catch (err) {
+      if (typeof err.code !== 'number') throw err;
+      ackRefused(request.directiveId, err.code, err.details);
+    }
+  }
+
+  fail(err) {
+    if (this.failure) return;
+    this.failure = err;
+    this.settle();
+    this.onBroken();
+  }
+
+  /** Resolves once every ack sent has its answer, or acking broke. */
+  drain() {
+    return new Promise((resolve) => {
+      this.drained.push(resolve);
+      this.settle();
+    });
+  }
+
+  settle() {
+    if (this.unanswered.length === 0 || this.failure || !this.call) {
+      for (const resolve of this.drained.splice(0)) resolve();
+    }
+  }
 }
 
 // --- the spoke ------------------------------------------------------------------------
@@ -222,6 +359,7 @@ class Spoke {
     this.failedPushes = 0;
     this.stop = new AbortController(); // aborted by SIGTERM or --exit-after
     this.stream = null;
+    this.acks = new Acks(); // unanswered acks outlive a connection
   }
 
   auth() {
@@ -269,9 +407,12 @@ class Spoke {
     const heartbeats = this.heartbeats(client);
     try {
       await this.pushDemoBatch(client);
+      // A broken ack stream ends the directive stream too: reconnect.
+      this.acks.open(client, this.auth(), () => this.stream && this.stream.cancel());
       await this.watch(client);
     } finally {
       heartbeats.stop();
+      this.acks.close();
     }
   }
 
@@ -365,7 +506,10 @@ class Spoke {
    * means a dead stream: cancel it and reconnect.
    */
   async watch(client) {
+    // Acks resent after a reconnect may complete --exit-after.
+    if (await this.exitIfDone()) return;
     if (this.stop.signal.aborted) return;
+    if (this.acks.failure) throw this.acks.failure;
     const stream = client.watchDirectives({}, this.auth());
     this.stream = stream;
     let silent = null;
@@ -381,7 +525,8 @@ class Spoke {
       for await (const message of stream) {
         arm();
         if (message.message === 'directive') {
-          await this.handle(client, message.directive);
+          await this.handle(message.directive);
+          if (await this.exitIfDone()) break;
         } else if (message.message === 'cancelled') {
           // Handlers here finish at once; a long one would stop now.
           log('INFO', `directive ${message.cancelled.directiveId} cancelled: ${message.cancelled.reason}`);
@@ -396,10 +541,21 @@ class Spoke {
       stream.cancel();
       this.stream = null;
     }
+    if (this.acks.failure) throw this.acks.failure;
+  }
+
+  /** --exit-after: once N new directives are handled and their acks answered, stop. */
+  async exitIfDone() {
+    if (!this.options.exitAfter || this.handled < this.options.exitAfter || this.stop.signal.aborted) return false;
+    await this.acks.drain();
+    if (this.acks.unanswered.length > 0) return false; // acking broke: they go again after reconnecting
+    log('INFO', `handled ${this.handled} directives; exiting`);
+    this.shutdown();
+    return true;
   }
 
   /** Runs a directive once; a redelivery gets the recorded outcome again. */
-  async handle(client, directive) {
+  async handle(directive) {
     let outcome = this.state.outcomes.get(directive.id);
     const firstTime = !outcome;
     if (firstTime) {
@@ -415,29 +571,16 @@ class Spoke {
       log('INFO', `directive ${directive.id} delivered again (attempt ${directive.attempt}): acking its recorded outcome`);
       this.report('reacked', { directive_id: directive.id });
     }
-    await this.ack(client, outcome);
-    if (firstTime) {
-      this.handled += 1;
-      if (this.handled === this.options.exitAfter) {
-        log('INFO', `handled ${this.handled} directives; exiting`);
-        this.shutdown();
-      }
-    }
+    await this.ack(outcome);
+    if (firstTime) this.handled += 1;
   }
 
-  async ack(client, outcome) {
+  /** Sends the ack without waiting for its answer: Acks matches the answers as they come, while the next directive runs. */
+  async ack(outcome) {
     const request = { directiveId: outcome.id, outcome: outcome.outcome };
     if ('result' in outcome) request.result = toStruct(outcome.result);
     if ('error' in outcome) request.error = outcome.error.slice(0, 4096);
-    try {
-      await unary(client, 'ack', request, this.auth());
-    } catch (err) {
-      if (err.code !== grpc.status.FAILED_PRECONDITION && err.code !== grpc.status.NOT_FOUND) {
-        throw err; // e.g. UNAVAILABLE: reconnect; the hub delivers it again
-      }
-      // Cancelled or expired meanwhile: nothing more to do.
-      log('WARN', `ack of ${outcome.id} refused: ${err.details}`);
-    }
+    await this.acks.send(request);
   }
 }
 

@@ -3,9 +3,10 @@
 
 It registers with the enrollment token and keeps its key, holds the
 WatchDirectives stream open, runs the `echo` and `sum` directive types and
-acks each one, heartbeats at the interval the hub sets, pushes one metric
-batch (and resends it once, to show the hub stores it once), and reconnects
-with exponential backoff whenever the stream breaks. See README.md beside it.
+acks each one over one AckStream (unary Ack on a hub without it),
+heartbeats at the interval the hub sets, pushes one metric batch (and
+resends it once, to show the hub stores it once), and reconnects with
+exponential backoff whenever the stream breaks. See README.md beside it.
 
 The stubs are generated, never committed:
 
@@ -17,6 +18,7 @@ and found in target/python-stubs (or the directory in $HUB_PY_STUBS).
 
 import argparse
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -87,6 +89,36 @@ class Fatal(Exception):
 
 class Done(Exception):
     """--exit-after reached."""
+
+
+class AckError(Exception):
+    """An ack refused on AckStream (the error unary Ack would have raised),
+    or an AckStream that went wrong. It has the code() and details() of a
+    grpc.aio.AioRpcError, so both are handled alike."""
+
+    def __init__(self, code, details):
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+# gRPC code numbers (ItemError.code) to grpc.StatusCode.
+STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def ack_refused(directive_id, code, details):
+    """What the hub's refusal of an ack means, from Ack or from AckStream.
+    Cancelled or expired meanwhile (FAILED_PRECONDITION), or not ours
+    (NOT_FOUND): nothing more to do. Anything else (e.g. UNAVAILABLE) is
+    raised: reconnect, and the hub delivers the directive again."""
+    if code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+        raise AckError(code, details)
+    log.warning("ack of %s refused: %s", directive_id, details)
 
 
 class Backoff:
@@ -183,6 +215,87 @@ def seconds(duration):
     return duration.ToTimedelta().total_seconds()
 
 
+class Acks:
+    """Acks over one AckStream per connection: each ack is a message on the
+    stream, and the hub answers every message in the order sent, so each
+    answer belongs to the oldest ack not answered yet. An answer with a
+    result means the ack is committed. The acks still unanswered when the
+    stream breaks are kept and sent again first on the next connection's
+    stream (a repeated final ack is answered OK, duplicate). A hub without
+    AckStream answers UNIMPLEMENTED: then this connection acks with unary
+    Ack, the unanswered ones first."""
+
+    def __init__(self):
+        self.unanswered = collections.deque()  # AckRequests sent, oldest first
+        self.all_answered = asyncio.Event()
+        self.all_answered.set()
+        self.stub = self.metadata = self.call = None
+        self.unary = False
+
+    async def open(self, stub, metadata):
+        """Opens this connection's stream and sends the unanswered acks again."""
+        self.stub, self.metadata, self.unary = stub, metadata, False
+        self.call = stub.AckStream(metadata=metadata)
+        for request in list(self.unanswered):
+            await self.write(request)
+
+    def close(self):
+        if self.call is not None:
+            self.call.cancel()
+            self.call = None
+
+    async def send(self, request):
+        if self.unary:
+            await self.unary_ack(request)
+            return
+        self.unanswered.append(request)
+        self.all_answered.clear()
+        await self.write(request)
+
+    async def write(self, request):
+        try:
+            await self.call.write(request)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the stream broke: answers() says why, and the ack stays unanswered
+
+    async def answers(self):
+        """Reads the answers until the stream breaks (raised), or until the
+        hub turns out not to have AckStream (returns, acks go unary)."""
+        try:
+            while True:
+                answer = await self.call.read()
+                if answer is grpc.aio.EOF:
+                    # Only a broken hub ends it: we never stop writing.
+                    raise AckError(grpc.StatusCode.UNAVAILABLE, "the hub ended the ack stream")
+                if not self.unanswered or answer.directive_id != self.unanswered[0].directive_id:
+                    raise AckError(grpc.StatusCode.INTERNAL, f"AckStream answered an ack of {answer.directive_id!r} out of order")
+                request = self.unanswered.popleft()
+                if not self.unanswered:
+                    self.all_answered.set()
+                if answer.WhichOneof("outcome") == "error":
+                    code = STATUS_CODES.get(answer.error.code, grpc.StatusCode.UNKNOWN)
+                    ack_refused(request.directive_id, code, answer.error.message)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+        log.info("the hub has no AckStream: acking with unary Ack")
+        self.unary = True
+        while self.unanswered:
+            await self.unary_ack(self.unanswered[0])
+            self.unanswered.popleft()
+        self.all_answered.set()
+
+    async def unary_ack(self, request):
+        try:
+            await self.stub.Ack(request, metadata=self.metadata, timeout=10)
+        except grpc.aio.AioRpcError as e:
+            ack_refused(request.directive_id, e.code(), e.details())
+
+    async def drain(self):
+        """Waits until every ack sent has its answer."""
+        await self.all_answered.wait()
+
+
 # --- the spoke ------------------------------------------------------------------------
 
 
@@ -196,6 +309,7 @@ class Spoke:
         self.retry_after = 0.0
         self.handled = 0
         self.failed_pushes = 0
+        self.acks = Acks()  # unanswered acks outlive a connection
 
     def auth(self):
         return [("authorization", f"Bearer {self.state.key()}")]
@@ -213,7 +327,7 @@ class Spoke:
                 async with grpc.aio.insecure_channel(self.args.hub, options=CHANNEL_OPTIONS) as channel:
                     await self.serve(spoke_pb2_grpc.SpokeServiceStub(channel))
                 log.warning("the hub ended the stream")
-            except grpc.aio.AioRpcError as e:
+            except (grpc.aio.AioRpcError, AckError) as e:
                 if e.code() in FATAL:
                     raise Fatal(f"{e.code().name}: {e.details()}") from e
                 log.warning("hub unreachable or stream broken: %s: %s", e.code().name, e.details())
@@ -228,9 +342,22 @@ class Spoke:
         heartbeats = asyncio.create_task(self.heartbeats(stub))
         try:
             await self.push_demo_batch(stub)
-            await self.watch(stub)
+            await self.acks.open(stub, self.auth())
+            # Until the directive stream ends; a broken ack stream ends it too.
+            watch = asyncio.create_task(self.watch(stub))
+            tasks = {watch, asyncio.create_task(self.acks.answers())}
+            try:
+                while watch in tasks:
+                    done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        task.result()  # raises what ended it
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             heartbeats.cancel()
+            self.acks.close()
 
     async def register(self, stub):
         """With the stored key if there is one (updates our registration),
@@ -302,6 +429,7 @@ class Spoke:
     async def watch(self, stub):
         """Reads the stream until it ends. Silence for three keepalive
         intervals means a dead stream: cancel it and reconnect."""
+        await self.exit_if_done()  # acks resent after a reconnect may complete --exit-after
         call = stub.WatchDirectives(spoke_pb2.WatchDirectivesRequest(), metadata=self.auth())
         try:
             while True:
@@ -314,7 +442,8 @@ class Spoke:
                     return
                 kind = message.WhichOneof("message")
                 if kind == "directive":
-                    await self.handle(stub, message.directive)
+                    await self.handle(message.directive)
+                    await self.exit_if_done()
                 elif kind == "cancelled":
                     # Handlers here finish at once; a long one would stop now.
                     log.info("directive %s cancelled: %s", message.cancelled.directive_id, message.cancelled.reason)
@@ -323,7 +452,14 @@ class Spoke:
         finally:
             call.cancel()
 
-    async def handle(self, stub, directive):
+    async def exit_if_done(self):
+        """--exit-after: once N new directives are handled and their acks
+        answered, stop."""
+        if self.args.exit_after and self.handled >= self.args.exit_after:
+            await self.acks.drain()
+            raise Done()
+
+    async def handle(self, directive):
         """Runs a directive once; a redelivery gets the recorded outcome again."""
         outcome = self.state.outcomes.get(directive.id)
         first_time = outcome is None
@@ -338,25 +474,19 @@ class Spoke:
         else:
             log.info("directive %s delivered again (attempt %d): acking its recorded outcome", directive.id, directive.attempt)
             self.report("reacked", directive_id=directive.id)
-        await self.ack(stub, outcome)
+        await self.ack(outcome)
         if first_time:
             self.handled += 1
-            if self.handled == self.args.exit_after:
-                raise Done()
 
-    async def ack(self, stub, outcome):
+    async def ack(self, outcome):
+        """Sends the ack without waiting for its answer: Acks matches the
+        answers as they come, while the next directive runs."""
         request = spoke_pb2.AckRequest(directive_id=outcome["id"], outcome=spoke_pb2.AckOutcome.Value(outcome["outcome"]))
         if "result" in outcome:
             request.result.update(outcome["result"])
         if "error" in outcome:
             request.error = outcome["error"][:4096]
-        try:
-            await stub.Ack(request, metadata=self.auth(), timeout=10)
-        except grpc.aio.AioRpcError as e:
-            if e.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
-                raise  # e.g. UNAVAILABLE: reconnect; the hub delivers it again
-            # Cancelled or expired meanwhile: nothing more to do.
-            log.warning("ack of %s refused: %s", outcome["id"], e.details())
+        await self.acks.send(request)
 
 
 def run_handler(directive):

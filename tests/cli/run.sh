@@ -105,4 +105,18 @@ ERR=$(cd "$WORK" && "$HUB_BIN" cancel 00000000-0000-7000-8000-000000000000 2>&1)
 expect "an error is one line with the code" "$ERR" "hub: error: NOT_FOUND: directive"
 [[ $(wc -l <<<"$ERR") == 1 ]] || fail "more than one line: $ERR"
 
+# hub send --from -: JSON lines on stdin go through CreateDirectives, a row
+# per line; a failed line fails the command, with a one-line summary.
+LINES='{"target": {"spokeName": "demo-spoke"}, "type": "sync_doc", "payload": {"doc": "batch/1"}}
+{"target": {"spoke_name": "nobody"}, "type": "sync_doc"}'
+STATUS=0
+OUT=$(cd "$WORK" && "$HUB_BIN" send --from - <<<"$LINES" 2>"$WORK/send.err") || STATUS=$?
+[[ $STATUS == 1 ]] || fail "hub send --from with a failed line exited $STATUS, not 1: $OUT"
+expect "hub send --from - reads JSON lines from stdin and prints a row per line" "$OUT" \
+  "LINE  RESULT" "1     created" "2     failed" 'NOT_FOUND: spoke "nobody" not found'
+ERR=$(cat "$WORK/send.err")
+expect "a failed line makes it exit 1 with a one-line summary" "$ERR" \
+  "hub: error: 1 of 2 line(s) failed (line 2): 1 directive(s) created"
+[[ $(wc -l <<<"$ERR") == 1 ]] || fail "more than one line: $ERR"
+
 echo "operator walk-through: $PASSED passed, 0 failed"

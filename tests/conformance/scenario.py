@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """The conformance scenario: one spoke client against the real hub binary.
 
-    python tests/conformance/scenario.py --client NAME -- COMMAND [ARG...]
+    python tests/conformance/scenario.py --client NAME [--expect-ack-stream] -- COMMAND [ARG...]
 
 runs the scenario below for the spoke started by COMMAND (run from the
 repository root) and checks what an operator observes through AdminService.
 Every client gets the same checks; tests/polyglot.sh lists the clients.
+With --expect-ack-stream it also checks, on the hub's /metrics, that the
+spoke acks over SpokeService.AckStream and never with unary Ack.
 
 The client contract. The scenario appends these options to COMMAND:
 
@@ -30,8 +32,9 @@ payload) and `sum` ({"numbers": [...]} -> {"sum": total}; anything else is
 FAILED), reject other types, heartbeat with status OK at the hub's interval,
 push one metric batch and resend it once, reconnect on its own, keep its
 identity in its state dir, exit 0 on SIGTERM and non-zero when the hub refuses
-its credentials, and treat a stream silent for three keepalive intervals as
-dead.
+its credentials, treat a stream silent for three keepalive intervals as
+dead, and still work through a hub without AckStream (a proxy that answers it
+UNIMPLEMENTED, as an older hub does), acking with unary Ack there.
 
 Needs the hub.v1 Python stubs (python -m grpc_tools.protoc -Iproto ...) in
 target/python-stubs or $HUB_PY_STUBS. Prints one line per check and, last,
@@ -42,6 +45,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -51,6 +55,7 @@ import tempfile
 import time
 import traceback
 import urllib.request
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -145,6 +150,18 @@ class Hub:
     def token(self, name):
         return (self.data_dir / f"{name}.token").read_text().strip()
 
+    def metric_total(self, name, **labels):
+        """The sum of the samples of `name` on the hub's /metrics (counted
+        since it last started) that carry these labels."""
+        with urllib.request.urlopen(f"http://{self.http}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        total = 0
+        for sample_labels, value in re.findall(r"^" + re.escape(name) + r"\{([^}]*)\} (\S+)$", text, re.M):
+            have = dict(re.findall(r'(\w+)="([^"]*)"', sample_labels))
+            if all(have.get(k) == v for k, v in labels.items()):
+                total += float(value)
+        return total
+
 
 class Spoke:
     """The client under test, started from its command."""
@@ -156,10 +173,10 @@ class Spoke:
         self.log = work / "spoke.log"
         self.proc = None
 
-    def start(self, *extra, state_dir=None, token_file=None, name=None):
+    def start(self, *extra, state_dir=None, token_file=None, name=None, hub=None):
         args = [
             *self.command,
-            "--hub", self.hub.grpc,
+            "--hub", hub or self.hub.grpc,
             "--name", name or self.name,
             "--state-dir", str(state_dir or self.state_dir),
             "--enrollment-token-file", str(token_file or self.hub.data_dir / "enrollment.token"),
@@ -192,6 +209,64 @@ class Spoke:
         lines = self.events.read_text().split("\n")[:-1]
         events = [json.loads(line) for line in lines if line.strip()]
         return [e for e in events if e.get("event") == kind]
+
+
+class HubWithoutAckStream(grpc.GenericRpcHandler):
+    """A hub as it was before AckStream: a proxy in front of the real hub
+    that forwards every SpokeService call unchanged, except AckStream, which
+    it does not know (gRPC answers UNIMPLEMENTED)."""
+
+    # SpokeService's methods without AckStream, by how they stream.
+    METHODS = {
+        "Register": "unary_unary",
+        "Ack": "unary_unary",
+        "Heartbeat": "unary_unary",
+        "PollDirectives": "unary_unary",
+        "WatchDirectives": "unary_stream",
+        "PushMetrics": "stream_unary",
+    }
+
+    def __init__(self, hub):
+        self.upstream = grpc.insecure_channel(hub.grpc)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), handlers=[self])
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def stop(self):
+        self.server.stop(grace=None)
+        self.upstream.close()
+
+    def service(self, details):
+        prefix = "/hub.v1.SpokeService/"
+        kind = details.method.startswith(prefix) and self.METHODS.get(details.method[len(prefix):])
+        if not kind:
+            return None
+        # Messages pass through as bytes (no serializers on either side).
+        forward = getattr(self.upstream, kind)(details.method)
+
+        def metadata(context):
+            return [(k, v) for k, v in context.invocation_metadata() if k == "authorization"]
+
+        def unary(request, context):
+            try:
+                return forward(request, metadata=metadata(context), timeout=context.time_remaining())
+            except grpc.RpcError as e:
+                context.abort(e.code(), e.details())
+
+        def stream(request, context):
+            call = forward(request, metadata=metadata(context))
+            context.add_callback(call.cancel)
+            try:
+                yield from call
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.CANCELLED:
+                    context.abort(e.code(), e.details())
+
+        if kind == "unary_stream":
+            return grpc.unary_stream_rpc_method_handler(stream)
+        if kind == "stream_unary":
+            return grpc.stream_unary_rpc_method_handler(unary)
+        return grpc.unary_unary_rpc_method_handler(unary)
 
 
 class Operator:
@@ -239,8 +314,9 @@ class Operator:
 
 
 class Scenario:
-    def __init__(self, client, command, hub_bin, work):
+    def __init__(self, client, command, hub_bin, work, expect_ack_stream=False):
         self.client = client
+        self.expect_ack_stream = expect_ack_stream
         self.passed = 0
         self.hub = Hub(hub_bin, work)
         self.name = f"conformance-{client}"
@@ -276,9 +352,12 @@ class Scenario:
         self.heartbeats()
         self.metrics()
         self.directives()
+        self.acks_streamed("handling directives")
         self.hub_restart()
+        self.acks_streamed("after the hub restarted")
         self.frozen_hub()
         self.spoke_restart()
+        self.hub_without_ack_stream()
         self.exactly_once()
         self.refused_credentials()
         status = self.hub.stop()
@@ -372,6 +451,22 @@ class Scenario:
         d = self.op.wait_final([forced])[forced]
         self.check("a forced directive of an undeclared type ends REJECTED with an error", d.state == types_pb2.DIRECTIVE_STATE_REJECTED and d.error, str(d))
 
+    def acks_streamed(self, phase):
+        """With --expect-ack-stream: the acks the hub counted since it
+        started came over AckStream, none through unary Ack."""
+        if not self.expect_ack_stream:
+            print(f"# [{self.client}] AckStream check ({phase}) not enabled for this client", flush=True)
+            return
+        calls = "hub_rpc_duration_seconds_count"  # a stream counts when it opens
+        streams = self.hub.metric_total(calls, method="hub.v1.SpokeService/AckStream")
+        unary = self.hub.metric_total(calls, method="hub.v1.SpokeService/Ack")
+        acks = self.hub.metric_total("hub_acks_total")
+        self.check(
+            f"it acks over AckStream, never with unary Ack ({phase})",
+            streams >= 1 and unary == 0 and acks > 0,
+            f"since the hub started: {streams:g} AckStream call(s), {unary:g} Ack call(s), {acks:g} ack(s) applied",
+        )
+
     def hub_restart(self):
         before = [self.create("echo", {"phase": "before-restart", "i": i}, {"phase": "before-restart", "i": i}) for i in range(4)]
         status = self.hub.stop()  # at once: some of these may be in flight
@@ -454,6 +549,30 @@ class Scenario:
         status = self.spoke.stop()
         self.check("the spoke stops on SIGTERM with exit status 0", status == 0, f"exit status {status}")
 
+    def hub_without_ack_stream(self):
+        """A hub without AckStream answers it UNIMPLEMENTED: a spoke that
+        acks over the stream falls back to unary Ack, and nothing is lost."""
+        calls = "hub_rpc_duration_seconds_count"
+        unary_before = self.hub.metric_total(calls, method="hub.v1.SpokeService/Ack")
+        older = HubWithoutAckStream(self.hub)
+        try:
+            proc = self.spoke.start(hub=older.address)
+            ids = [self.create("sum", {"numbers": [i, 1000]}, {"sum": i + 1000}) for i in range(3)]
+            if proc.poll() is not None:
+                raise CheckFailed(f"the spoke exited with status {proc.returncode} against a hub without AckStream")
+            self.check_completed("through a hub without AckStream (UNIMPLEMENTED), its directives are COMPLETED", ids)
+            unary = self.hub.metric_total(calls, method="hub.v1.SpokeService/Ack") - unary_before
+            self.check(
+                "it acked them with unary Ack instead",
+                unary >= len(ids),
+                f"{unary:g} unary Ack call(s) for {len(ids)} directives",
+            )
+            status = self.spoke.stop()
+            self.check("the spoke stops on SIGTERM with exit status 0", status == 0, f"exit status {status}")
+        finally:
+            self.spoke.stop()
+            older.stop()
+
     def exactly_once(self):
         handled = collections.Counter(e["directive_id"] for e in self.spoke.read_events("handled"))
         twice = {i: n for i, n in handled.items() if n > 1}
@@ -496,6 +615,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--client", required=True, help="a short name for the client, e.g. python")
     parser.add_argument("--hub-bin", default=os.environ.get("HUB_BIN", "target/debug/hub"))
+    parser.add_argument(
+        "--expect-ack-stream",
+        action="store_true",
+        help="also check (on the hub's /metrics) that the spoke acks over AckStream, never with unary Ack",
+    )
     parser.add_argument("command", nargs="+", help="the client's command (after --)")
     args = parser.parse_args()
     hub_bin = Path(args.hub_bin)
@@ -507,7 +631,7 @@ def main():
     # Stopped from outside: unwind, so the finally below stops hub and spoke.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix=f"hub-conformance-{args.client}."))
-    scenario = Scenario(args.client, args.command, str(hub_bin), work)
+    scenario = Scenario(args.client, args.command, str(hub_bin), work, args.expect_ack_stream)
     failed = 0
     try:
         scenario.run()

@@ -11,18 +11,28 @@ use crate::support::*;
 /// Runs `hub ARGS...` against `hub` (flags as an operator would type them);
 /// returns stdout, or the error with its exit status.
 async fn hub_cli(hub: &TestHub, args: &[&str]) -> Result<String, (i32, String)> {
+    let (out, result) = hub_cli_output(hub, args).await;
+    result.map(|()| out)
+}
+
+/// Runs `hub ARGS...`; returns stdout, and the error with its exit status
+/// (the error line goes to stderr, after stdout).
+async fn hub_cli_output(hub: &TestHub, args: &[&str]) -> (String, Result<(), (i32, String)>) {
     let addr = hub.addr.to_string();
     let mut argv = vec!["hub", "--addr", addr.as_str(), "--admin-token", ADMIN_TOKEN];
     argv.extend_from_slice(args);
-    let cli = Cli::try_parse_from(argv).map_err(|e| (2, e.to_string()))?;
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(cli) => cli,
+        Err(e) => return (String::new(), Err((2, e.to_string()))),
+    };
     let Command::Client(cmd) = cli.command else {
         panic!("not a client command: {args:?}");
     };
     let mut out = Vec::new();
-    match hub::cli::run(&cli.global, cmd, &mut out).await {
-        Ok(()) => Ok(String::from_utf8(out).unwrap()),
-        Err(e) => Err((e.exit_code(), e.to_string())),
-    }
+    let result = hub::cli::run(&cli.global, cmd, &mut out)
+        .await
+        .map_err(|e| (e.exit_code(), e.to_string()));
+    (String::from_utf8(out).unwrap(), result)
 }
 
 async fn ok(hub: &TestHub, args: &[&str]) -> String {
@@ -288,4 +298,211 @@ async fn errors_are_one_line_with_the_code_and_a_failing_status() {
             .starts_with("cannot reach the hub at http://127.0.0.1:1"),
         "{err}"
     );
+}
+
+/// A file of JSON lines for `hub send --from`.
+fn jsonl(lines: &[&str]) -> tempfile::NamedTempFile {
+    use std::io::Write;
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    for line in lines {
+        writeln!(file, "{line}").unwrap();
+    }
+    file
+}
+
+#[tokio::test]
+async fn send_from_a_file_creates_each_line_with_its_own_row_and_fails_if_one_failed() {
+    let hub = TestHub::start().await;
+    hub.register("billing", &["sync_doc"], &[("region", "eu")])
+        .await;
+    hub.register("payroll", &["ai_task"], &[("region", "eu")])
+        .await;
+    let file = jsonl(&[
+        r#"{"target": {"spokeName": "billing"}, "type": "sync_doc", "payload": {"doc": "a/b"}, "priority": 3}"#,
+        "",
+        r#"{"target": {"spoke_name": "nobody"}, "type": "sync_doc"}"#,
+        r#"{"target": {"selector": {"matchLabels": {"region": "eu"}}}, "type": "sync_doc"}"#,
+        r#"{"target": {"spokeName": "billing"}, "type": "sync_doc", "idempotency_key": "k1", "expiresAt": "2999-01-01T00:00:00Z"}"#,
+        r#"{"target": {"spokeName": "billing"}, "type": "sync_doc", "idempotencyKey": "k1"}"#,
+        r#"{"target": {"spokeName": "billing"}, "type": "no spaces"}"#,
+    ]);
+    let path = file.path().to_str().unwrap();
+    let (table, result) = hub_cli_output(&hub, &["send", "--from", path]).await;
+    let (code, summary) = result.expect_err("two lines failed");
+    assert_eq!(code, 1);
+    assert_eq!(
+        summary,
+        "2 of 6 line(s) failed (lines 3, 7): 3 directive(s) created, \
+         1 line(s) with an idempotency key seen before, \
+         1 matching spoke(s) skipped: they did not declare the type"
+    );
+
+    let rows = lines(&table);
+    assert_eq!(rows[0], ["LINE", "RESULT", "GROUP", "DETAILS"]);
+    assert_eq!(rows.len(), 7, "a row per line that is not blank: {table}");
+    let numbers: Vec<&str> = rows[1..].iter().map(|r| r[0]).collect();
+    assert_eq!(numbers, ["1", "3", "4", "5", "6", "7"]);
+    // Created: the group, then the directives' ids.
+    assert_eq!(rows[1][1], "created");
+    assert_eq!(rows[1].len(), 4, "{table}");
+    assert_eq!(
+        rows[2][1..],
+        [
+            "failed",
+            "-",
+            "NOT_FOUND:",
+            "spoke",
+            "\"nobody\"",
+            "not",
+            "found"
+        ]
+    );
+    // The selector matched both; payroll did not declare the type.
+    assert_eq!(rows[3][1], "created");
+    let fan_out_id = rows[3][3].strip_suffix(';').unwrap();
+    assert!(
+        table.lines().nth(3).unwrap().ends_with(
+            "; 1 matching spoke(s) skipped: they did not declare this type (\"force\": true)"
+        ),
+        "{table}"
+    );
+    assert_eq!(rows[4][1], "created");
+    assert_eq!(rows[5][1], "replayed");
+    assert_eq!(
+        rows[5][2..],
+        rows[4][2..],
+        "the same key answers the same group and directive"
+    );
+    assert_eq!(rows[6][1..4], ["failed", "-", "INVALID_ARGUMENT:"]);
+
+    // What the operator then sees: each created line as it was written.
+    let first = hub.directive(rows[1][3]).await;
+    assert_eq!(first.spoke_name, "billing");
+    assert_eq!(first.group_id, rows[1][2]);
+    assert_eq!(first.priority, 3);
+    assert_eq!(
+        struct_json(first.payload.as_ref().unwrap()),
+        json!({"doc": "a/b"})
+    );
+    assert_eq!(hub.directive(fan_out_id).await.spoke_name, "billing");
+    assert!(hub.directive(rows[4][3]).await.expires_at.is_some());
+    assert_eq!(hub.all_directives().await.len(), 3);
+}
+
+#[tokio::test]
+async fn send_from_prints_one_create_directives_response_as_json() {
+    let hub = TestHub::start().await;
+    hub.register("billing", &["sync_doc"], &[]).await;
+    let file = jsonl(&[
+        r#"{"target": {"spokeName": "billing"}, "type": "sync_doc", "payload": {"doc": "a"}}"#,
+        r#"{"target": {"spokeName": "billing"}, "type": "sync_doc", "payload": {"doc": "b"}}"#,
+    ]);
+    let path = file.path().to_str().unwrap();
+    let reply = json_of(&hub, &["send", "--from", path]).await;
+    let results = reply["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for (result, doc) in results.iter().zip(["a", "b"]) {
+        let id = result["created"]["directives"][0]["id"].as_str().unwrap();
+        let stored = hub.directive(id).await;
+        assert_eq!(
+            struct_json(stored.payload.as_ref().unwrap()),
+            json!({"doc": doc})
+        );
+    }
+    // Payloads are not echoed; nothing had to be left out.
+    assert_eq!(
+        results[0]["created"]["directives"][0]["payload"],
+        Value::Null
+    );
+    assert_eq!(reply["directivesOmitted"], Value::Null);
+
+    let table = ok(&hub, &["send", "--from", path]).await;
+    assert_eq!(
+        table.lines().last().unwrap(),
+        "2 line(s) sent: 2 directive(s) created"
+    );
+}
+
+#[tokio::test]
+async fn send_from_reports_a_malformed_line_before_sending_anything() {
+    let hub = TestHub::start().await;
+    hub.register("billing", &["sync_doc"], &[]).await;
+    let file = jsonl(&[
+        r#"{"target": {"spokeName": "billing"}, "type": "sync_doc"}"#,
+        r#"{"target": {"spokeName": "billing"}, "typo": "sync_doc"}"#,
+        r#"[{"target": {"spokeName": "billing"}}]"#,
+        r#"{"target": {"spokeName": "billing"}, "type": "sync_doc""#,
+    ]);
+    let path = file.path().to_str().unwrap();
+    let (code, msg) = hub_cli(&hub, &["send", "--from", path]).await.unwrap_err();
+    assert_eq!(code, 2);
+    assert!(
+        msg.starts_with(&format!("--from {path}: line 2: unknown field `typo`")),
+        "{msg}"
+    );
+    assert!(
+        msg.ends_with("; nothing was sent (malformed too: lines 3, 4)"),
+        "{msg}"
+    );
+    assert!(!msg.contains('\n'), "{msg}");
+    assert!(hub.all_directives().await.is_empty(), "nothing was sent");
+
+    let (code, msg) = hub_cli(&hub, &["send", "--from", "/no/such/file.jsonl"])
+        .await
+        .unwrap_err();
+    assert_eq!(code, 2);
+    assert!(msg.starts_with("--from /no/such/file.jsonl: "), "{msg}");
+    let empty = jsonl(&["", "  "]);
+    let (code, msg) = hub_cli(&hub, &["send", "--from", empty.path().to_str().unwrap()])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (
+            code,
+            msg.ends_with("no directives in it: expected one JSON object per line")
+        ),
+        (2, true),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn send_from_sends_more_than_1000_lines_in_chunks() {
+    let hub = TestHub::start().await;
+    hub.register("billing", &["sync_doc"], &[]).await;
+    let line = r#"{"target": {"spokeName": "billing"}, "type": "sync_doc"}"#;
+    let file = jsonl(&[line; 2001]);
+    let path = file.path().to_str().unwrap();
+    let out = ok(&hub, &["send", "--from", path]).await;
+    assert_eq!(
+        out.lines().last().unwrap(),
+        "2001 line(s) sent: 2001 directive(s) created"
+    );
+    assert_eq!(lines(&out)[2001][0], "2001");
+    // At most 1000 items a call: three calls.
+    let metrics = http(hub.http_addr, "GET", "/metrics", &[], "").await;
+    assert!(
+        metrics.contains(
+            r#"hub_rpc_duration_seconds_count{method="hub.v1.AdminService/CreateDirectives",code="OK"} 3"#
+        ),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn send_from_excludes_the_single_directive_options() {
+    let hub = TestHub::start().await;
+    for args in [
+        &["send", "--from", "f.jsonl", "sync_doc"][..],
+        &["send", "--from", "f.jsonl", "--to", "billing"],
+        &["send", "--from", "f.jsonl", "--selector", "a=b"],
+        &["send", "--from", "f.jsonl", "--all"],
+        &["send", "--from", "f.jsonl", "--payload", "{}"],
+        &["send", "--from", "f.jsonl", "--priority", "5"],
+        &["send", "--from", "f.jsonl", "--force"],
+        &["send", "--to", "billing"],
+    ] {
+        let (code, msg) = hub_cli(&hub, args).await.unwrap_err();
+        assert_eq!(code, 2, "{args:?}: {msg}");
+    }
 }

@@ -7,7 +7,7 @@ use hub_proto::v1 as proto;
 use serde_json::json;
 
 use super::render::{self, Table, ago, labels, time};
-use super::{Admin, CliError, ClientCommand, Connection, SendArgs};
+use super::{Admin, CliError, ClientCommand, Connection, SendArgs, batch};
 
 /// Runs one client subcommand, writing its output to `out`.
 pub async fn run(
@@ -21,7 +21,7 @@ pub async fn run(
     match cmd {
         ClientCommand::Spokes => spokes(&mut admin, json, now, out).await,
         ClientCommand::Spoke { name } => spoke(&mut admin, &name, json, now, out).await,
-        ClientCommand::Send(args) => send(&mut admin, args, json, now, out).await,
+        ClientCommand::Send(args) => send(&mut admin, *args, json, now, out).await,
         ClientCommand::Directives {
             spoke,
             state,
@@ -362,6 +362,14 @@ async fn send(
     out: &mut (dyn Write + Send),
 ) -> Result<(), CliError> {
     use proto::directive_target::Target;
+    if let Some(from) = &args.from {
+        return batch::send_from(admin, from, json, out).await;
+    }
+    let Some(directive_type) = args.directive_type else {
+        return Err(CliError::Usage(
+            "give the directive TYPE, or --from FILE".into(),
+        ));
+    };
     let target = match (&args.to, &args.selector, args.all) {
         (Some(name), None, false) => Target::SpokeName(name.clone()),
         (None, Some(sel), false) => Target::Selector(proto::LabelSelector {
@@ -397,7 +405,7 @@ async fn send(
         target: Some(proto::DirectiveTarget {
             target: Some(target),
         }),
-        r#type: args.directive_type,
+        r#type: directive_type,
         payload: Some(payload),
         priority: args.priority,
         expires_at: args

@@ -4,6 +4,7 @@
 //! `HUB_ADMIN_TOKEN`, or the local data directory of a hub running on this
 //! machine.
 
+mod batch;
 mod commands;
 mod render;
 
@@ -55,8 +56,9 @@ pub enum ClientCommand {
         /// The spoke's name.
         name: String,
     },
-    /// Send a directive to one spoke, a label selector, or all spokes.
-    Send(SendArgs),
+    /// Send a directive to one spoke, a label selector, or all spokes; or
+    /// many, one per line of a file (--from).
+    Send(Box<SendArgs>),
     /// List directives, newest first.
     Directives {
         /// Only this spoke (name).
@@ -132,11 +134,11 @@ pub enum ClientCommand {
 
 /// Options of `hub send`.
 #[derive(Debug, Clone, Args)]
-#[command(group(clap::ArgGroup::new("target").required(true).args(["to", "selector", "all"])))]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["to", "selector", "all", "from"])))]
 pub struct SendArgs {
     /// The directive type (e.g. sync_doc).
-    #[arg(value_name = "TYPE")]
-    pub directive_type: String,
+    #[arg(value_name = "TYPE", required_unless_present = "from")]
+    pub directive_type: Option<String>,
     /// One spoke, by name.
     #[arg(long)]
     pub to: Option<String>,
@@ -170,6 +172,20 @@ pub struct SendArgs {
     /// Send even if the spoke did not declare the type.
     #[arg(long)]
     pub force: bool,
+    /// Send many directives through CreateDirectives: JSON lines, one
+    /// CreateDirectiveRequest in its proto3 JSON form per line, e.g.
+    /// {"target": {"spokeName": "a"}, "type": "sync_doc", "payload": {...}};
+    /// `-` reads standard input. Every line is checked before anything is
+    /// sent, and each line sets all of its own options.
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with_all = [
+            "directive_type", "payload", "priority", "expires_in", "ack_deadline",
+            "max_attempts", "idempotency_key", "coalesce_key", "force",
+        ],
+    )]
+    pub from: Option<String>,
 }
 
 /// A CLI failure: one line for the operator.
@@ -189,6 +205,9 @@ pub enum CliError {
     /// The command line or its inputs are unusable.
     #[error("{0}")]
     Usage(String),
+    /// Some items of a batch failed (each is reported in the output).
+    #[error("{0}")]
+    ItemsFailed(String),
     /// Writing the output failed.
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
