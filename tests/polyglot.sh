@@ -38,7 +38,7 @@ CLIENTS=(
 # The clients that must ack over SpokeService.AckStream: the scenario checks
 # the hub's /metrics for AckStream calls and no unary Ack
 # (--expect-ack-stream). Add rust here once spoke-client acks over the stream.
-ACK_STREAM_CLIENTS=(python node)
+ACK_STREAM_CLIENTS=(python node rust)
 
 PASSED=0
 FAILED=0

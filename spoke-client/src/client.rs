@@ -224,7 +224,7 @@ impl Client {
         {
             std::panic::resume_unwind(e.into_panic());
         }
-        shared.link.set(None);
+        shared.link.disconnect();
         shared.status.update(|s| s.connected = false);
         outcome
     }

@@ -39,7 +39,8 @@
 //!   [`handler`]: typed handlers and their [`Context`];
 //! - [`metrics`]: the buffer actor; [`flush`]: the task that pushes it;
 //! - `store`: the local SQLite state, the only module that touches sqlx;
-//! - `link`: the current connection, shared by every caller;
+//! - `link`: the current connection, shared by every caller; `acks`: its
+//!   ack stream (an actor; unary `Ack` with an older hub);
 //! - `tls`: CA, server name and client identity for `https://` endpoints;
 //! - [`status`]: what [`Client::status`] reports; [`event`]: what an
 //!   observer is told; `wire`: protobuf well-known types; [`error`]: the
@@ -47,6 +48,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod acks;
 pub mod backoff;
 pub mod client;
 pub mod config;

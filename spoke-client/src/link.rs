@@ -1,8 +1,9 @@
 //! The current connection to a hub, shared by everything that calls it:
 //! acks, progress reports, heartbeats and metric pushes. The reconnect loop
-//! publishes a fresh authenticated client on each connect and clears it when
-//! the stream ends; callers never wait for a connection, they get
-//! [`Error::NotConnected`] and rely on the retry rules of their own kind.
+//! publishes a fresh authenticated client on each connect, with the ack
+//! stream of that connection (`acks`), and clears it when the stream ends;
+//! callers never wait for a connection, they get [`Error::NotConnected`]
+//! and rely on the retry rules of their own kind.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
+use crate::acks::{Acks, Answer};
 use crate::error::{Error, Result};
 
 /// A SpokeService client that sends `authorization: Bearer <secret>`.
@@ -51,10 +53,17 @@ pub(crate) fn rpc(channel: Channel, secret: &str) -> Result<Rpc> {
     ))
 }
 
+/// One connection: its authenticated client and its ack stream.
+#[derive(Clone)]
+pub(crate) struct Connection {
+    rpc: Rpc,
+    acks: Acks,
+}
+
 /// The current connection, if any; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Link {
-    current: Arc<watch::Sender<Option<Rpc>>>,
+    current: Arc<watch::Sender<Option<Connection>>>,
     timeout: Duration,
 }
 
@@ -67,18 +76,25 @@ impl Link {
         }
     }
 
-    /// Publishes (or clears) the connection.
-    pub fn set(&self, rpc: Option<Rpc>) {
-        self.current.send_replace(rpc);
+    /// Publishes a new connection, with an ack stream of its own.
+    pub fn connect(&self, rpc: Rpc) {
+        let acks = Acks::spawn(rpc.clone(), self.timeout);
+        self.current.send_replace(Some(Connection { rpc, acks }));
     }
 
-    /// The connection, if any.
+    /// Clears the connection; its ack stream ends once the acks sent on it
+    /// are answered.
+    pub fn disconnect(&self) {
+        self.current.send_replace(None);
+    }
+
+    /// The connection's client, if any.
     pub fn current(&self) -> Option<Rpc> {
-        self.current.borrow().clone()
+        self.current.borrow().as_ref().map(|c| c.rpc.clone())
     }
 
     /// Notified whenever the connection is published or cleared.
-    pub fn subscribe(&self) -> watch::Receiver<Option<Rpc>> {
+    pub fn subscribe(&self) -> watch::Receiver<Option<Connection>> {
         self.current.subscribe()
     }
 
@@ -92,9 +108,19 @@ impl Link {
         self.current().ok_or(Error::NotConnected)
     }
 
-    /// Sends an ack.
+    /// Sends an ack on the connection's ack stream, or with unary `Ack` to
+    /// a hub without one; answers what unary `Ack` would.
     pub async fn ack(&self, ack: proto::AckRequest) -> Result<proto::AckResponse> {
-        let mut rpc = self.connected()?;
+        let conn = self.current.borrow().clone().ok_or(Error::NotConnected)?;
+        let ack = match tokio::time::timeout(self.timeout, conn.acks.send(ack)).await {
+            Ok(Answer::Hub(answer)) => return answer,
+            Ok(Answer::Unary(ack)) => ack,
+            Err(_) => {
+                let late = format!("the hub did not answer the ack within {:?}", self.timeout);
+                return Err(Status::deadline_exceeded(late).into());
+            }
+        };
+        let mut rpc = conn.rpc;
         Ok(rpc.ack(self.request(ack)).await?.into_inner())
     }
 

@@ -94,7 +94,7 @@ async fn open(shared: Shared, url: String) -> Result<Session> {
         .watch_directives(proto::WatchDirectivesRequest {})
         .await?
         .into_inner();
-    shared.link.set(Some(rpc));
+    shared.link.connect(rpc);
     shared.status.update(|s| {
         s.connected = true;
         s.endpoint = Some(url.clone());
@@ -250,7 +250,7 @@ impl Session {
                 },
             }
         };
-        shared.link.set(None);
+        shared.link.disconnect();
         shared.status.update(|s| s.connected = false);
         StreamEnd {
             healthy: healthy.load(Ordering::Relaxed),

@@ -9,7 +9,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 use hub_proto::v1 as proto;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -29,6 +29,8 @@ use crate::wire::{duration, json_of_struct, now_ms};
 const DEFAULT_ACK_DEADLINE: Duration = Duration::from_secs(30);
 /// The shortest renewal period, whatever the deadline.
 const MIN_RENEWAL: Duration = Duration::from_millis(250);
+/// Recorded outcomes resent at once after a reconnect.
+const RESENDS_AT_ONCE: usize = 64;
 
 /// Runs directives; cheap to clone.
 #[derive(Clone)]
@@ -296,15 +298,18 @@ impl Directives {
     }
 
     /// Sends again every recorded outcome the hub has not confirmed (after
-    /// a reconnect or a restart).
+    /// a reconnect or a restart), several at a time so that they share the
+    /// ack stream.
     pub async fn resend_acks(&self) {
         match self.inner.store.unacked().await {
             Ok(unacked) => {
-                for rec in unacked {
-                    if let Some(outcome) = rec.outcome {
-                        self.ack(&rec.id, &outcome).await;
-                    }
-                }
+                futures_util::stream::iter(unacked)
+                    .for_each_concurrent(RESENDS_AT_ONCE, |rec| async move {
+                        if let Some(outcome) = rec.outcome {
+                            self.ack(&rec.id, &outcome).await;
+                        }
+                    })
+                    .await;
             }
             Err(e) => self.inner.status.error(&e),
         }

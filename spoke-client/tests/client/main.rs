@@ -3,8 +3,10 @@
 
 mod support;
 
+mod older_hub;
 mod proxy;
 
+mod acks;
 mod auth;
 mod directives;
 mod metrics;

@@ -1,16 +1,20 @@
-//! Restarts on either side: the hub restarting mid-stream, and the spoke
-//! dying between "handler finished" and "ack sent".
+//! Restarts on either side: the hub restarting mid-stream, or while acks
+//! it committed are unanswered on the ack stream, and the spoke dying
+//! between "handler finished" and "ack sent".
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use hub::Settings;
 use hub_proto::v1 as proto;
 use serde_json::{Value, json};
 use spoke_client::Context;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::proxy::Proxy;
 use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,6 +171,100 @@ async fn a_spoke_that_died_before_acking_re_acks_without_running_again() {
         runs.load(Ordering::SeqCst),
         0,
         "the handler did not run again"
+    );
+    client.shutdown();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_unanswered_when_the_hub_restarts_are_sent_again_and_count_once() {
+    let mut hub = TestHub::start_with(Settings {
+        // Stopping waits this long for the stalled connection, which cannot
+        // drain (its peer never hears the GOAWAY); nothing else needs it.
+        shutdown_grace: Duration::from_millis(500),
+        ..Settings::default()
+    })
+    .await;
+    let proxy = Proxy::start(hub.addr).await;
+    let state = tempfile::tempdir().unwrap();
+    let runs = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
+    let counted = runs.clone();
+    let (started_tx, mut started) = mpsc::channel::<String>(8);
+    let (release, released) = watch::channel(false);
+    let client = spoke("worker", &proxy.url(), state.path())
+        .concurrency(8)
+        .handler("step", "1", move |job: Value, ctx: Context| {
+            *counted
+                .lock()
+                .unwrap()
+                .entry(ctx.id().to_owned())
+                .or_default() += 1;
+            let (started, mut released) = (started_tx.clone(), released.clone());
+            async move {
+                started.send(ctx.id().to_owned()).await.unwrap();
+                released.wait_for(|r| *r).await.unwrap();
+                Ok::<_, String>(json!({"i": job["i"]}))
+            }
+        })
+        .handler("warm_up", "1", |_: Value, _ctx: Context| async {
+            Ok::<_, String>(())
+        })
+        .build()
+        .await
+        .unwrap();
+    let running = run(&client);
+    hub.wait_connected("worker").await;
+    // The ack stream is open and answering.
+    let warm_up = hub.send("worker", "warm_up", json!({})).await;
+    eventually("the first ack answered", || async {
+        (local_status(state.path(), &warm_up.id).await.as_deref() == Some("ACKED")).then_some(())
+    })
+    .await;
+    let mut sent = Vec::new();
+    for i in 0..8 {
+        sent.push((hub.send("worker", "step", json!({"i": i})).await.id, i));
+    }
+    for _ in 0..8 {
+        started.recv().await.unwrap();
+    }
+
+    // The acks reach the hub and are committed; their answers do not
+    // reach the spoke.
+    proxy.stall();
+    release.send_replace(true);
+    for (id, _) in &sent {
+        let d = hub.final_state(id).await;
+        assert_eq!(d.state, proto::DirectiveState::Completed as i32, "{d:?}");
+        assert_eq!(
+            local_status(state.path(), id).await.as_deref(),
+            Some("FINISHED")
+        );
+    }
+    assert_eq!(hub.rpc_count("AckStream").await, 1);
+    assert_eq!(hub.rpc_count("Ack").await, 0);
+
+    hub.stop().await;
+    proxy.cut();
+    hub.start_again().await;
+    for (id, i) in &sent {
+        eventually("the ack sent again and answered", || async {
+            (local_status(state.path(), id).await.as_deref() == Some("ACKED")).then_some(())
+        })
+        .await;
+        let d = hub.directive(id).await;
+        assert_eq!(d.state, proto::DirectiveState::Completed as i32, "{d:?}");
+        assert_eq!(json(&d.result), json!({"i": i}));
+    }
+    assert_eq!(hub.rpc_count("Ack").await, 0, "sent again on the stream");
+    let completions = hub.completions().await;
+    for (id, _) in &sent {
+        assert_eq!(completions.get(id), Some(&1), "{id} completed once");
+    }
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), 8);
+    assert!(
+        runs.values().all(|n| *n == 1),
+        "a handler ran twice: {runs:?}"
     );
     client.shutdown();
     running.await.unwrap().unwrap();

@@ -3,6 +3,7 @@
 //! over TLS with a CA made for the test, plus spoke clients and small
 //! helpers.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
@@ -12,6 +13,7 @@ use hub::Settings;
 use hub_proto::v1 as proto;
 use hub_proto::v1::admin_service_client::AdminServiceClient;
 use spoke_client::{Client, ClientBuilder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic::{Request, Status};
@@ -44,6 +46,14 @@ impl TestHub {
     pub async fn start() -> Self {
         Self {
             inner: hub::testing::TestHub::start().await,
+            ca: None,
+        }
+    }
+
+    /// A hub with `settings` on a fresh data directory.
+    pub async fn start_with(settings: Settings) -> Self {
+        Self {
+            inner: hub::testing::TestHub::start_with(settings).await,
             ca: None,
         }
     }
@@ -163,6 +173,51 @@ impl TestHub {
         };
         let res = self.admin().await.cancel_directive(authed(req)).await?;
         Ok(res.into_inner().directive.unwrap_or_default())
+    }
+
+    /// How many `hub.v1.SpokeService/<method>` calls the hub's `/metrics`
+    /// counts, whatever their code (a stream counts when it opens).
+    pub async fn rpc_count(&self, method: &str) -> u64 {
+        let mut http = tokio::net::TcpStream::connect(self.http_addr)
+            .await
+            .expect("reach the hub's HTTP port");
+        let request = format!(
+            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.http_addr
+        );
+        http.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        http.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        let series =
+            format!("hub_rpc_duration_seconds_count{{method=\"hub.v1.SpokeService/{method}\",");
+        response
+            .lines()
+            .filter(|line| line.starts_with(&series))
+            .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+
+    /// How many DIRECTIVE_COMPLETED events the hub logged, per directive.
+    pub async fn completions(&self) -> HashMap<String, u32> {
+        let req = proto::WatchEventsRequest {
+            types: vec![proto::EventType::DirectiveCompleted.into()],
+            stop_after_replay: true,
+            ..Default::default()
+        };
+        let mut events = self
+            .admin()
+            .await
+            .watch_events(authed(req))
+            .await
+            .expect("WatchEvents")
+            .into_inner();
+        let mut count = HashMap::new();
+        while let Some(msg) = events.message().await.expect("the event stream") {
+            let event = msg.event.expect("an event");
+            *count.entry(event.directive_id).or_default() += 1;
+        }
+        count
     }
 
     pub async fn revoke(&self, name: &str) -> Result<(), Status> {
