@@ -349,3 +349,53 @@ async fn a_create_directives_reply_too_large_with_payloads_comes_without_them() 
         json!({"small": true})
     );
 }
+
+#[tokio::test]
+async fn an_ack_stream_ends_unauthenticated_once_its_key_is_revoked_or_rotated() {
+    let hub = TestHub::start().await;
+    for (name, revoke) in [("revoked", true), ("rotated", false)] {
+        let mut spoke = hub.register(name, &["t"], &[]).await;
+        let first = hub.send(name, "t", json!({})).await;
+        let second = hub.send(name, "t", json!({})).await;
+        let mut watch = spoke.watch().await;
+        next_directive(&mut watch).await;
+        next_directive(&mut watch).await;
+        let mut acks = AckStream::open(&mut spoke).await;
+        acks.send(ack(&first.id, proto::AckOutcome::Completed))
+            .await;
+        assert_eq!(
+            state_of(&acks.answer().await),
+            (proto::DirectiveState::Completed, false)
+        );
+
+        let mut admin = hub.admin().await;
+        if revoke {
+            let req = proto::RevokeSpokeRequest {
+                spoke_name: name.into(),
+                ..Default::default()
+            };
+            admin.revoke_spoke(authed(req, ADMIN_TOKEN)).await.unwrap();
+        } else {
+            let req = proto::RotateSpokeKeyRequest {
+                spoke_name: name.into(),
+                ..Default::default()
+            };
+            admin
+                .rotate_spoke_key(authed(req, ADMIN_TOKEN))
+                .await
+                .unwrap();
+        }
+        acks.send(ack(&second.id, proto::AckOutcome::Completed))
+            .await;
+        let ended =
+            tokio::time::timeout(std::time::Duration::from_secs(10), acks.answers.message())
+                .await
+                .expect("an answer within 10 s");
+        assert_code(ended, Code::Unauthenticated, "");
+        assert_eq!(
+            hub.directive(&second.id).await.state,
+            proto::DirectiveState::Delivered as i32,
+            "the ack with the old key changed nothing"
+        );
+    }
+}

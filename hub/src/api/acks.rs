@@ -124,10 +124,23 @@ pub fn item_error(e: Error) -> proto::ItemError {
 
 /// Serves one AckStream: a reader decides each ack as it arrives, an
 /// answerer sends the answers in the same order as their commits finish.
-pub fn ack_stream(hub: Hub, spoke_id: Uuid, incoming: Streaming<proto::AckRequest>) -> AckAnswers {
+/// Every ack is checked against the key the stream opened with: once it
+/// is revoked or rotated, the stream ends UNAUTHENTICATED, as a unary Ack
+/// with it would be refused.
+pub fn ack_stream(
+    hub: Hub,
+    spoke_id: Uuid,
+    key_hash: String,
+    incoming: Streaming<proto::AckRequest>,
+) -> AckAnswers {
     let (decided_tx, decided_rx) = mpsc::channel(ACKS_IN_FLIGHT);
     let (tx, rx) = mpsc::channel(ANSWER_BUFFER);
-    tokio::spawn(read_acks(hub.clone(), spoke_id, incoming, decided_tx));
+    let reader = Reader {
+        hub: hub.clone(),
+        spoke_id,
+        key_hash,
+    };
+    tokio::spawn(reader.run(incoming, decided_tx));
     tokio::spawn(answer_acks(hub, spoke_id, decided_rx, tx));
     Box::pin(ReceiverStream::new(rx))
 }
@@ -139,37 +152,49 @@ enum Next {
     End(Status),
 }
 
-async fn read_acks(
+/// Reads and decides the acks of one stream.
+struct Reader {
     hub: Hub,
     spoke_id: Uuid,
-    mut incoming: Streaming<proto::AckRequest>,
-    decided: mpsc::Sender<Next>,
-) {
-    let mut shutdown = hub.shutdown();
-    loop {
-        let msg = tokio::select! {
-            msg = incoming.message() => msg,
-            () = shutdown.wait() => {
-                let status = Status::unavailable("hub is shutting down; acks without an answer may not be committed: send them again");
-                let _ = decided.send(Next::End(status)).await;
+    key_hash: String,
+}
+
+impl Reader {
+    async fn run(self, mut incoming: Streaming<proto::AckRequest>, decided: mpsc::Sender<Next>) {
+        let Self {
+            hub,
+            spoke_id,
+            key_hash,
+        } = self;
+        let mut shutdown = hub.shutdown();
+        loop {
+            let msg = tokio::select! {
+                msg = incoming.message() => msg,
+                () = shutdown.wait() => {
+                    let status = Status::unavailable("hub is shutting down; acks without an answer may not be committed: send them again");
+                    let _ = decided.send(Next::End(status)).await;
+                    return;
+                }
+                () = decided.closed() => return,
+            };
+            let next = match msg {
+                Ok(Some(req)) => match hub.check_key(&key_hash, spoke_id) {
+                    Err(e) => Next::End(e.into()),
+                    Ok(()) => {
+                        let id = req.directive_id.clone();
+                        match Ack::try_from(req) {
+                            Ok(ack) => Next::Ack(id, decide(&hub, spoke_id, ack)),
+                            Err(e) => Next::Ack(id, Decided::Failed(e)),
+                        }
+                    }
+                },
+                Ok(None) => return,
+                Err(status) => Next::End(limits::map_status(status)),
+            };
+            let end = matches!(next, Next::End(_));
+            if decided.send(next).await.is_err() || end {
                 return;
             }
-            () = decided.closed() => return,
-        };
-        let next = match msg {
-            Ok(Some(req)) => {
-                let id = req.directive_id.clone();
-                match Ack::try_from(req) {
-                    Ok(ack) => Next::Ack(id, decide(&hub, spoke_id, ack)),
-                    Err(e) => Next::Ack(id, Decided::Failed(e)),
-                }
-            }
-            Ok(None) => return,
-            Err(status) => Next::End(limits::map_status(status)),
-        };
-        let end = matches!(next, Next::End(_));
-        if decided.send(next).await.is_err() || end {
-            return;
         }
     }
 }

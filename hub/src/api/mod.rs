@@ -126,6 +126,17 @@ impl Hub {
         Ok(spoke)
     }
 
+    /// Whether the key hashing to `key_hash` still belongs to spoke
+    /// `spoke_id` and is not revoked (for a stream that outlives the check
+    /// made when it opened).
+    pub fn check_key(&self, key_hash: &str, spoke_id: uuid::Uuid) -> Result<()> {
+        match self.ledger().spoke_by_key(key_hash) {
+            Some(spoke) if spoke.id == spoke_id && spoke.revoked_at.is_none() => Ok(()),
+            Some(spoke) if spoke.id == spoke_id => Err(Error::Unauthenticated("spoke key revoked")),
+            _ => Err(Error::Unauthenticated("spoke key rotated or unknown")),
+        }
+    }
+
     /// Checks the admin token of an AdminService call.
     pub fn authenticate_admin(&self, metadata: &MetadataMap) -> Result<()> {
         if self.inner.admin_token.matches(bearer(metadata)?) {

@@ -137,9 +137,11 @@ impl SpokeService for SpokeApi {
         request: Request<Streaming<proto::AckRequest>>,
     ) -> Result<Response<Self::AckStreamStream>, Status> {
         let spoke = self.hub.authenticate_spoke(request.metadata())?;
+        let key_hash = hash_secret(bearer(request.metadata())?);
         Ok(Response::new(acks::ack_stream(
             self.hub.clone(),
             spoke.id,
+            key_hash,
             request.into_inner(),
         )))
     }
