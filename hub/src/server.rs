@@ -40,6 +40,9 @@ pub enum RunError {
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
+    /// The committer's thread could not be started.
+    #[error("starting the committer thread: {0}")]
+    Committer(#[source] std::io::Error),
     /// The ledger could not be read from the store.
     #[error("loading the hub's state from the database: {0}")]
     Load(#[from] crate::Error),
@@ -64,7 +67,7 @@ pub async fn run(
     let (trigger, shutdown) = shutdown::channel();
     let grace = settings.shutdown_grace;
     let ledger = Ledger::load(store.clone(), Default::default()).await?;
-    let committer = tokio::spawn(ledger::run_committer(ledger.clone()));
+    let committer = ledger::spawn_committer(ledger.clone()).map_err(RunError::Committer)?;
     let hub = Hub::new(
         ledger.clone(),
         settings.clone(),
@@ -170,7 +173,7 @@ pub async fn run(
     // What the ledger decided and did not commit yet (deliveries, heartbeats)
     // is written before the database closes.
     ledger.close();
-    rethrow(committer.await);
+    committer.join().await;
     store.close().await;
     result
 }

@@ -26,6 +26,36 @@ struct Batch {
     effects: Vec<Effect>,
 }
 
+/// The committer, running on its own thread.
+pub struct Committer(std::thread::JoinHandle<()>);
+
+/// Starts the committer on a thread of its own (with a single-threaded
+/// runtime): between the statements of a commit it is never queued behind
+/// the calls the hub's runtime is serving, so a commit takes as long as the
+/// database needs, not as long as the busiest moment's run queue.
+pub fn spawn_committer(ledger: Ledger) -> std::io::Result<Committer> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let thread = std::thread::Builder::new()
+        .name("hub-committer".into())
+        .spawn(move || runtime.block_on(run_committer(ledger)))?;
+    Ok(Committer(thread))
+}
+
+impl Committer {
+    /// Waits until the committer has written what is left and stopped
+    /// (after [`Ledger::close`]); re-raises its panic.
+    pub async fn join(self) {
+        let joined = tokio::task::spawn_blocking(move || self.0.join()).await;
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            Err(e) => panic!("joining the committer: {e}"),
+        }
+    }
+}
+
 /// Commits the ledger's log until [`Ledger::close`]; then writes what is
 /// left and returns.
 pub async fn run_committer(ledger: Ledger) {

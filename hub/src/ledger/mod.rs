@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::{Notify, oneshot, watch};
 use uuid::Uuid;
 
-pub use committer::run_committer;
+pub use committer::{Committer, run_committer, spawn_committer};
 pub use delivery::{Delivery, End, Step, Subscription};
 pub use directives::{AckStep, CancelStep, CreateStep, Created};
 pub use due::TimerPlan;

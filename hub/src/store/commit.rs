@@ -169,15 +169,17 @@ struct KeyRow<'a> {
     created_at: i64,
 }
 
-/// Rows per statement: a batch is cut into chunks of these sizes, largest
-/// first, so each statement has at most five texts, each prepared once and
-/// kept in the connection's statement cache.
-const CHUNKS: [usize; 5] = [256, 64, 16, 4, 1];
+/// Most rows per statement. A statement carries its rows padded to the
+/// next power of two with rows of NULLs (which it skips), so each kind of
+/// statement has at most eleven texts (1, 2, 4, ... 1024 rows), each
+/// prepared once and kept in the connection's statement cache, and a batch
+/// costs one statement per kind of row.
+const MAX_ROWS: usize = 1024;
 
 type Query<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
 
-/// One multi-row statement: its text around the rows' `VALUES` list, and how
-/// a row binds.
+/// One multi-row statement: its text around the rows' `VALUES` list (which
+/// must skip rows whose first column is NULL), and how a row binds.
 struct Statement<R> {
     head: &'static str,
     columns: usize,
@@ -190,9 +192,9 @@ fn upsert_spokes<'a>() -> Statement<SpokeRow<'a>> {
         head: "INSERT INTO spokes (id, name, key_hash, labels, capabilities, version, \
         max_in_flight, registered_at, revoked_at, last_heartbeat_at, last_seen_at, status, \
         status_message, reported_in_flight, reported_buffered_points, reported_failed_pushes, \
-        health) VALUES ",
+        health) SELECT * FROM (VALUES ",
         columns: 17,
-        tail: " ON CONFLICT (id) DO UPDATE SET name = excluded.name, key_hash = excluded.key_hash, \
+        tail: ") WHERE column1 IS NOT NULL ON CONFLICT (id) DO UPDATE SET name = excluded.name, key_hash = excluded.key_hash, \
         labels = excluded.labels, capabilities = excluded.capabilities, version = excluded.version, \
         max_in_flight = excluded.max_in_flight, revoked_at = excluded.revoked_at, \
         last_heartbeat_at = excluded.last_heartbeat_at, last_seen_at = excluded.last_seen_at, \
@@ -227,9 +229,10 @@ fn insert_directives<'a>() -> Statement<NewDirectiveRow<'a>> {
     Statement {
         head: "INSERT INTO directives (id, spoke_id, type, payload, max_attempts, priority, \
         created_at, expires_at, ack_deadline_ms, group_id, idempotency_key, coalesce_key, state, \
-        attempts, updated_at, ack_due_at, result, error, progress, progress_message) VALUES ",
+        attempts, updated_at, ack_due_at, result, error, progress, progress_message) \
+        SELECT * FROM (VALUES ",
         columns: 20,
-        tail: "",
+        tail: ") WHERE column1 IS NOT NULL",
         bind: |q, r| {
             let f = r.fixed;
             let q = q
@@ -277,9 +280,9 @@ fn update_directives<'a>() -> Statement<UpdateRow<'a>> {
 
 fn insert_keys<'a>() -> Statement<KeyRow<'a>> {
     Statement {
-        head: "INSERT INTO idempotency_keys (key, group_id, created_at) VALUES ",
+        head: "INSERT INTO idempotency_keys (key, group_id, created_at) SELECT * FROM (VALUES ",
         columns: 3,
-        tail: "",
+        tail: ") WHERE column1 IS NOT NULL",
         bind: |q, r| {
             q.bind(r.key.to_owned())
                 .bind(r.group_id.to_string())
@@ -290,9 +293,10 @@ fn insert_keys<'a>() -> Statement<KeyRow<'a>> {
 
 fn insert_events() -> Statement<EventRow> {
     Statement {
-        head: "INSERT INTO events (seq, type, time, spoke_id, directive_id, details) VALUES ",
+        head: "INSERT INTO events (seq, type, time, spoke_id, directive_id, details) \
+            SELECT * FROM (VALUES ",
         columns: 6,
-        tail: "",
+        tail: ") WHERE column1 IS NOT NULL",
         bind: |q, r| {
             q.bind(r.seq)
                 .bind(r.kind.as_str())
@@ -477,20 +481,15 @@ impl Store {
     }
 }
 
-/// Runs `statement` over `rows`, in chunks of [`CHUNKS`] sizes.
+/// Runs `statement` over `rows`: one statement per [`MAX_ROWS`], padded.
 async fn execute<R>(
     tx: &mut Transaction<'static, Sqlite>,
     statement: &Statement<R>,
-    mut rows: &[R],
+    rows: &[R],
 ) -> Result<()> {
-    while !rows.is_empty() {
-        let n = CHUNKS
-            .iter()
-            .copied()
-            .find(|&n| n <= rows.len())
-            .unwrap_or(1);
-        let (chunk, rest) = rows.split_at(n);
-        let mut sql = String::with_capacity(statement.head.len() + n * statement.columns * 3 + 64);
+    for chunk in rows.chunks(MAX_ROWS) {
+        let n = chunk.len().next_power_of_two();
+        let mut sql = String::with_capacity(statement.head.len() + n * statement.columns * 3 + 512);
         sql.push_str(statement.head);
         for i in 0..n {
             if i > 0 {
@@ -507,8 +506,10 @@ async fn execute<R>(
         for row in chunk {
             query = (statement.bind)(query, row);
         }
+        for _ in 0..(n - chunk.len()) * statement.columns {
+            query = query.bind(None::<i64>);
+        }
         query.execute(&mut **tx).await?;
-        rows = rest;
     }
     Ok(())
 }
