@@ -1,0 +1,382 @@
+//! `hub-bench run`: which scenarios on which targets, with what sizes; runs
+//! each pair in turn (a fresh hub or floor process for each), prints the
+//! table, writes the JSON, and says whether anything failed or was lost.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::ValueEnum;
+
+use crate::contract::{AckPath, CreatePath};
+use crate::cycle::{self, CycleSpec, Paths};
+use crate::fleet::{self, FleetRun};
+use crate::jetstream::{self, NatsPeer};
+use crate::redis_streams::{self, Fsync, RedisPeer};
+use crate::report::{self, Record};
+use crate::servers::{Kind, Server, Sync};
+
+/// A scenario (its sizes are flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// The cycle at --cycle-spokes / --cycle-directives / --cycle-window.
+    Cycle,
+    /// The cycle at --large-spokes / --large-directives / --large-window.
+    CycleLarge,
+    /// The cycle with one directive in flight (--light-*).
+    Light,
+    /// --idle-small idle streaming spokes: RSS per spoke.
+    Idle,
+    /// --idle-large spokes: RSS per spoke, register + connect time, fan-out,
+    /// and (hub) the reconnect storm.
+    Fleet,
+}
+
+impl Scenario {
+    /// The name on the command line and in the JSON.
+    pub fn name(self) -> String {
+        self.to_possible_value()
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// What a scenario runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TargetName {
+    /// The hub with HUB_SYNC=full.
+    HubFull,
+    /// The hub with HUB_SYNC=normal.
+    HubNormal,
+    /// The in-memory floor of the contract.
+    Floor,
+    /// Redis Streams, AOF appendfsync always.
+    RedisAlways,
+    /// Redis Streams, AOF appendfsync everysec.
+    RedisEverysec,
+    /// NATS JetStream, file storage.
+    Nats,
+}
+
+impl TargetName {
+    /// The name on the command line and in the JSON.
+    pub fn name(self) -> String {
+        self.to_possible_value()
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// The column header.
+    pub fn label(self) -> &'static str {
+        match self {
+            TargetName::HubFull => "hub full",
+            TargetName::HubNormal => "hub normal",
+            TargetName::Floor => "floor",
+            TargetName::RedisAlways => "Redis always",
+            TargetName::RedisEverysec => "Redis everysec",
+            TargetName::Nats => "NATS",
+        }
+    }
+
+    fn speaks_hub_v1(self) -> bool {
+        matches!(
+            self,
+            TargetName::HubFull | TargetName::HubNormal | TargetName::Floor
+        )
+    }
+}
+
+/// Options of `hub-bench run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The hub binary (needed for the hub targets).
+    #[arg(long)]
+    pub hub_bin: Option<PathBuf>,
+    /// Targets, comma-separated [default: all].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub targets: Vec<TargetName>,
+    /// Scenarios, comma-separated [default: all].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub scenarios: Vec<Scenario>,
+    /// A running Redis server (the Redis targets need it).
+    #[arg(long)]
+    pub redis: Option<SocketAddr>,
+    /// Its process id, for its CPU time.
+    #[arg(long)]
+    pub redis_pid: Option<u32>,
+    /// A running NATS server with JetStream (the NATS target needs it).
+    #[arg(long)]
+    pub nats: Option<SocketAddr>,
+    /// Its process id, for its CPU time.
+    #[arg(long)]
+    pub nats_pid: Option<u32>,
+    /// Spokes of `cycle`.
+    #[arg(long, default_value_t = 100)]
+    pub cycle_spokes: usize,
+    /// Directives of `cycle`.
+    #[arg(long, default_value_t = 20_000)]
+    pub cycle_directives: usize,
+    /// Directives in flight in `cycle`.
+    #[arg(long, default_value_t = 256)]
+    pub cycle_window: usize,
+    /// Spokes of `cycle-large`.
+    #[arg(long, default_value_t = 1000)]
+    pub large_spokes: usize,
+    /// Directives of `cycle-large`.
+    #[arg(long, default_value_t = 50_000)]
+    pub large_directives: usize,
+    /// Directives in flight in `cycle-large`.
+    #[arg(long, default_value_t = 512)]
+    pub large_window: usize,
+    /// Spokes of `light` (one directive in flight).
+    #[arg(long, default_value_t = 100)]
+    pub light_spokes: usize,
+    /// Directives of `light`.
+    #[arg(long, default_value_t = 2000)]
+    pub light_directives: usize,
+    /// Spokes of `idle`.
+    #[arg(long, default_value_t = 1000)]
+    pub idle_small: usize,
+    /// Spokes of `fleet`.
+    #[arg(long, default_value_t = 10_000)]
+    pub idle_large: usize,
+    /// Spokes connecting and registering at once.
+    #[arg(long, default_value_t = 200)]
+    pub connect_concurrency: usize,
+    /// How long any one step may take, in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout_secs: u64,
+    /// How hub.v1 spokes ack.
+    #[arg(long, value_enum, default_value_t = AckPath::Unary)]
+    pub ack_path: AckPath,
+    /// How the hub.v1 producer creates.
+    #[arg(long, value_enum, default_value_t = CreatePath::Single)]
+    pub create_path: CreatePath,
+    /// Write the raw results here as JSON.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Runs the plan; `Ok(false)` when a run failed or lost a directive.
+pub async fn run(mut args: RunArgs) -> anyhow::Result<bool> {
+    if args.targets.is_empty() {
+        args.targets = TargetName::value_variants().to_vec();
+    }
+    if args.scenarios.is_empty() {
+        args.scenarios = Scenario::value_variants().to_vec();
+    }
+    for size in [
+        args.cycle_spokes,
+        args.large_spokes,
+        args.light_spokes,
+        args.idle_small,
+        args.idle_large,
+    ] {
+        if size == 0 {
+            bail!("every spoke count must be at least 1");
+        }
+    }
+    let most = [args.cycle_spokes, args.large_spokes, args.light_spokes]
+        .into_iter()
+        .chain(
+            args.scenarios
+                .contains(&Scenario::Idle)
+                .then_some(args.idle_small),
+        )
+        .chain(
+            args.scenarios
+                .contains(&Scenario::Fleet)
+                .then_some(args.idle_large),
+        )
+        .max()
+        .unwrap_or(0);
+    crate::proc::check_open_files(most as u64 + 256)?;
+    let argv: Vec<String> = std::env::args().collect();
+    let mut records = Vec::new();
+    for &scenario in &args.scenarios {
+        for &target in &args.targets {
+            if !applies(scenario, target) {
+                continue;
+            }
+            if let Some(why) = missing(&args, target) {
+                eprintln!("skipping {} on {}: {why}", scenario.name(), target.label());
+                continue;
+            }
+            let label = label(&args, scenario);
+            eprintln!("running {label} on {} ...", target.label());
+            let (metrics, error) = match run_one(&args, scenario, target).await {
+                Ok(m) => (m, None),
+                Err(e) => (Default::default(), Some(format!("{e:#}"))),
+            };
+            let record = Record {
+                scenario,
+                label,
+                target,
+                metrics,
+                error,
+            };
+            summarize(&record);
+            records.push(record);
+        }
+    }
+    println!("{}", report::table(&records));
+    if let Some(path) = &args.out {
+        let json = serde_json::to_string_pretty(&report::json(&records, &argv))?;
+        std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("raw results: {}", path.display());
+    }
+    let failed = records.iter().filter(|r| r.error.is_some()).count();
+    let lost: f64 = records.iter().map(Record::lost).sum();
+    if failed > 0 || lost > 0.0 {
+        eprintln!("FAILED: {failed} run(s) with an error, {lost} directive(s) lost");
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+fn applies(scenario: Scenario, target: TargetName) -> bool {
+    match scenario {
+        Scenario::Cycle | Scenario::CycleLarge | Scenario::Light => true,
+        Scenario::Idle | Scenario::Fleet => target.speaks_hub_v1(),
+    }
+}
+
+fn missing(args: &RunArgs, target: TargetName) -> Option<&'static str> {
+    match target {
+        TargetName::HubFull | TargetName::HubNormal if args.hub_bin.is_none() => {
+            Some("no --hub-bin")
+        }
+        TargetName::RedisAlways | TargetName::RedisEverysec if args.redis.is_none() => {
+            Some("no --redis")
+        }
+        TargetName::Nats if args.nats.is_none() => Some("no --nats"),
+        _ => None,
+    }
+}
+
+fn label(args: &RunArgs, scenario: Scenario) -> String {
+    match scenario {
+        Scenario::Cycle => format!(
+            "cycle: {} spokes, {} directives, W={}",
+            args.cycle_spokes, args.cycle_directives, args.cycle_window
+        ),
+        Scenario::CycleLarge => format!(
+            "cycle: {} spokes, {} directives, W={}",
+            args.large_spokes, args.large_directives, args.large_window
+        ),
+        Scenario::Light => format!(
+            "light load: {} spokes, {} directives, W=1",
+            args.light_spokes, args.light_directives
+        ),
+        Scenario::Idle => format!("{} idle spokes", args.idle_small),
+        Scenario::Fleet => format!("{} spokes: idle, fan-out, storm", args.idle_large),
+    }
+}
+
+fn cycle_spec(args: &RunArgs, scenario: Scenario) -> CycleSpec {
+    let (spokes, directives, window) = match scenario {
+        Scenario::CycleLarge => (args.large_spokes, args.large_directives, args.large_window),
+        Scenario::Light => (args.light_spokes, args.light_directives, 1),
+        _ => (args.cycle_spokes, args.cycle_directives, args.cycle_window),
+    };
+    CycleSpec {
+        spokes,
+        directives,
+        window: window.max(1),
+        timeout: Duration::from_secs(args.timeout_secs),
+    }
+}
+
+async fn run_one(
+    args: &RunArgs,
+    scenario: Scenario,
+    target: TargetName,
+) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let paths = Paths {
+        ack: args.ack_path,
+        create: args.create_path,
+    };
+    if let Some(kind) = server_kind(args, target) {
+        let (window, fleet_run) = match scenario {
+            Scenario::Idle | Scenario::Fleet => {
+                let count = if scenario == Scenario::Idle {
+                    args.idle_small
+                } else {
+                    args.idle_large
+                };
+                let run = FleetRun {
+                    count,
+                    concurrency: args.connect_concurrency,
+                    fanout: scenario == Scenario::Fleet,
+                    storm: scenario == Scenario::Fleet && target != TargetName::Floor,
+                    timeout,
+                    ack_path: args.ack_path,
+                };
+                (32, Some(run))
+            }
+            _ => (cycle_spec(args, scenario).spoke_window(), None),
+        };
+        let mut server = Server::start(kind, window).await?;
+        let result = match fleet_run {
+            Some(run) => fleet::run(&mut server, run).await,
+            None => cycle::hub_v1(&server, cycle_spec(args, scenario), paths)
+                .await
+                .map(|r| r.metrics()),
+        };
+        return result.map_err(|e| {
+            let tail = server.log_tail();
+            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            e.context(format!("server log ends: {}", tail.join(" / ")))
+        });
+    }
+    let spec = cycle_spec(args, scenario);
+    let result = match target {
+        TargetName::RedisAlways | TargetName::RedisEverysec => {
+            let peer = RedisPeer {
+                addr: args.redis.context("no --redis")?,
+                pid: args.redis_pid,
+            };
+            let fsync = if target == TargetName::RedisAlways {
+                Fsync::Always
+            } else {
+                Fsync::Everysec
+            };
+            redis_streams::cycle(peer, fsync, spec).await?
+        }
+        TargetName::Nats => {
+            let peer = NatsPeer {
+                addr: args.nats.context("no --nats")?,
+                pid: args.nats_pid,
+            };
+            jetstream::cycle(peer, spec).await?
+        }
+        _ => unreachable!("hub.v1 targets are handled above"),
+    };
+    Ok(result.metrics())
+}
+
+fn server_kind(args: &RunArgs, target: TargetName) -> Option<Kind> {
+    let hub = |sync| args.hub_bin.clone().map(|bin| Kind::Hub { bin, sync });
+    match target {
+        TargetName::HubFull => hub(Sync::Full),
+        TargetName::HubNormal => hub(Sync::Normal),
+        TargetName::Floor => Some(Kind::Floor),
+        _ => None,
+    }
+}
+
+fn summarize(record: &Record) {
+    if let Some(e) = &record.error {
+        eprintln!("  error: {e}");
+        return;
+    }
+    let figures: Vec<String> = record
+        .metrics
+        .iter()
+        .map(|(k, v)| format!("{k}={v:.3}"))
+        .collect();
+    eprintln!("  {}", figures.join(" "));
+}

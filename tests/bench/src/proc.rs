@@ -1,0 +1,90 @@
+//! What the benchmark reads from `/proc`: CPU time and resident memory of a
+//! process (the server under test, or the load generator itself), and the
+//! open-files limit that 10,000 connections need.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+/// A process to measure: `None` is the load generator itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Pid(pub Option<u32>);
+
+impl Pid {
+    /// The load generator.
+    pub const SELF: Pid = Pid(None);
+
+    fn path(self, file: &str) -> String {
+        match self.0 {
+            Some(pid) => format!("/proc/{pid}/{file}"),
+            None => format!("/proc/self/{file}"),
+        }
+    }
+
+    /// User plus system CPU time used so far (all threads).
+    pub fn cpu(self) -> anyhow::Result<Duration> {
+        let path = self.path("stat");
+        let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        // The command name (field 2) may contain spaces: count from its ')'.
+        let rest = stat
+            .rfind(')')
+            .map(|i| &stat[i + 1..])
+            .with_context(|| format!("{path}: no ')'"))?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // After ')': state is field 3, so utime (14) and stime (15) are at 11, 12.
+        let ticks = |i: usize| -> anyhow::Result<u64> {
+            fields
+                .get(i)
+                .with_context(|| format!("{path}: too few fields"))?
+                .parse::<u64>()
+                .with_context(|| format!("{path}: field {}", i + 3))
+        };
+        let total = ticks(11)? + ticks(12)?;
+        Ok(Duration::from_nanos(total * 1_000_000_000 / clock_ticks()))
+    }
+
+    /// Resident set size (VmRSS), in KiB.
+    pub fn rss_kib(self) -> anyhow::Result<u64> {
+        let path = self.path("status");
+        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("{path}: no VmRSS"))
+    }
+}
+
+/// Kernel clock ticks per second (`getconf CLK_TCK`; 100 on Linux if that fails).
+fn clock_ticks() -> u64 {
+    static TICKS: OnceLock<u64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|&t| t > 0)
+            .unwrap_or(100)
+    })
+}
+
+/// Fails early, with the fix, when this process may not open `needed` files
+/// (sockets count; a child server inherits the same limit).
+pub fn check_open_files(needed: u64) -> anyhow::Result<()> {
+    let limits =
+        std::fs::read_to_string("/proc/self/limits").context("reading /proc/self/limits")?;
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<u64>().ok());
+    match soft {
+        Some(soft) if soft < needed => bail!(
+            "the open-files limit is {soft}, this run needs about {needed}: raise it first (`ulimit -n {needed}`; run.sh does)"
+        ),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,238 @@
+//! The results: every figure of every (scenario, target) run as JSON for a
+//! later comparison, and one markdown table with the hub against the floor
+//! and against the peer of each durability class.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+
+use crate::plan::{Scenario, TargetName};
+
+/// The figures of one scenario on one target.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The scenario run.
+    pub scenario: Scenario,
+    /// Its label with sizes.
+    pub label: String,
+    /// What it ran against.
+    pub target: TargetName,
+    /// Figures by name (see README.md).
+    pub metrics: BTreeMap<String, f64>,
+    /// Why the run failed, if it did.
+    pub error: Option<String>,
+}
+
+impl Record {
+    /// Directives lost (0 when the run has no such count).
+    pub fn lost(&self) -> f64 {
+        self.metrics.get("lost").copied().unwrap_or(0.0)
+    }
+}
+
+/// One figure shown as a row.
+struct Row {
+    metric: &'static str,
+    label: &'static str,
+    ratio: bool,
+}
+
+const fn row(metric: &'static str, label: &'static str) -> Row {
+    Row {
+        metric,
+        label,
+        ratio: true,
+    }
+}
+
+fn rows(scenario: Scenario) -> Vec<Row> {
+    let cycle = [
+        row("throughput_per_s", "directives/s"),
+        row("p50_ms", "p50 ms"),
+        row("p99_ms", "p99 ms"),
+        row("server_cpu_us", "server CPU µs/directive"),
+        row("loadgen_cpu_us", "load-gen CPU µs/directive"),
+    ];
+    match scenario {
+        Scenario::Cycle | Scenario::CycleLarge | Scenario::Light => cycle.into(),
+        Scenario::Idle => vec![
+            row("rss_per_spoke_kib", "server RSS KiB per idle spoke"),
+            row("connect_s", "register + connect s"),
+        ],
+        Scenario::Fleet => vec![
+            row("rss_per_spoke_kib", "server RSS KiB per idle spoke"),
+            row("connect_s", "register + connect s"),
+            row("fanout_s", "fan-out: last spoke has it, s"),
+            row("fanout_acked_s", "fan-out: every ack confirmed, s"),
+            row("storm_reconnect_s", "storm: restart → every stream back, s"),
+            row(
+                "storm_recovered_s",
+                "storm: restart → every held directive acked, s",
+            ),
+            Row {
+                metric: "lost",
+                label: "lost directives",
+                ratio: false,
+            },
+        ],
+    }
+}
+
+/// Column order, then the ratios: (label, numerator, denominator).
+const COLUMNS: [TargetName; 6] = [
+    TargetName::HubFull,
+    TargetName::HubNormal,
+    TargetName::Floor,
+    TargetName::RedisAlways,
+    TargetName::RedisEverysec,
+    TargetName::Nats,
+];
+const RATIOS: [(&str, TargetName, TargetName); 5] = [
+    ("full ÷ floor", TargetName::HubFull, TargetName::Floor),
+    ("normal ÷ floor", TargetName::HubNormal, TargetName::Floor),
+    (
+        "full ÷ Redis always",
+        TargetName::HubFull,
+        TargetName::RedisAlways,
+    ),
+    (
+        "normal ÷ Redis everysec",
+        TargetName::HubNormal,
+        TargetName::RedisEverysec,
+    ),
+    ("normal ÷ NATS", TargetName::HubNormal, TargetName::Nats),
+];
+
+/// The markdown table of `records` (in the order their scenarios ran).
+pub fn table(records: &[Record]) -> String {
+    let mut out = String::new();
+    let header: Vec<&str> = ["scenario", "figure"]
+        .into_iter()
+        .chain(COLUMNS.iter().map(|t| t.label()))
+        .chain(RATIOS.iter().map(|r| r.0))
+        .collect();
+    let _ = writeln!(out, "| {} |", header.join(" | "));
+    let _ = writeln!(out, "|{}", "---|".repeat(header.len()));
+    let mut labels: Vec<(Scenario, &str)> = Vec::new();
+    for r in records {
+        if !labels.iter().any(|(s, _)| *s == r.scenario) {
+            labels.push((r.scenario, &r.label));
+        }
+    }
+    let find = |scenario: Scenario, target: TargetName| {
+        records
+            .iter()
+            .find(|r| r.scenario == scenario && r.target == target)
+    };
+    for (scenario, label) in labels {
+        for row in rows(scenario) {
+            let value = |t: TargetName| {
+                find(scenario, t)
+                    .and_then(|r| r.metrics.get(row.metric))
+                    .copied()
+            };
+            let mut cells = vec![label.to_owned(), row.label.to_owned()];
+            for t in COLUMNS {
+                cells.push(match find(scenario, t) {
+                    None => String::new(),
+                    Some(r) if r.error.is_some() && !r.metrics.contains_key(row.metric) => {
+                        "error".into()
+                    }
+                    Some(_) => value(t).map(number).unwrap_or_default(),
+                });
+            }
+            for (_, a, b) in RATIOS {
+                cells.push(match (row.ratio, value(a), value(b)) {
+                    (true, Some(a), Some(b)) if b > 0.0 => format!("{}×", ratio(a / b)),
+                    _ => String::new(),
+                });
+            }
+            let _ = writeln!(out, "| {} |", cells.join(" | "));
+        }
+    }
+    let errors: Vec<&Record> = records.iter().filter(|r| r.error.is_some()).collect();
+    if !errors.is_empty() {
+        let _ = writeln!(out, "\nErrors:");
+        for r in errors {
+            let _ = writeln!(
+                out,
+                "- {} on {}: {}",
+                r.label,
+                r.target.label(),
+                r.error
+                    .as_deref()
+                    .unwrap_or_default()
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+            );
+        }
+    }
+    out
+}
+
+/// A figure for the table: 3 significant digits, thousands grouped.
+fn number(v: f64) -> String {
+    if v.abs() >= 1000.0 {
+        let s = format!("{:.0}", v.abs());
+        let mut grouped = String::new();
+        for (i, c) in s.chars().enumerate() {
+            if i > 0 && (s.len() - i) % 3 == 0 {
+                grouped.push(',');
+            }
+            grouped.push(c);
+        }
+        if v < 0.0 {
+            format!("-{grouped}")
+        } else {
+            grouped
+        }
+    } else if v.abs() >= 100.0 || v == v.trunc() {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else if v.abs() >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn ratio(v: f64) -> String {
+    if v >= 10.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// The raw results, for a later session to compare.
+pub fn json(records: &[Record], args: &[String]) -> serde_json::Value {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let machine = json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        "cpu_model": std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())),
+    });
+    json!({
+        "generated_at_unix": now,
+        "machine": machine,
+        "args": args,
+        "records": records.iter().map(|r| json!({
+            "scenario": r.scenario.name(),
+            "label": r.label,
+            "target": r.target.name(),
+            "metrics": r.metrics,
+            "error": r.error,
+        })).collect::<Vec<_>>(),
+    })
+}
