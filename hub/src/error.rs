@@ -37,6 +37,9 @@ pub enum Error {
     /// The database failed; details are logged, not sent to the caller.
     #[error("database error")]
     Database(#[source] sqlx::Error),
+    /// The writing connection failed; details are logged, not sent.
+    #[error("database write error")]
+    Write(#[source] rusqlite::Error),
     /// Stored data could not be decoded; details are logged.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
@@ -61,6 +64,12 @@ impl From<sqlx::Error> for Error {
     }
 }
 
+impl From<rusqlite::Error> for Error {
+    fn from(err: rusqlite::Error) -> Self {
+        Self::Write(err)
+    }
+}
+
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let code = match &err {
@@ -73,6 +82,10 @@ impl From<Error> for Status {
             Error::ShuttingDown | Error::Unavailable(_) => Code::Unavailable,
             Error::Database(source) => {
                 tracing::error!(error = %source, "database error");
+                return Status::internal("internal error");
+            }
+            Error::Write(source) => {
+                tracing::error!(error = %source, "database write error");
                 return Status::internal("internal error");
             }
             Error::Corrupt(what) => {

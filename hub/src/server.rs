@@ -67,7 +67,9 @@ pub async fn run(
     let (trigger, shutdown) = shutdown::channel();
     let grace = settings.shutdown_grace;
     let ledger = Ledger::load(store.clone(), Default::default()).await?;
-    let committer = ledger::spawn_committer(ledger.clone()).map_err(RunError::Committer)?;
+    let writer = store.writer()?;
+    let committer =
+        ledger::spawn_committer(ledger.clone(), writer).map_err(RunError::Committer)?;
     let hub = Hub::new(
         ledger.clone(),
         settings.clone(),

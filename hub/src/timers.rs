@@ -80,7 +80,7 @@ pub async fn run_retention(hub: Hub) {
         let now = hub.now_ms();
         let events_before = now.saturating_sub(ms(settings.event_retention));
         let points_before = now.saturating_sub(ms(settings.metric_retention));
-        match hub.store().purge(events_before, points_before).await {
+        match hub.ledger().purge(events_before, points_before).await {
             Ok(purged) if purged.events + purged.points > 0 => {
                 tracing::info!(
                     events = purged.events,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::{Effect, Ledger, Log, State, Waiter};
 use crate::error::Error;
-use crate::store::{Change, Committed};
+use crate::store::{Change, Committed, Writer};
 
 /// Longest a changed spoke row (a heartbeat, a sign of life) waits in
 /// memory before it is written when nothing else is.
@@ -33,13 +33,13 @@ pub struct Committer(std::thread::JoinHandle<()>);
 /// runtime): between the statements of a commit it is never queued behind
 /// the calls the hub's runtime is serving, so a commit takes as long as the
 /// database needs, not as long as the busiest moment's run queue.
-pub fn spawn_committer(ledger: Ledger) -> std::io::Result<Committer> {
+pub fn spawn_committer(ledger: Ledger, writer: Writer) -> std::io::Result<Committer> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let thread = std::thread::Builder::new()
         .name("hub-committer".into())
-        .spawn(move || runtime.block_on(run_committer(ledger)))?;
+        .spawn(move || runtime.block_on(run_committer(ledger, writer)))?;
     Ok(Committer(thread))
 }
 
@@ -56,12 +56,15 @@ impl Committer {
     }
 }
 
-/// Commits the ledger's log until [`Ledger::close`]; then writes what is
-/// left and returns.
-pub async fn run_committer(ledger: Ledger) {
+/// Commits the ledger's log with `writer` until [`Ledger::close`]; then
+/// writes what is left and returns. Between commits, it runs the purges
+/// retention asked for, a bounded step at a time.
+pub async fn run_committer(ledger: Ledger, mut writer: Writer) {
     let mut closing = ledger.shared.closing.subscribe();
     loop {
-        if commit_next(&ledger).await {
+        let committed = commit_next(&ledger, &mut writer).await;
+        let purged = purge_step(&ledger, &mut writer);
+        if committed || purged {
             continue;
         }
         if *closing.borrow_and_update() {
@@ -77,12 +80,12 @@ pub async fn run_committer(ledger: Ledger) {
 
 /// Commits everything logged so far as one batch; `false` when there was
 /// nothing. After a failed commit, returns once the ledger is rebuilt.
-pub(super) async fn commit_next(ledger: &Ledger) -> bool {
+pub(super) async fn commit_next(ledger: &Ledger, writer: &mut Writer) -> bool {
     let Some(batch) = ledger.lock().take_batch() else {
         return false;
     };
     let started = std::time::Instant::now();
-    let result = ledger.store().commit(&batch.changes).await;
+    let result = writer.commit(&batch.changes);
     let telemetry = ledger.telemetry();
     match result {
         Ok(done) => {
@@ -107,6 +110,34 @@ pub(super) async fn commit_next(ledger: &Ledger) -> bool {
             rebuild(ledger).await;
         }
     }
+    true
+}
+
+/// Runs one step of every purge asked for; answers the finished ones.
+/// `false` when there was none.
+fn purge_step(ledger: &Ledger, writer: &mut Writer) -> bool {
+    let jobs = mem::take(&mut ledger.lock().purges);
+    if jobs.is_empty() {
+        return false;
+    }
+    let mut unfinished = Vec::new();
+    for mut job in jobs {
+        match writer.purge_step(job.events_before, job.points_before) {
+            Ok((step, more)) => {
+                job.purged.events += step.events;
+                job.purged.points += step.points;
+                if more {
+                    unfinished.push(job);
+                } else {
+                    let _ = job.reply.send(Ok(job.purged));
+                }
+            }
+            Err(e) => {
+                let _ = job.reply.send(Err(e));
+            }
+        }
+    }
+    ledger.lock().purges.extend(unfinished);
     true
 }
 

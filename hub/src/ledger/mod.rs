@@ -45,7 +45,7 @@ pub use spokes::HealthChange;
 use self::directives::Entry;
 use self::spokes::Spoke;
 use crate::error::{Error, Result};
-use crate::store::{Change, Snapshot, Store, StoredBatch};
+use crate::store::{Change, Purged, Snapshot, Store, StoredBatch};
 use crate::telemetry::Telemetry;
 
 /// The payload bytes the ledger keeps in memory for directives waiting to be
@@ -84,6 +84,8 @@ struct State {
     /// Spokes whose row changed since the last commit.
     dirty: HashSet<Uuid>,
     log: Log,
+    /// Purges retention asked for, run by the committer between commits.
+    purges: Vec<PurgeJob>,
     /// Whether a batch is being committed right now.
     committing: bool,
     /// Set after a failed commit until the ledger is rebuilt: writes are
@@ -100,6 +102,14 @@ struct Log {
     changes: Vec<Change>,
     waiters: Vec<Waiter>,
     effects: Vec<Effect>,
+}
+
+/// A purge retention asked for: run in bounded steps between commits.
+struct PurgeJob {
+    events_before: i64,
+    points_before: i64,
+    purged: Purged,
+    reply: oneshot::Sender<Result<Purged>>,
 }
 
 /// Someone waiting for the commit of their changes.
@@ -207,6 +217,21 @@ impl Ledger {
             state.log.waiters.push(Waiter::Metrics(tx));
             rx
         };
+        self.shared.kick.notify_one();
+        rx.await.unwrap_or(Err(Error::ShuttingDown))
+    }
+
+    /// Deletes events and metric points older than the cutoffs, in bounded
+    /// steps between commits (so a large purge never holds up a commit);
+    /// answers what it deleted.
+    pub async fn purge(&self, events_before_ms: i64, points_before_ms: i64) -> Result<Purged> {
+        let (reply, rx) = oneshot::channel();
+        self.lock().purges.push(PurgeJob {
+            events_before: events_before_ms,
+            points_before: points_before_ms,
+            purged: Purged::default(),
+            reply,
+        });
         self.shared.kick.notify_one();
         rx.await.unwrap_or(Err(Error::ShuttingDown))
     }

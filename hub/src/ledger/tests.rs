@@ -56,12 +56,17 @@ fn created(step: CreateStep) -> (Uuid, super::Committed) {
     }
 }
 
+/// The writing connection (a new one each time is fine: they take turns).
+fn writer(ledger: &Ledger) -> crate::store::Writer {
+    ledger.store().writer().unwrap()
+}
+
 /// Registers a spoke and commits it.
 async fn spoke(ledger: &Ledger, name: &str) -> Uuid {
     let (spoke, done) = ledger
         .register(registration(name), format!("hash-{name}"), NOW)
         .unwrap();
-    assert!(commit_next(ledger).await);
+    assert!(commit_next(ledger, &mut writer(ledger)).await);
     committed(done).await.unwrap();
     spoke.id
 }
@@ -83,7 +88,7 @@ async fn writes_gathered_while_no_commit_runs_share_one_and_wait_for_it() {
         assert!(done.try_recv().is_err(), "confirmed before its commit");
     }
 
-    assert!(commit_next(&ledger).await);
+    assert!(commit_next(&ledger, &mut writer(&ledger)).await);
     for (_, done) in waiting {
         committed(done).await.unwrap();
     }
@@ -100,7 +105,7 @@ async fn writes_gathered_while_no_commit_runs_share_one_and_wait_for_it() {
     );
     assert!(delivered.directives.iter().all(|d| d.attempts == 1));
     // Delivery marks wait for nobody; they go with the next commit.
-    assert!(commit_next(&ledger).await);
+    assert!(commit_next(&ledger, &mut writer(&ledger)).await);
     let stored = ledger
         .store()
         .directive(delivered.directives[0].id)
@@ -118,7 +123,7 @@ async fn a_directive_replaced_in_the_same_commit_is_stored_cancelled() {
     spoke(&ledger, "a").await;
     let (old, first) = created(ledger.create(&job("a", "job", Some("k")), NOW).unwrap());
     let (new, second) = created(ledger.create(&job("a", "job", Some("k")), NOW).unwrap());
-    assert!(commit_next(&ledger).await);
+    assert!(commit_next(&ledger, &mut writer(&ledger)).await);
     committed(first).await.unwrap();
     committed(second).await.unwrap();
     let store = ledger.store();
@@ -158,7 +163,7 @@ async fn a_batch_id_repeated_within_one_commit_is_stored_once_and_the_events_sta
     while ledger.lock().log.waiters.len() < 3 {
         tokio::task::yield_now().await;
     }
-    assert!(commit_next(&ledger).await);
+    assert!(commit_next(&ledger, &mut writer(&ledger)).await);
     let mut outcomes = Vec::new();
     for push in pushes {
         outcomes.push(push.await.unwrap().unwrap());
@@ -202,7 +207,7 @@ async fn a_failed_commit_answers_unavailable_and_the_ledger_returns_to_what_is_s
     let (boom, boom_done) = created(ledger.create(&job("a", "boom", None), NOW).unwrap());
     let (fine, fine_done) = created(ledger.create(&job("a", "job", None), NOW).unwrap());
     // The commit fails; the ledger is rebuilt before commit_next returns.
-    assert!(commit_next(&ledger).await);
+    assert!(commit_next(&ledger, &mut writer(&ledger)).await);
     for done in [boom_done, fine_done] {
         match committed(done).await {
             Err(Error::Unavailable(_)) => {}
@@ -219,7 +224,7 @@ async fn a_failed_commit_answers_unavailable_and_the_ledger_returns_to_what_is_s
     assert!(store.directive(fine).await.unwrap().is_none());
 
     let (after, done) = created(ledger.create(&job("a", "job", None), NOW).unwrap());
-    assert!(commit_next(&ledger).await);
+    assert!(commit_next(&ledger, &mut writer(&ledger)).await);
     committed(done).await.unwrap();
     let ids: Vec<Uuid> = ledger
         .poll(spoke, 10, NOW)

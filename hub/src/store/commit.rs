@@ -1,22 +1,27 @@
 //! Group commit: everything the ledger decided since the last commit goes
-//! into one transaction, with one sync.
+//! into one transaction, with one sync, on the committer's own connection
+//! ([`Writer`]).
 //!
-//! Each kind of row is written by multi-row statements (`VALUES (…), (…)`)
-//! in chunks of fixed sizes, so a batch costs a handful of statements
-//! whatever its size, and each statement has only a few texts, which stay
-//! prepared in the connection's cache. Changes to the same row within
-//! a batch are merged first: the ledger always sends a row's whole mutable
-//! state, so the last change wins.
+//! The writer is a plain SQLite connection (rusqlite) used on the
+//! committer's thread: every statement runs there and then, with no hop to
+//! a worker thread and back (through sqlx, each statement of a commit
+//! waited for two thread hand-offs, which under load cost more than the
+//! statement). Each kind of row has one prepared single-row statement, run
+//! once per row. Changes to the same row within a batch are merged first:
+//! the ledger always sends a row's whole mutable state, so the last change
+//! wins.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use sqlx::{AssertSqlSafe, Sqlite, Transaction};
+use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
 use uuid::Uuid;
 
-use super::Store;
 use super::metrics::{StoredBatch, store_batch};
+use super::{Durability, Store};
 use crate::directives::{Fixed, State};
 use crate::error::Result;
 use crate::events::{Kind, NewEvent};
@@ -169,144 +174,34 @@ struct KeyRow<'a> {
     created_at: i64,
 }
 
-/// Most rows per statement. A statement carries its rows padded to the
-/// next power of two with rows of NULLs (which it skips), so each kind of
-/// statement has at most eleven texts (1, 2, 4, ... 1024 rows), each
-/// prepared once and kept in the connection's statement cache, and a batch
-/// costs one statement per kind of row.
-const MAX_ROWS: usize = 1024;
+const UPSERT_SPOKE: &str = "INSERT INTO spokes (id, name, key_hash, labels, capabilities, \
+    version, max_in_flight, registered_at, revoked_at, last_heartbeat_at, last_seen_at, status, \
+    status_message, reported_in_flight, reported_buffered_points, reported_failed_pushes, health) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) \
+    ON CONFLICT (id) DO UPDATE SET name = excluded.name, key_hash = excluded.key_hash, \
+    labels = excluded.labels, capabilities = excluded.capabilities, version = excluded.version, \
+    max_in_flight = excluded.max_in_flight, revoked_at = excluded.revoked_at, \
+    last_heartbeat_at = excluded.last_heartbeat_at, last_seen_at = excluded.last_seen_at, \
+    status = excluded.status, status_message = excluded.status_message, \
+    reported_in_flight = excluded.reported_in_flight, \
+    reported_buffered_points = excluded.reported_buffered_points, \
+    reported_failed_pushes = excluded.reported_failed_pushes, health = excluded.health";
 
-type Query<'q> = sqlx::query::Query<'q, Sqlite, sqlx::sqlite::SqliteArguments>;
+const INSERT_DIRECTIVE: &str = "INSERT INTO directives (id, spoke_id, type, payload, \
+    max_attempts, priority, created_at, expires_at, ack_deadline_ms, group_id, idempotency_key, \
+    coalesce_key, state, attempts, updated_at, ack_due_at, result, error, progress, \
+    progress_message) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, \
+    ?16, ?17, ?18, ?19, ?20)";
 
-/// One multi-row statement: its text around the rows' `VALUES` list (which
-/// must skip rows whose first column is NULL), and how a row binds.
-struct Statement<R> {
-    head: &'static str,
-    columns: usize,
-    tail: &'static str,
-    bind: for<'q> fn(Query<'q>, &R) -> Query<'q>,
-}
+const UPDATE_DIRECTIVE: &str = "UPDATE directives SET state = ?2, attempts = ?3, \
+    updated_at = ?4, ack_due_at = ?5, result = ?6, error = ?7, progress = ?8, \
+    progress_message = ?9 WHERE id = ?1";
 
-fn upsert_spokes<'a>() -> Statement<SpokeRow<'a>> {
-    Statement {
-        head: "INSERT INTO spokes (id, name, key_hash, labels, capabilities, version, \
-        max_in_flight, registered_at, revoked_at, last_heartbeat_at, last_seen_at, status, \
-        status_message, reported_in_flight, reported_buffered_points, reported_failed_pushes, \
-        health) SELECT * FROM (VALUES ",
-        columns: 17,
-        tail: ") WHERE column1 IS NOT NULL ON CONFLICT (id) DO UPDATE SET name = excluded.name, key_hash = excluded.key_hash, \
-        labels = excluded.labels, capabilities = excluded.capabilities, version = excluded.version, \
-        max_in_flight = excluded.max_in_flight, revoked_at = excluded.revoked_at, \
-        last_heartbeat_at = excluded.last_heartbeat_at, last_seen_at = excluded.last_seen_at, \
-        status = excluded.status, status_message = excluded.status_message, \
-        reported_in_flight = excluded.reported_in_flight, \
-        reported_buffered_points = excluded.reported_buffered_points, \
-        reported_failed_pushes = excluded.reported_failed_pushes, health = excluded.health",
-        bind: |q, r| {
-            let (info, live) = (r.info, r.live);
-            q.bind(info.id.to_string())
-                .bind(info.name.clone())
-                .bind(info.key_hash.clone())
-                .bind(info.labels_json.clone())
-                .bind(info.capabilities_json.clone())
-                .bind(live.version.clone())
-                .bind(i64::from(info.max_in_flight))
-                .bind(info.registered_at)
-                .bind(info.revoked_at)
-                .bind(live.last_heartbeat_at)
-                .bind(live.last_seen_at)
-                .bind(live.status as i32)
-                .bind(live.status_message.clone())
-                .bind(i64::from(live.reported_in_flight))
-                .bind(i64::try_from(live.reported_buffered_points).unwrap_or(i64::MAX))
-                .bind(i64::try_from(live.reported_failed_pushes).unwrap_or(i64::MAX))
-                .bind(live.health)
-        },
-    }
-}
+const INSERT_KEY: &str =
+    "INSERT INTO idempotency_keys (key, group_id, created_at) VALUES (?1, ?2, ?3)";
 
-fn insert_directives<'a>() -> Statement<NewDirectiveRow<'a>> {
-    Statement {
-        head: "INSERT INTO directives (id, spoke_id, type, payload, max_attempts, priority, \
-        created_at, expires_at, ack_deadline_ms, group_id, idempotency_key, coalesce_key, state, \
-        attempts, updated_at, ack_due_at, result, error, progress, progress_message) \
-        SELECT * FROM (VALUES ",
-        columns: 20,
-        tail: ") WHERE column1 IS NOT NULL",
-        bind: |q, r| {
-            let f = r.fixed;
-            let q = q
-                .bind(r.id.to_string())
-                .bind(r.spoke_id.to_string())
-                .bind(f.directive_type.clone())
-                .bind(r.payload.to_owned())
-                .bind(i64::from(f.max_attempts))
-                .bind(i64::from(f.priority))
-                .bind(f.created_at)
-                .bind(f.expires_at)
-                .bind(f.ack_deadline_ms)
-                .bind(f.group_id.to_string())
-                .bind(f.idempotency_key.clone())
-                .bind(f.coalesce_key.clone());
-            bind_state(q, &r.state)
-        },
-    }
-}
-
-/// Binds the mutable columns after the id.
-fn bind_state<'q>(q: Query<'q>, u: &UpdateRow) -> Query<'q> {
-    q.bind(u.state)
-        .bind(i64::from(u.attempts))
-        .bind(u.updated_at)
-        .bind(u.ack_due_at)
-        .bind(u.result.map(str::to_owned))
-        .bind(u.error.to_owned())
-        .bind(i64::from(u.progress))
-        .bind(u.progress_message.to_owned())
-}
-
-fn update_directives<'a>() -> Statement<UpdateRow<'a>> {
-    Statement {
-        head: "WITH v (id, state, attempts, updated_at, ack_due_at, result, error, progress, \
-        progress_message) AS (VALUES ",
-        columns: 9,
-        tail: ") UPDATE directives SET state = v.state, attempts = v.attempts, \
-        updated_at = v.updated_at, ack_due_at = v.ack_due_at, result = v.result, \
-        error = v.error, progress = v.progress, progress_message = v.progress_message \
-        FROM v WHERE directives.id = v.id",
-        bind: |q, r| bind_state(q.bind(r.id.to_string()), r),
-    }
-}
-
-fn insert_keys<'a>() -> Statement<KeyRow<'a>> {
-    Statement {
-        head: "INSERT INTO idempotency_keys (key, group_id, created_at) SELECT * FROM (VALUES ",
-        columns: 3,
-        tail: ") WHERE column1 IS NOT NULL",
-        bind: |q, r| {
-            q.bind(r.key.to_owned())
-                .bind(r.group_id.to_string())
-                .bind(r.created_at)
-        },
-    }
-}
-
-fn insert_events() -> Statement<EventRow> {
-    Statement {
-        head: "INSERT INTO events (seq, type, time, spoke_id, directive_id, details) \
-            SELECT * FROM (VALUES ",
-        columns: 6,
-        tail: ") WHERE column1 IS NOT NULL",
-        bind: |q, r| {
-            q.bind(r.seq)
-                .bind(r.kind.as_str())
-                .bind(r.time)
-                .bind(r.spoke_id.map(|id| id.to_string()))
-                .bind(r.directive_id.map(|id| id.to_string()))
-                .bind(r.details.clone())
-        },
-    }
-}
+const INSERT_EVENT: &str = "INSERT INTO events (seq, type, time, spoke_id, directive_id, \
+    details) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
 /// The rows of one batch, merged per row.
 #[derive(Default)]
@@ -374,142 +269,230 @@ impl<'a> Rows<'a> {
     }
 }
 
-impl Store {
+/// The one connection that writes, owned by the committer's thread.
+pub struct Writer {
+    conn: Connection,
+    store: Store,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Writer(..)")
+    }
+}
+
+impl Writer {
+    /// Opens the writing connection to the database file at `path`.
+    pub(super) fn open(path: &Path, durability: Durability, store: Store) -> Result<Self> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        let synchronous = match durability {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        };
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous}; \
+             PRAGMA foreign_keys = ON; PRAGMA wal_autocheckpoint = 0;"
+        ))?;
+        conn.set_prepared_statement_cache_capacity(32);
+        Ok(Self { conn, store })
+    }
+
     /// Commits `changes` in one transaction, in order, with one sync.
     /// Nothing is written if it fails.
-    pub async fn commit(&self, changes: &[Change]) -> Result<Committed> {
-        let first_seq = self.next_seq.load(Ordering::Relaxed);
-        let result = self.try_commit(changes).await;
+    pub fn commit(&mut self, changes: &[Change]) -> Result<Committed> {
+        let store = &self.store;
+        let first_seq = store.next_seq.load(Ordering::Relaxed);
+        let result = commit(&mut self.conn, store, changes);
         match &result {
             Ok(_) => {
-                self.commits.fetch_add(1, Ordering::Relaxed);
-                let last = self.next_seq.load(Ordering::Relaxed) - 1;
-                self.publish_events(last);
+                store.commits.fetch_add(1, Ordering::Relaxed);
+                let last = store.next_seq.load(Ordering::Relaxed) - 1;
+                store.publish_events(last);
             }
             // Rolled back: the sequences handed out were not used.
-            Err(_) => self.next_seq.store(first_seq, Ordering::Relaxed),
+            Err(_) => store.next_seq.store(first_seq, Ordering::Relaxed),
         }
         result
     }
 
-    async fn try_commit(&self, changes: &[Change]) -> Result<Committed> {
-        let mut tx = self.writer.begin().await?;
-        let mut rows = Rows::default();
-        let mut committed = Committed::default();
-        // Metric batches are decided in order, inside the transaction: a
-        // batch id stored earlier in this same batch is a duplicate too.
-        let mut metrics: Vec<(Uuid, &Arc<Batch>, i64, usize)> = Vec::new();
-        for change in changes {
-            match change {
-                Change::Spoke(info, live) => rows.spoke(info, live),
-                Change::DirectiveCreated {
-                    id,
-                    spoke_id,
-                    fixed,
-                    payload,
-                } => rows.created(*id, *spoke_id, fixed, payload),
-                Change::DirectiveUpdated(update) => rows.updated(update),
-                Change::IdempotencyKey { key, group_id, at } => rows.keys.push(KeyRow {
-                    key,
-                    group_id: *group_id,
-                    created_at: *at,
-                }),
-                Change::Event { event, at } => {
-                    rows.events.push(EventRow::new(self.take_seq(), event, *at));
-                }
-                Change::Metrics {
-                    spoke_id,
-                    batch,
-                    at,
-                } => {
-                    // Its event's place in the sequence is kept; whether the
-                    // event is written is known once the batch is tried.
-                    metrics.push((*spoke_id, batch, *at, rows.events.len()));
-                    rows.events.push(EventRow {
-                        seq: self.take_seq(),
-                        kind: Kind::MetricsReceived,
-                        time: *at,
-                        spoke_id: Some(*spoke_id),
-                        directive_id: None,
-                        details: String::new(),
-                    });
-                }
-            }
-        }
-        execute(&mut tx, &upsert_spokes(), &rows.spokes).await?;
-        execute(&mut tx, &insert_directives(), &rows.created).await?;
-        execute(&mut tx, &update_directives(), &rows.updated).await?;
-        execute(&mut tx, &insert_keys(), &rows.keys).await?;
-        let mut skipped = Vec::new();
-        for (spoke_id, batch, at, event) in metrics {
-            let stored = store_batch(&mut tx, spoke_id, batch, at).await?;
-            match stored {
-                StoredBatch::Accepted(_) => {
-                    rows.events[event].details = serde_json::json!({
-                        "batch_id": batch.batch_id,
-                        "accepted": batch.points.len(),
-                        "rejected": batch.rejected.len(),
-                    })
-                    .to_string();
-                }
-                StoredBatch::Duplicate(_) => skipped.push(event),
-            }
-            committed.metrics.push(stored);
-        }
-        if !skipped.is_empty() {
-            // A duplicate batch records no event; later events keep their
-            // sequences, so the log has a hole there that no reader can
-            // tell from a purged event. Renumber instead: the sequences of
-            // this batch are still private to it.
-            let base = rows.events.first().map_or(0, |e| e.seq);
-            let mut events: Vec<EventRow> = std::mem::take(&mut rows.events)
-                .into_iter()
-                .enumerate()
-                .filter(|(i, _)| !skipped.contains(i))
-                .map(|(_, e)| e)
-                .collect();
-            for (n, e) in events.iter_mut().enumerate() {
-                e.seq = base + n as i64;
-            }
-            self.next_seq
-                .store(base + events.len() as i64, Ordering::Relaxed);
-            rows.events = events;
-        }
-        execute(&mut tx, &insert_events(), &rows.events).await?;
-        tx.commit().await?;
-        Ok(committed)
+    /// The connection, for the other writes of the store (retention).
+    pub(super) fn conn(&mut self) -> &mut Connection {
+        &mut self.conn
     }
 }
 
-/// Runs `statement` over `rows`: one statement per [`MAX_ROWS`], padded.
-async fn execute<R>(
-    tx: &mut Transaction<'static, Sqlite>,
-    statement: &Statement<R>,
-    rows: &[R],
-) -> Result<()> {
-    for chunk in rows.chunks(MAX_ROWS) {
-        let n = chunk.len().next_power_of_two();
-        let mut sql = String::with_capacity(statement.head.len() + n * statement.columns * 3 + 512);
-        sql.push_str(statement.head);
-        for i in 0..n {
-            if i > 0 {
-                sql.push_str(", ");
+fn commit(conn: &mut Connection, store: &Store, changes: &[Change]) -> Result<Committed> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut rows = Rows::default();
+    let mut committed = Committed::default();
+    // Metric batches are decided in order, inside the transaction: a batch
+    // id stored earlier in this same batch is a duplicate too.
+    let mut metrics: Vec<(Uuid, &Arc<Batch>, i64, usize)> = Vec::new();
+    for change in changes {
+        match change {
+            Change::Spoke(info, live) => rows.spoke(info, live),
+            Change::DirectiveCreated {
+                id,
+                spoke_id,
+                fixed,
+                payload,
+            } => rows.created(*id, *spoke_id, fixed, payload),
+            Change::DirectiveUpdated(update) => rows.updated(update),
+            Change::IdempotencyKey { key, group_id, at } => rows.keys.push(KeyRow {
+                key,
+                group_id: *group_id,
+                created_at: *at,
+            }),
+            Change::Event { event, at } => {
+                rows.events
+                    .push(EventRow::new(store.take_seq(), event, *at));
             }
-            sql.push('(');
-            for c in 0..statement.columns {
-                sql.push_str(if c == 0 { "?" } else { ", ?" });
+            Change::Metrics {
+                spoke_id,
+                batch,
+                at,
+            } => {
+                // Its event's place in the sequence is kept; whether the
+                // event is written is known once the batch is tried.
+                metrics.push((*spoke_id, batch, *at, rows.events.len()));
+                rows.events.push(EventRow {
+                    seq: store.take_seq(),
+                    kind: Kind::MetricsReceived,
+                    time: *at,
+                    spoke_id: Some(*spoke_id),
+                    directive_id: None,
+                    details: String::new(),
+                });
             }
-            sql.push(')');
         }
-        sql.push_str(statement.tail);
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for row in chunk {
-            query = (statement.bind)(query, row);
-        }
-        for _ in 0..(n - chunk.len()) * statement.columns {
-            query = query.bind(None::<i64>);
-        }
-        query.execute(&mut **tx).await?;
     }
-    Ok(())
+    {
+        let mut stmt = tx.prepare_cached(UPSERT_SPOKE)?;
+        for r in &rows.spokes {
+            let (info, live) = (r.info, r.live);
+            stmt.execute(params![
+                info.id.to_string(),
+                info.name,
+                info.key_hash,
+                info.labels_json,
+                info.capabilities_json,
+                live.version,
+                info.max_in_flight,
+                info.registered_at,
+                info.revoked_at,
+                live.last_heartbeat_at,
+                live.last_seen_at,
+                live.status as i32,
+                live.status_message,
+                live.reported_in_flight,
+                i64::try_from(live.reported_buffered_points).unwrap_or(i64::MAX),
+                i64::try_from(live.reported_failed_pushes).unwrap_or(i64::MAX),
+                live.health,
+            ])?;
+        }
+    }
+    {
+        let mut stmt = tx.prepare_cached(INSERT_DIRECTIVE)?;
+        for r in &rows.created {
+            let (f, u) = (r.fixed, &r.state);
+            stmt.execute(params![
+                r.id.to_string(),
+                r.spoke_id.to_string(),
+                f.directive_type,
+                r.payload,
+                f.max_attempts,
+                f.priority,
+                f.created_at,
+                f.expires_at,
+                f.ack_deadline_ms,
+                f.group_id.to_string(),
+                f.idempotency_key,
+                f.coalesce_key,
+                u.state,
+                u.attempts,
+                u.updated_at,
+                u.ack_due_at,
+                u.result,
+                u.error,
+                u.progress,
+                u.progress_message,
+            ])?;
+        }
+    }
+    {
+        let mut stmt = tx.prepare_cached(UPDATE_DIRECTIVE)?;
+        for u in &rows.updated {
+            stmt.execute(params![
+                u.id.to_string(),
+                u.state,
+                u.attempts,
+                u.updated_at,
+                u.ack_due_at,
+                u.result,
+                u.error,
+                u.progress,
+                u.progress_message,
+            ])?;
+        }
+    }
+    {
+        let mut stmt = tx.prepare_cached(INSERT_KEY)?;
+        for k in &rows.keys {
+            stmt.execute(params![k.key, k.group_id.to_string(), k.created_at])?;
+        }
+    }
+    let mut skipped = Vec::new();
+    for (spoke_id, batch, at, event) in metrics {
+        let stored = store_batch(&tx, spoke_id, batch, at)?;
+        match stored {
+            StoredBatch::Accepted(_) => {
+                rows.events[event].details = serde_json::json!({
+                    "batch_id": batch.batch_id,
+                    "accepted": batch.points.len(),
+                    "rejected": batch.rejected.len(),
+                })
+                .to_string();
+            }
+            StoredBatch::Duplicate(_) => skipped.push(event),
+        }
+        committed.metrics.push(stored);
+    }
+    if !skipped.is_empty() {
+        // A duplicate batch records no event; renumber the events after it
+        // so the log has no hole (this batch's sequences are still private
+        // to it).
+        let base = rows.events.first().map_or(0, |e| e.seq);
+        let mut events: Vec<EventRow> = std::mem::take(&mut rows.events)
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !skipped.contains(i))
+            .map(|(_, e)| e)
+            .collect();
+        for (n, e) in events.iter_mut().enumerate() {
+            e.seq = base + n as i64;
+        }
+        store
+            .next_seq
+            .store(base + events.len() as i64, Ordering::Relaxed);
+        rows.events = events;
+    }
+    {
+        let mut stmt = tx.prepare_cached(INSERT_EVENT)?;
+        for e in &rows.events {
+            stmt.execute(params![
+                e.seq,
+                e.kind.as_str(),
+                e.time,
+                e.spoke_id.map(|id| id.to_string()),
+                e.directive_id.map(|id| id.to_string()),
+                e.details,
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(committed)
 }

@@ -119,7 +119,7 @@ impl Store {
              revoked_at, last_heartbeat_at, last_seen_at, status, status_message, reported_in_flight, \
              reported_buffered_points, reported_failed_pushes, health FROM spokes",
         )
-        .fetch_all(&self.writer)
+        .fetch_all(&self.reader)
         .await?
         .iter()
         .map(spoke_from_row)
@@ -130,13 +130,13 @@ impl Store {
              ack_due_at, progress, progress_message FROM directives \
              WHERE state IN ('PENDING', 'DELIVERED', 'IN_PROGRESS')",
         )
-        .fetch_all(&self.writer)
+        .fetch_all(&self.reader)
         .await?
         .iter()
         .map(outstanding_from_row)
         .collect::<Result<_>>()?;
         let idempotency = sqlx::query("SELECT key, group_id FROM idempotency_keys")
-            .fetch_all(&self.writer)
+            .fetch_all(&self.reader)
             .await?
             .iter()
             .map(|row| Ok((row.try_get("key")?, uuid_of(row, "group_id")?)))

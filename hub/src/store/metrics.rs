@@ -1,8 +1,8 @@
-//! Metric rows: storing a batch exactly once (inside a group commit), and
-//! querying points.
+//! Metric rows: storing a batch exactly once (inside a group commit, on the
+//! writer), and querying points.
 
 use hub_proto::v1 as proto;
-use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+use sqlx::{QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
 use super::Store;
@@ -36,56 +36,51 @@ pub struct MetricFilter {
     pub after_row: Option<i64>,
 }
 
-/// Rows per multi-row INSERT: 8 parameters each, well under SQLite's limit.
-/// (Points are bound one by one rather than sent as JSON: a float goes
-/// through a bind bit for bit.)
-const INSERT_CHUNK: usize = 500;
-
 /// Stores a batch's valid points in the commit's transaction, unless the
 /// spoke already stored a batch with this id.
-pub(super) async fn store_batch(
-    tx: &mut Transaction<'static, Sqlite>,
+pub(super) fn store_batch(
+    tx: &rusqlite::Transaction<'_>,
     spoke_id: Uuid,
     batch: &Batch,
     now_ms: i64,
 ) -> Result<StoredBatch> {
     let spoke = spoke_id.to_string();
-    let inserted = sqlx::query(
-        "INSERT INTO metric_batches (spoke_id, batch_id, accepted, rejected, received_at) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (spoke_id, batch_id) DO NOTHING",
-    )
-    .bind(&spoke)
-    .bind(&batch.batch_id)
-    .bind(batch.points.len() as i64)
-    .bind(batch.rejected.len() as i64)
-    .bind(now_ms)
-    .execute(&mut **tx)
-    .await?;
-    if inserted.rows_affected() == 0 {
-        let accepted: i64 = sqlx::query_scalar(
-            "SELECT accepted FROM metric_batches WHERE spoke_id = $1 AND batch_id = $2",
-        )
-        .bind(&spoke)
-        .bind(&batch.batch_id)
-        .fetch_one(&mut **tx)
-        .await?;
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO metric_batches (spoke_id, batch_id, accepted, rejected, received_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (spoke_id, batch_id) DO NOTHING",
+        )?
+        .execute(rusqlite::params![
+            spoke,
+            batch.batch_id,
+            batch.points.len() as i64,
+            batch.rejected.len() as i64,
+            now_ms
+        ])?;
+    if inserted == 0 {
+        let accepted: i64 = tx
+            .prepare_cached(
+                "SELECT accepted FROM metric_batches WHERE spoke_id = ?1 AND batch_id = ?2",
+            )?
+            .query_row(rusqlite::params![spoke, batch.batch_id], |row| row.get(0))?;
         return Ok(StoredBatch::Duplicate(accepted as u32));
     }
-    for chunk in batch.points.chunks(INSERT_CHUNK) {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "INSERT INTO metric_points (spoke_id, batch_id, domain, name, value, unit, labels, time_ns) ",
-        );
-        q.push_values(chunk, |mut b, p| {
-            b.push_bind(&spoke)
-                .push_bind(&batch.batch_id)
-                .push_bind(&p.domain)
-                .push_bind(&p.name)
-                .push_bind(p.value)
-                .push_bind(&p.unit)
-                .push_bind(serde_json::to_string(&p.labels).unwrap_or_else(|_| "{}".to_owned()))
-                .push_bind(p.time_ns);
-        });
-        q.build().execute(&mut **tx).await?;
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO metric_points (spoke_id, batch_id, domain, name, value, unit, labels, time_ns) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    for p in &batch.points {
+        let labels = serde_json::to_string(&p.labels).unwrap_or_else(|_| "{}".to_owned());
+        insert.execute(rusqlite::params![
+            spoke,
+            batch.batch_id,
+            p.domain,
+            p.name,
+            p.value,
+            p.unit,
+            labels,
+            p.time_ns
+        ])?;
     }
     Ok(StoredBatch::Accepted(batch.points.len() as u32))
 }

@@ -1,10 +1,12 @@
 //! Storage: the log the hub's in-memory ledger is rebuilt from, and the
 //! place operators' queries read.
 //!
-//! Only this module touches sqlx. The embedded default is SQLite in WAL mode
-//! with one writer connection (SQLite serialises writers anyway; one
-//! connection avoids lock-upgrade failures) and a small pool of readers.
-//! Migrations are embedded from `migrations/sqlite` and run at open.
+//! Only this module touches sqlx and rusqlite. The embedded default is
+//! SQLite in WAL mode with one writing connection ([`Writer`], owned by
+//! the committer's thread: SQLite serialises writers anyway, and one
+//! connection avoids lock-upgrade failures), a small pool of readers, and a
+//! maintenance connection (migrations at open, WAL checkpoints). Migrations
+//! are embedded from `migrations/sqlite`.
 //!
 //! Writes arrive as [`Change`]s decided by the ledger and are committed in
 //! groups ([`Store::commit`]): one transaction and one sync for everything
@@ -19,6 +21,7 @@ mod load;
 mod metrics;
 mod retention;
 
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -28,7 +31,7 @@ use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use tokio::sync::watch;
 
-pub use commit::{Change, Committed, DirectiveUpdate};
+pub use commit::{Change, Committed, DirectiveUpdate, Writer};
 pub use directives::DirectiveFilter;
 pub use load::{OutstandingRow, Snapshot};
 pub use metrics::{MetricFilter, StoredBatch};
@@ -52,11 +55,13 @@ pub enum Durability {
 /// Handle to the hub's database; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
-    writer: SqlitePool,
+    /// The database file (the [`Writer`] opens it too).
+    path: PathBuf,
+    durability: Durability,
     reader: SqlitePool,
-    /// Runs WAL checkpoints beside the writer, so a commit never waits for
-    /// one (the writer's automatic checkpoints are off).
-    checkpointer: SqlitePool,
+    /// Runs migrations, and WAL checkpoints beside the writer, so a commit
+    /// never waits for one (the writer's automatic checkpoints are off).
+    maintenance: SqlitePool,
     /// Commits so far, and as of the last checkpoint.
     commits: Arc<AtomicU64>,
     checkpointed: Arc<AtomicU64>,
@@ -91,18 +96,15 @@ impl Store {
             .synchronous(synchronous)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options.clone().pragma("wal_autocheckpoint", "0"))
-            .await?;
-        SQLITE_MIGRATIONS
-            .run(&writer)
-            .await
-            .map_err(|e| Error::Database(e.into()))?;
-        let checkpointer = SqlitePoolOptions::new()
+        let path = options.get_filename().to_path_buf();
+        let maintenance = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options.clone())
             .await?;
+        SQLITE_MIGRATIONS
+            .run(&maintenance)
+            .await
+            .map_err(|e| Error::Database(e.into()))?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
@@ -113,12 +115,13 @@ impl Store {
             "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0), \
              COALESCE((SELECT MAX(seq) FROM events), 0))",
         )
-        .fetch_one(&writer)
+        .fetch_one(&maintenance)
         .await?;
         Ok(Self {
-            writer,
+            path,
+            durability,
             reader,
-            checkpointer,
+            maintenance,
             commits: Arc::default(),
             checkpointed: Arc::default(),
             committed_events: Arc::new(watch::Sender::new(last)),
@@ -162,9 +165,14 @@ impl Store {
             return Ok(());
         }
         sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&self.checkpointer)
+            .execute(&self.maintenance)
             .await?;
         Ok(())
+    }
+
+    /// Opens the one connection that writes (for the committer).
+    pub fn writer(&self) -> Result<Writer> {
+        Writer::open(&self.path, self.durability, self.clone())
     }
 
     /// Whether the database answers and every embedded migration is applied.
@@ -180,15 +188,14 @@ impl Store {
     #[cfg(test)]
     pub(crate) async fn execute_for_test(&self, sql: &'static str) {
         sqlx::query(sql)
-            .execute(&self.writer)
+            .execute(&self.maintenance)
             .await
             .expect("test SQL runs");
     }
 
     /// Closes both pools, waiting for in-flight statements to finish.
     pub async fn close(&self) {
-        self.writer.close().await;
         self.reader.close().await;
-        self.checkpointer.close().await;
+        self.maintenance.close().await;
     }
 }
