@@ -52,19 +52,31 @@ pub async fn run_health_sweeper(hub: Hub) {
     }
 }
 
-/// How often WAL checkpoints run (when there were commits).
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+/// How often the checkpointer looks at how much was committed.
+const CHECKPOINT_LOOK: Duration = Duration::from_millis(200);
+/// A checkpoint runs once this many changes were committed since the last
+/// one (the WAL stays in the tens of megabytes at most)...
+const CHECKPOINT_CHANGES: u64 = 20_000;
+/// ...or this long after the last one, if anything was committed.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 
 /// Copies committed pages from the WAL into the database file beside the
-/// committer, so no commit waits for a checkpoint.
+/// committer, so no commit waits for a checkpoint. A checkpoint syncs the
+/// database file, which slows the I/O of the commits running meanwhile, so
+/// it runs by volume or every few seconds, not after every commit.
 pub async fn run_checkpointer(hub: Hub) {
     let mut shutdown = hub.shutdown();
+    let mut last = tokio::time::Instant::now();
     loop {
-        if let Err(e) = hub.store().checkpoint().await {
-            tracing::warn!(error = %e, "WAL checkpoint failed");
+        let changes = hub.store().changes_since_checkpoint();
+        if changes >= CHECKPOINT_CHANGES || (changes > 0 && last.elapsed() >= CHECKPOINT_EVERY) {
+            if let Err(e) = hub.store().checkpoint().await {
+                tracing::warn!(error = %e, "WAL checkpoint failed");
+            }
+            last = tokio::time::Instant::now();
         }
         tokio::select! {
-            () = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+            () = tokio::time::sleep(CHECKPOINT_LOOK) => {}
             () = shutdown.wait() => return,
         }
     }

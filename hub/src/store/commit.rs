@@ -309,7 +309,9 @@ impl Writer {
         let result = commit(&mut self.conn, store, changes);
         match &result {
             Ok(_) => {
-                store.commits.fetch_add(1, Ordering::Relaxed);
+                store
+                    .committed_changes
+                    .fetch_add(changes.len() as u64, Ordering::Relaxed);
                 let last = store.next_seq.load(Ordering::Relaxed) - 1;
                 store.publish_events(last);
             }

@@ -62,8 +62,8 @@ pub struct Store {
     /// Runs migrations, and WAL checkpoints beside the writer, so a commit
     /// never waits for one (the writer's automatic checkpoints are off).
     maintenance: SqlitePool,
-    /// Commits so far, and as of the last checkpoint.
-    commits: Arc<AtomicU64>,
+    /// Changes committed so far, and as of the last checkpoint.
+    committed_changes: Arc<AtomicU64>,
     checkpointed: Arc<AtomicU64>,
     /// The highest event sequence committed so far.
     committed_events: Arc<watch::Sender<i64>>,
@@ -122,7 +122,7 @@ impl Store {
             durability,
             reader,
             maintenance,
-            commits: Arc::default(),
+            committed_changes: Arc::default(),
             checkpointed: Arc::default(),
             committed_events: Arc::new(watch::Sender::new(last)),
             next_seq: Arc::new(AtomicI64::new(last + 1)),
@@ -155,18 +155,23 @@ impl Store {
         self.next_seq.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Copies committed pages from the WAL into the database file, if there
-    /// were commits since the last time, without waiting for readers or the
-    /// writer (PASSIVE); the writer starts the WAL over once all of it is
-    /// copied.
+    /// Changes committed since the last checkpoint.
+    pub fn changes_since_checkpoint(&self) -> u64 {
+        self.committed_changes
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.checkpointed.load(Ordering::Relaxed))
+    }
+
+    /// Copies committed pages from the WAL into the database file without
+    /// waiting for readers or the writer (PASSIVE); the writer starts the
+    /// WAL over once all of it is copied. A checkpoint syncs the database
+    /// file, so the hub runs few: see `timers::run_checkpointer`.
     pub async fn checkpoint(&self) -> Result<()> {
-        let commits = self.commits.load(Ordering::Relaxed);
-        if self.checkpointed.swap(commits, Ordering::Relaxed) == commits {
-            return Ok(());
-        }
+        let changes = self.committed_changes.load(Ordering::Relaxed);
         sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
             .execute(&self.maintenance)
             .await?;
+        self.checkpointed.store(changes, Ordering::Relaxed);
         Ok(())
     }
 
