@@ -4,8 +4,10 @@
 # into a virtualenv under target/; Debian's chromium; npm and PyPI packages
 # for the browser test and the polyglot spokes), then: formatting, clippy,
 # buf lint, every cargo test, the README's grpcurl and operator walk-throughs
-# against the real binary, the admin page in a browser, and the Python, Node
-# and Rust spokes through the conformance scenario with the buf breaking gate.
+# against the real binary, the admin page in a browser, the Python, Node
+# and Rust spokes through the conformance scenario with the buf breaking gate,
+# and the benchmark at smoke size (it installs redis-server and nats-server
+# from Debian's packages when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,3 +52,6 @@ bash tests/web/run.sh
 
 step "spoke clients (Python, Node, Rust): conformance scenario, buf breaking gate"
 bash tests/polyglot.sh
+
+step "benchmark harness, smoke-sized (hub, floor, Redis Streams, NATS JetStream; no timing assertions)"
+HUB_BIN="$HUB_BIN" bash tests/bench/run.sh --smoke

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use hub_proto::v1 as proto;
 use hub_proto::v1::spoke_service_server::SpokeService;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -27,6 +27,10 @@ use crate::wire::{duration_std, ms_of_duration, timestamp_ms};
 const TAKE_CHUNK: u32 = 64;
 /// Messages buffered per stream before the stream task waits for the spoke.
 const STREAM_BUFFER: usize = 32;
+
+/// A stream's outgoing messages, boxed: the channel allocates its slots up
+/// front, and an idle spoke should cost 32 pointers, not 32 messages.
+type Outbox = mpsc::Sender<Result<Box<proto::WatchDirectivesResponse>, Box<Status>>>;
 /// Longest a long poll waits, ms.
 const MAX_POLL_WAIT_MS: i64 = 30_000;
 /// Most batches one PushMetrics call may carry.
@@ -116,7 +120,8 @@ impl SpokeService for SpokeApi {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tracing::debug!(spoke_id = %spoke.id, "directive stream opened");
         tokio::spawn(stream_directives(self.hub.clone(), spoke, subscription, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream = ReceiverStream::new(rx).map(|item| item.map(|m| *m).map_err(|s| *s));
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn ack(
@@ -328,14 +333,14 @@ async fn stream_directives(
     hub: Hub,
     spoke: Arc<SpokeInfo>,
     subscription: Subscription,
-    tx: mpsc::Sender<Result<proto::WatchDirectivesResponse, Status>>,
+    tx: Outbox,
 ) {
     let end = match run_stream(&hub, &spoke, &subscription, &tx).await {
         Ok(end) => end,
         Err(e) => End::Status(e.into()),
     };
     if let End::Status(status) = end {
-        let _ = tx.send(Err(status)).await;
+        let _ = tx.send(Err(Box::new(status))).await;
     }
     drop(subscription);
     // Staleness counts from the moment the stream went away.
@@ -347,7 +352,7 @@ async fn run_stream(
     hub: &Hub,
     spoke: &SpokeInfo,
     subscription: &Subscription,
-    tx: &mpsc::Sender<Result<proto::WatchDirectivesResponse, Status>>,
+    tx: &Outbox,
 ) -> Result<End> {
     use proto::watch_directives_response::Message;
     let mut shutdown = hub.shutdown();
@@ -395,7 +400,7 @@ async fn run_stream(
 /// Sends what the ledger handed out; `Some` when the stream must end.
 async fn send_step(
     hub: &Hub,
-    tx: &mpsc::Sender<Result<proto::WatchDirectivesResponse, Status>>,
+    tx: &Outbox,
     step: Step,
 ) -> Result<Option<End>> {
     use proto::watch_directives_response::Message;
@@ -429,12 +434,12 @@ async fn send_step(
 }
 
 async fn send(
-    tx: &mpsc::Sender<Result<proto::WatchDirectivesResponse, Status>>,
+    tx: &Outbox,
     message: proto::watch_directives_response::Message,
 ) -> bool {
-    tx.send(Ok(proto::WatchDirectivesResponse {
+    tx.send(Ok(Box::new(proto::WatchDirectivesResponse {
         message: Some(message),
-    }))
+    })))
     .await
     .is_ok()
 }
