@@ -162,8 +162,18 @@ async fn render(hub: &Hub) -> crate::Result<String> {
     let now = hub.now_ms();
     let store = hub.store();
     let spokes = hub.ledger().list_spokes("", ROWS as usize);
-    hub.ledger().barrier().await?;
-    let outstanding = store.outstanding_directives(ROWS).await?;
+    let outstanding = hub.ledger().outstanding(ROWS as usize);
+    let mut payloads = store.payloads(&outstanding.missing_payloads).await?;
+    let outstanding: Vec<_> = outstanding
+        .directives
+        .into_iter()
+        .map(|mut d| {
+            if let Some(payload) = payloads.remove(&d.id) {
+                d.payload = payload;
+            }
+            d
+        })
+        .collect();
     let events = store.recent_events(50).await?;
     let names: HashMap<String, String> = spokes
         .iter()

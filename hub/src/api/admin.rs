@@ -91,7 +91,7 @@ impl AdminApi {
                 // Confirmed only once committed; the commit itself makes
                 // them deliverable, whether or not this caller waits.
                 ledger::committed(done).await?;
-                tracing::info!(group_id = %created.group_id, count = created.directives.len(), r#type = %new.directive_type, "directives created");
+                tracing::debug!(group_id = %created.group_id, count = created.directives.len(), r#type = %new.directive_type, "directives created");
                 (created.group_id, created.directives, created.skipped, false)
             }
             CreateStep::Replay(group_id) => {

@@ -322,6 +322,34 @@ impl Ledger {
     }
 }
 
+impl Ledger {
+    /// Up to `limit` directives that are not final, oldest first, as they
+    /// are now, for the admin page; payloads the ledger does not hold are
+    /// listed to be read from the store.
+    pub fn outstanding(&self, limit: usize) -> super::Delivery {
+        let state = self.lock();
+        let mut ids: Vec<Uuid> = state.directives.keys().copied().collect();
+        ids.sort_unstable();
+        let mut out = super::Delivery::default();
+        for id in ids.into_iter().take(limit) {
+            let Some(entry) = state.directives.get(&id) else {
+                continue;
+            };
+            let name = state
+                .spokes
+                .get(&entry.spoke_id)
+                .map_or("", |s| s.info.name.as_str());
+            let mut record = entry.record(id, name);
+            match &entry.payload {
+                Some(payload) => record.payload = payload.to_string(),
+                None => out.missing_payloads.push(id),
+            }
+            out.directives.push(record);
+        }
+        out
+    }
+}
+
 impl State {
     /// The spokes a create aims at, and how many matched but lack the type.
     fn resolve(&self, new: &NewDirective) -> Result<(Vec<Uuid>, u32)> {
@@ -459,6 +487,7 @@ impl State {
         now_ms: i64,
     ) -> Option<Entry> {
         let entry = self.directives.remove(&id)?;
+        *self.finals.entry(state.as_str()).or_default() += 1;
         if let Some(spoke) = self.spokes.get_mut(&entry.spoke_id) {
             spoke.outstanding = spoke.outstanding.saturating_sub(1);
             spoke.ready.remove(&(Reverse(entry.fixed.priority), id));

@@ -81,6 +81,8 @@ struct State {
     /// Expiry times of directives that are not final: (at, directive).
     expiry: BTreeSet<(i64, Uuid)>,
     idempotency: HashMap<String, Uuid>,
+    /// How many directives are in each final state.
+    finals: HashMap<&'static str, i64>,
     /// Spokes whose row changed since the last commit.
     dirty: HashSet<Uuid>,
     log: Log,
@@ -236,6 +238,19 @@ impl Ledger {
         rx.await.unwrap_or(Err(Error::ShuttingDown))
     }
 
+    /// Directives per state, as decided so far (the `/metrics` gauges).
+    pub fn directives_by_state(&self) -> Vec<(String, i64)> {
+        let state = self.lock();
+        let mut counts = state.finals.clone();
+        for entry in state.directives.values() {
+            *counts.entry(entry.state.as_str()).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .map(|(s, n)| (s.to_owned(), n))
+            .collect()
+    }
+
     /// Asks the committer to write what is left and stop; completes when it
     /// has (see [`run_committer`]).
     pub fn close(&self) {
@@ -277,6 +292,11 @@ impl State {
         self.dirty.clear();
         self.payload_bytes = 0;
         self.idempotency = snapshot.idempotency.into_iter().collect();
+        self.finals = snapshot
+            .finals
+            .into_iter()
+            .map(|(state, n)| (state.as_str(), n))
+            .collect();
         for (info, live) in snapshot.spokes {
             let id = info.id;
             let mut spoke = Spoke::new(Arc::new(info), live);

@@ -91,6 +91,9 @@ impl Store {
     /// The payloads of `ids` (JSON text), for deliveries whose payload the
     /// ledger does not hold in memory.
     pub async fn payloads(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, String>> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
         let mut q: QueryBuilder<Sqlite> =
             QueryBuilder::new("SELECT id, payload FROM directives WHERE id IN (");
         let mut list = q.separated(", ");
@@ -142,27 +145,6 @@ impl Store {
         q.push(" ORDER BY d.id DESC LIMIT ")
             .push_bind(i64::from(limit));
         let rows = q.build().fetch_all(&self.reader).await?;
-        rows.iter().map(directive_from_row).collect()
-    }
-
-    /// Directives per state.
-    pub async fn directives_by_state(&self) -> Result<Vec<(String, i64)>> {
-        Ok(
-            sqlx::query_as("SELECT state, COUNT(*) FROM directives GROUP BY state")
-                .fetch_all(&self.reader)
-                .await?,
-        )
-    }
-
-    /// Directives that are not final, oldest first, at most `limit`.
-    pub async fn outstanding_directives(&self, limit: u32) -> Result<Vec<DirectiveRecord>> {
-        let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {DIRECTIVE_COLUMNS} FROM directives d JOIN spokes s ON s.id = d.spoke_id \
-             WHERE d.state IN ('PENDING', 'DELIVERED', 'IN_PROGRESS') ORDER BY d.id LIMIT $1"
-        )))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await?;
         rows.iter().map(directive_from_row).collect()
     }
 }
