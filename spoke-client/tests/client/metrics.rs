@@ -73,6 +73,10 @@ async fn flushes_at_the_size_threshold_and_on_demand() {
     let points = stored(&hub, "stats", 5).await;
     let batches: HashSet<_> = points.iter().map(|p| p.batch_id.clone()).collect();
     assert_eq!(batches.len(), 3, "batches of at most 2 points");
+    // The flusher is one task: a flush asked for now runs once the automatic
+    // one has finished, and finds nothing left.
+    let drained = client.flush().await.unwrap();
+    assert_eq!(drained.batches, 0, "the automatic flush pushed every point");
 
     // On demand: the report says what the hub accepted and refused.
     client.record_point(Point::new("compensation", "payout", 1250.5).unit("EUR"));
