@@ -68,8 +68,7 @@ pub async fn run(
     let grace = settings.shutdown_grace;
     let ledger = Ledger::load(store.clone(), Default::default()).await?;
     let writer = store.writer()?;
-    let committer =
-        ledger::spawn_committer(ledger.clone(), writer).map_err(RunError::Committer)?;
+    let committer = ledger::spawn_committer(ledger.clone(), writer).map_err(RunError::Committer)?;
     let hub = Hub::new(
         ledger.clone(),
         settings.clone(),

@@ -5,8 +5,8 @@ use std::pin::Pin;
 use hub_proto::v1 as proto;
 use hub_proto::v1::spoke_service_server::SpokeService;
 use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use std::sync::Arc;
@@ -398,11 +398,7 @@ async fn run_stream(
 }
 
 /// Sends what the ledger handed out; `Some` when the stream must end.
-async fn send_step(
-    hub: &Hub,
-    tx: &Outbox,
-    step: Step,
-) -> Result<Option<End>> {
+async fn send_step(hub: &Hub, tx: &Outbox, step: Step) -> Result<Option<End>> {
     use proto::watch_directives_response::Message;
     let mut delivery = match step {
         Step::End(StreamEnd::Superseded) => {
@@ -433,10 +429,7 @@ async fn send_step(
     Ok(None)
 }
 
-async fn send(
-    tx: &Outbox,
-    message: proto::watch_directives_response::Message,
-) -> bool {
+async fn send(tx: &Outbox, message: proto::watch_directives_response::Message) -> bool {
     tx.send(Ok(Box::new(proto::WatchDirectivesResponse {
         message: Some(message),
     })))

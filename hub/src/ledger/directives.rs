@@ -203,9 +203,7 @@ impl Ledger {
                 at: now_ms,
             });
         }
-        let committed = state.waiter();
-        drop(state);
-        self.shared.kick.notify_one();
+        let committed = self.commit_soon(state);
         if let Some(at) = new.expires_at {
             self.timer_plan().schedule(at);
         }
@@ -275,9 +273,7 @@ impl Ledger {
             event: NewEvent::directive(kind, spoke_id, id, details),
             at: now_ms,
         });
-        let committed = state.waiter();
-        drop(state);
-        self.shared.kick.notify_one();
+        let committed = self.commit_soon(state);
         Ok(AckStep::Logged(
             AckApplied {
                 state: ack.outcome.state(),
@@ -312,9 +308,7 @@ impl Ledger {
                 reason: reason.to_owned(),
             });
         }
-        let committed = state.waiter();
-        drop(state);
-        self.shared.kick.notify_one();
+        let committed = self.commit_soon(state);
         Ok(CancelStep::Logged {
             committed,
             was_delivered,

@@ -161,6 +161,15 @@ impl Ledger {
         Ok(ledger)
     }
 
+    /// Releases `state` after a call logged its changes, wakes the
+    /// committer, and returns what completes when they are committed.
+    fn commit_soon(&self, mut state: MutexGuard<'_, State>) -> Committed {
+        let rx = state.waiter();
+        drop(state);
+        self.shared.kick.notify_one();
+        rx
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.shared
             .state
@@ -245,10 +254,7 @@ impl Ledger {
         for entry in state.directives.values() {
             *counts.entry(entry.state.as_str()).or_default() += 1;
         }
-        counts
-            .into_iter()
-            .map(|(s, n)| (s.to_owned(), n))
-            .collect()
+        counts.into_iter().map(|(s, n)| (s.to_owned(), n)).collect()
     }
 
     /// Asks the committer to write what is left and stop; completes when it

@@ -103,14 +103,17 @@ impl State {
     }
 
     fn health_event(&mut self, id: Uuid, from: &str, to: &str, now_ms: i64) {
+        let details = json!({"from": from, "to": to});
+        self.spoke_event(id, Kind::SpokeHealthChanged, details, now_ms);
+    }
+
+    /// Logs an event about a spoke whose row changed.
+    fn spoke_event(&mut self, id: Uuid, kind: Kind, details: serde_json::Value, now_ms: i64) {
         self.log.changes.push(Change::Event {
-            event: NewEvent::spoke(
-                Kind::SpokeHealthChanged,
-                id,
-                json!({"from": from, "to": to}),
-            ),
+            event: NewEvent::spoke(kind, id, details),
             at: now_ms,
         });
+        self.dirty.insert(id);
     }
 }
 
@@ -217,7 +220,6 @@ impl Ledger {
             && spoke.info.capabilities == reg.capabilities
             && spoke.info.max_in_flight == reg.max_in_flight
             && spoke.live.version == reg.version;
-        let mut rx = None;
         if !same {
             let old = &spoke.info;
             spoke.info = Arc::new(SpokeInfo::new(
@@ -235,15 +237,12 @@ impl Ledger {
             spoke.wake();
         }
         state.seen(id, now_ms);
-        if !same {
-            rx = Some(state.waiter());
-        }
-        let record = state.spokes.get(&id).map(Spoke::record);
-        drop(state);
-        if rx.is_some() {
-            self.shared.kick.notify_one();
-        }
-        let record = record.ok_or_else(|| Error::NotFound(format!("spoke {id} not found")))?;
+        let record = state
+            .spokes
+            .get(&id)
+            .map(Spoke::record)
+            .ok_or_else(|| Error::NotFound(format!("spoke {id} not found")))?;
+        let rx = (!same).then(|| self.commit_soon(state));
         Ok((record, rx))
     }
 
@@ -290,15 +289,8 @@ impl Ledger {
         spoke
             .stream
             .end(super::End::KeyInvalidated("spoke key revoked"));
-        state.log.changes.push(Change::Event {
-            event: NewEvent::spoke(Kind::SpokeRevoked, id, json!({})),
-            at: now_ms,
-        });
-        state.dirty.insert(id);
-        let rx = state.waiter();
-        drop(state);
-        self.shared.kick.notify_one();
-        Ok(Some(rx))
+        state.spoke_event(id, Kind::SpokeRevoked, json!({}), now_ms);
+        Ok(Some(self.commit_soon(state)))
     }
 
     /// Replaces a spoke's key; the old key stops working at once and its
@@ -321,15 +313,8 @@ impl Ledger {
             .end(super::End::KeyInvalidated("spoke key rotated"));
         state.by_key.remove(&old);
         state.by_key.insert(key_hash, id);
-        state.log.changes.push(Change::Event {
-            event: NewEvent::spoke(Kind::SpokeKeyRotated, id, json!({})),
-            at: now_ms,
-        });
-        state.dirty.insert(id);
-        let rx = state.waiter();
-        drop(state);
-        self.shared.kick.notify_one();
-        Ok(rx)
+        state.spoke_event(id, Kind::SpokeKeyRotated, json!({}), now_ms);
+        Ok(self.commit_soon(state))
     }
 
     /// Moves spokes whose last sign of life is older than the thresholds to
