@@ -55,3 +55,6 @@ bash tests/polyglot.sh
 
 step "benchmark harness, smoke-sized (hub, floor, Redis Streams, NATS JetStream; no timing assertions)"
 HUB_BIN="$HUB_BIN" bash tests/bench/run.sh --smoke
+# The batched paths too (AckStream, CreateDirectives), so they never rot.
+HUB_BIN="$HUB_BIN" bash tests/bench/run.sh --smoke --targets hub-normal,floor \
+  --scenarios cycle --ack-path stream --create-path batch --out target/bench/smoke-batched.json

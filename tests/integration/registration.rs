@@ -74,7 +74,7 @@ async fn heartbeats_store_status_and_make_the_spoke_online() {
         clock: clock.clone(),
         ..Settings::default()
     };
-    let hub = TestHub::start_with(settings).await;
+    let mut hub = TestHub::start_with(settings).await;
     let mut spoke = hub.register("worker", &[], &[]).await;
     let fresh = hub.spoke("worker").await;
     assert_eq!(
@@ -116,6 +116,17 @@ async fn heartbeats_store_status_and_make_the_spoke_online() {
     assert_eq!(after.reported_failed_pushes, 2);
     assert_eq!(after.version, "1.0.1");
     assert!(after.last_heartbeat_at.is_some());
+
+    // A heartbeat is answered from memory and written with a later commit;
+    // a hub that stops writes what it has, so a restart keeps it.
+    hub.restart().await;
+    let restarted = hub.spoke("worker").await;
+    assert_eq!(restarted.health, proto::SpokeHealth::Online as i32);
+    assert_eq!(restarted.status, proto::SpokeStatus::Degraded as i32);
+    assert_eq!(restarted.status_message, "disk 91% full");
+    assert_eq!(restarted.reported_in_flight, 3);
+    assert_eq!(restarted.version, "1.0.1");
+    assert_eq!(restarted.last_heartbeat_at, after.last_heartbeat_at);
 }
 
 #[tokio::test]
