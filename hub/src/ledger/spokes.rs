@@ -78,6 +78,13 @@ pub struct HealthChange {
 }
 
 impl State {
+    /// A spoke to change; NOT_FOUND if there is none.
+    fn spoke_mut(&mut self, id: Uuid) -> Result<&mut Spoke> {
+        self.spokes
+            .get_mut(&id)
+            .ok_or_else(|| Error::NotFound(format!("spoke {id} not found")))
+    }
+
     pub(super) fn index_spoke(&mut self, spoke: &Spoke) {
         self.by_key
             .insert(spoke.info.key_hash.clone(), spoke.info.id);
@@ -212,10 +219,7 @@ impl Ledger {
     ) -> Result<(SpokeRecord, Option<Committed>)> {
         let mut state = self.lock();
         state.writable()?;
-        let spoke = state
-            .spokes
-            .get_mut(&id)
-            .ok_or_else(|| Error::NotFound(format!("spoke {id} not found")))?;
+        let spoke = state.spoke_mut(id)?;
         let same = spoke.info.labels == reg.labels
             && spoke.info.capabilities == reg.capabilities
             && spoke.info.max_in_flight == reg.max_in_flight
@@ -275,10 +279,7 @@ impl Ledger {
     pub fn revoke(&self, id: Uuid, now_ms: i64) -> Result<Option<Committed>> {
         let mut state = self.lock();
         state.writable()?;
-        let spoke = state
-            .spokes
-            .get_mut(&id)
-            .ok_or_else(|| Error::NotFound(format!("spoke {id} not found")))?;
+        let spoke = state.spoke_mut(id)?;
         if spoke.info.revoked_at.is_some() {
             return Ok(None);
         }
@@ -298,10 +299,7 @@ impl Ledger {
     pub fn rotate_key(&self, id: Uuid, key_hash: String, now_ms: i64) -> Result<Committed> {
         let mut state = self.lock();
         state.writable()?;
-        let spoke = state
-            .spokes
-            .get_mut(&id)
-            .ok_or_else(|| Error::NotFound(format!("spoke {id} not found")))?;
+        let spoke = state.spoke_mut(id)?;
         if spoke.info.revoked_at.is_some() {
             return Err(Error::FailedPrecondition(format!("spoke {id} is revoked")));
         }
