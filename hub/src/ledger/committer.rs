@@ -63,11 +63,14 @@ pub async fn run_committer(ledger: Ledger, mut writer: Writer) {
     let mut closing = ledger.shared.closing.subscribe();
     loop {
         let committed = commit_next(&ledger, &mut writer).await;
-        let purged = purge_step(&ledger, &mut writer);
+        // A stopping hub writes what it decided and leaves purges for the
+        // next start.
+        let stopping = *closing.borrow_and_update();
+        let purged = !stopping && purge_step(&ledger, &mut writer);
         if committed || purged {
             continue;
         }
-        if *closing.borrow_and_update() {
+        if stopping {
             return;
         }
         tokio::select! {
