@@ -47,18 +47,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// How hard a commit holds on to its data (`--sync`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Sync {
-    /// Every commit is synced to disk before any caller is answered:
-    /// survives power loss.
-    Full,
-    /// Commits reach the OS before callers are answered and are synced at
-    /// checkpoints: survives a killed hub; an OS crash or power loss may
-    /// lose the last moments.
-    Normal,
-}
-
 /// Options of `hub serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -125,8 +113,8 @@ pub struct ServeArgs {
     /// Durability of commits: full (fsync each commit; survives power loss)
     /// or normal (survives a killed process; may lose the last moments on
     /// an OS crash or power loss).
-    #[arg(long, env = "HUB_SYNC", value_enum, default_value_t = Sync::Full)]
-    pub sync: Sync,
+    #[arg(long, env = "HUB_SYNC", value_enum, default_value_t = Durability::Full)]
+    pub sync: Durability,
     /// PEM certificate chain (leaf first) for TLS on the gRPC port; needs --tls-key [default: plaintext].
     #[arg(long, env = "HUB_TLS_CERT", value_name = "PATH")]
     pub tls_cert: Option<PathBuf>,
@@ -360,10 +348,7 @@ impl Config {
             enrollment_token_source,
             settings,
             log_format: args.log_format,
-            durability: match args.sync {
-                Sync::Full => Durability::Full,
-                Sync::Normal => Durability::Normal,
-            },
+            durability: args.sync,
         })
     }
 }

@@ -232,11 +232,6 @@ impl SpokeRecord {
         }
     }
 
-    /// Whether the spoke declared `directive_type`.
-    pub fn handles(&self, directive_type: &str) -> bool {
-        self.capabilities.iter().any(|(t, _)| t == directive_type)
-    }
-
     /// Whether every pair of `selector` is among the spoke's labels.
     pub fn matches(&self, selector: &BTreeMap<String, String>) -> bool {
         selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))

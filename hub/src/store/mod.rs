@@ -39,8 +39,8 @@ pub use retention::Purged;
 
 use crate::error::{Error, Result};
 
-/// How hard a commit holds on to its data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How hard a commit holds on to its data (`hub serve --sync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Durability {
     /// Every commit is synced to disk before anyone is answered: it survives
     /// power loss.
