@@ -20,9 +20,12 @@ use crate::link::Link;
 use crate::metrics::{Buffer, Limits, Point};
 use crate::reconnect::Machine;
 use crate::session::{Connector, Shared};
-use crate::status::{Status, Tracker};
+use crate::status::{SpokeStatus, Status, Tracker};
 use crate::store::Store;
 use crate::wire::now_ms;
+
+/// The longest status message the hub takes.
+const MAX_STATUS_MESSAGE: usize = 1024;
 
 /// Settled directive records older than this are forgotten at start.
 const KEEP_SETTLED: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -133,6 +136,7 @@ impl Client {
             hub_max_batch: Arc::new(AtomicU32::new(0)),
             registration: Arc::new(Mutex::new(registration)),
             observer,
+            beat_now: Arc::new(Notify::new()),
         };
         Ok(Self {
             inner: Arc::new(Inner {
@@ -145,6 +149,11 @@ impl Client {
                 shutdown: CancellationToken::new(),
             }),
         })
+    }
+
+    /// Testing only (see `ClientBuilder::pause_before_outcome`).
+    pub(crate) fn pause_before_outcome(&self, pause: crate::directives::Pause) {
+        self.inner.shared.directives.pause_before_outcome(pause);
     }
 
     /// Runs the spoke until [`Client::shutdown`] is called or a fatal error
@@ -235,7 +244,10 @@ impl Client {
     }
 
     /// Records a metric point measured now, with labels. Never waits: the
-    /// point goes to the local buffer and is flushed in the background.
+    /// point goes to the local buffer (on disk normally within milliseconds,
+    /// see [`metrics`](crate::metrics)) and is flushed in the background. In
+    /// a handler, prefer [`Context::record`](crate::Context::record): its
+    /// points are kept with the run's outcome.
     ///
     /// ```no_run
     /// # fn demo(client: spoke_client::Client) {
@@ -317,5 +329,28 @@ impl Client {
     /// What the client is doing now.
     pub fn status(&self) -> Status {
         self.inner.shared.status.snapshot()
+    }
+
+    /// Sets the status every heartbeat reports (OK until set), with a
+    /// message saying why (at most 1 024 characters are sent; `""` for
+    /// none). Operators see both in `GetSpoke`, `hub spokes` and the admin
+    /// page. Connected, the client sends a heartbeat at once; otherwise the
+    /// first heartbeat of the next connection carries it.
+    ///
+    /// ```no_run
+    /// # fn demo(client: spoke_client::Client) {
+    /// use spoke_client::SpokeStatus;
+    ///
+    /// client.set_status(SpokeStatus::Error, "the billing database is unreachable");
+    /// # }
+    /// ```
+    pub fn set_status(&self, status: SpokeStatus, message: impl Into<String>) {
+        let message: String = message.into().chars().take(MAX_STATUS_MESSAGE).collect();
+        let shared = &self.inner.shared;
+        shared.status.update(|s| {
+            s.spoke_status = status;
+            s.status_message = message;
+        });
+        shared.beat_now.notify_one();
     }
 }

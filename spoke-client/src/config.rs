@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 
 use crate::backoff::Backoff;
 use crate::client::Client;
+use crate::directives::Pause;
 use crate::error::{Error, Result};
 use crate::event::{Event, Observer};
 use crate::handler::{self, BoxHandler, Context};
@@ -46,6 +47,8 @@ pub struct ClientBuilder {
     config: Config,
     handlers: Vec<(String, String, BoxHandler)>,
     observer: Option<Observer>,
+    /// Testing only (see `pause_before_outcome`).
+    pause: Option<Pause>,
 }
 
 /// Validated options, shared by the client's components.
@@ -94,13 +97,15 @@ impl ClientBuilder {
             },
             handlers: Vec::new(),
             observer: None,
+            pause: None,
         }
     }
 
     /// Adds a hub endpoint: `http://host:port`, or `https://host:port` for
     /// TLS (see [`tls_ca_cert`](Self::tls_ca_cert)). With several, the
     /// client fails over to the next one when the current one cannot be
-    /// reached.
+    /// reached; they must all use the same scheme (`build` refuses a mix,
+    /// which would send the key in clear to the `http://` ones).
     pub fn endpoint(mut self, url: impl Into<String>) -> Self {
         self.config.endpoints.push(url.into());
         self
@@ -315,6 +320,20 @@ impl ClientBuilder {
         self
     }
 
+    /// Testing only (feature `testing`): every run awaits `pause(id)` after
+    /// its handler returned and before its outcome is recorded, so a test
+    /// can act in that window (deliver the directive again, kill the
+    /// process).
+    #[cfg(feature = "testing")]
+    pub fn pause_before_outcome<F, Fut>(mut self, pause: F) -> Self
+    where
+        F: Fn(String) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.pause = Some(std::sync::Arc::new(move |id| Box::pin(pause(id))));
+        self
+    }
+
     /// Checks every option, opens (or creates) the local state and returns
     /// the client. Nothing touches the network until [`Client::run`].
     pub async fn build(self) -> Result<Client> {
@@ -340,7 +359,11 @@ impl ClientBuilder {
         if capabilities.len() > 256 {
             return Err(Error::config("handler", "at most 256 directive types"));
         }
-        Client::start(config, handlers, capabilities, self.observer).await
+        let client = Client::start(config, handlers, capabilities, self.observer).await?;
+        if let Some(pause) = self.pause {
+            client.pause_before_outcome(pause);
+        }
+        Ok(client)
     }
 }
 
@@ -355,6 +378,7 @@ impl Config {
         for url in &self.endpoints {
             check_endpoint(url)?;
         }
+        check_one_scheme(&self.endpoints)?;
         self.tls.check(&self.endpoints)?;
         check_name(&self.name)?;
         check_labels(&self.labels)?;
@@ -417,6 +441,33 @@ fn check_endpoint(url: &str) -> Result<()> {
     tonic::transport::Endpoint::from_shared(url.to_owned())
         .map_err(|e| Error::config("endpoint", format!("{url}: {e}")))?;
     Ok(())
+}
+
+/// All endpoints `http://` or all `https://`: the key goes to whichever
+/// the client fails over to, so a single plaintext one would carry it in
+/// clear.
+fn check_one_scheme(endpoints: &[String]) -> Result<()> {
+    let (https, http): (Vec<&String>, Vec<&String>) = endpoints
+        .iter()
+        .partition(|url| url.starts_with("https://"));
+    if https.is_empty() || http.is_empty() {
+        return Ok(());
+    }
+    let list = |urls: Vec<&String>| {
+        urls.iter()
+            .map(|u| u.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(Error::config(
+        "endpoint",
+        format!(
+            "mixed http:// and https:// endpoints: {} would carry the spoke's key in clear, \
+             beside {}; use https:// for all of them (or http:// for all, on a trusted network)",
+            list(http),
+            list(https)
+        ),
+    ))
 }
 
 /// The hub's rule for names: 1 to 63 of `[a-z0-9_.-]`, starting with a
@@ -519,6 +570,27 @@ mod tests {
         let mut c = base();
         c.flush_interval = Duration::ZERO;
         assert_eq!(field_of(c), "flush_interval");
+    }
+
+    #[test]
+    fn mixed_plaintext_and_tls_endpoints_are_refused_naming_them() {
+        let mut c = base();
+        c.endpoints = vec![
+            "https://hub-a.internal:50051".into(),
+            "http://hub-b.internal:50051".into(),
+        ];
+        match c.validated() {
+            Err(Error::Config { field, reason }) => {
+                assert_eq!(field, "endpoint");
+                assert!(reason.contains("mixed http:// and https://"), "{reason}");
+                assert!(reason.contains("http://hub-b.internal:50051"), "{reason}");
+                assert!(reason.contains("https://hub-a.internal:50051"), "{reason}");
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+        let mut c = base();
+        c.endpoints = vec!["http://a:1".into(), "http://b:1".into()];
+        c.validated().unwrap();
     }
 
     #[test]

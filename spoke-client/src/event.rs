@@ -49,8 +49,9 @@ pub enum Event {
         /// re-registered the spoke.
         new: bool,
     },
-    /// A run ended and its outcome is now recorded in the state directory;
-    /// the ack is sent after the observer returns. Also reported for
+    /// A run ended and its outcome is now recorded in the state directory,
+    /// with the metric points the run recorded; the ack is sent after the
+    /// observer returns. Also reported for
     /// directives no handler runs: a type without a handler, or a payload
     /// that does not deserialize (both REJECTED).
     #[non_exhaustive]

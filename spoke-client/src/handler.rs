@@ -166,6 +166,9 @@ struct ContextInner {
     buffer: Buffer,
     /// The latest progress reported, repeated by [`Context::renew`].
     last_progress: Mutex<(Option<u32>, String)>,
+    /// Points recorded while the run is open, written with its outcome;
+    /// `None` once the run ended (later points go to the buffer).
+    points: Mutex<Option<Vec<Point>>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -197,6 +200,7 @@ impl Context {
                 link,
                 buffer,
                 last_progress: Mutex::default(),
+                points: Mutex::new(Some(Vec::new())),
             }),
         }
     }
@@ -251,19 +255,74 @@ impl Context {
         self.send_progress(report).await
     }
 
-    /// Records a metric point measured now, like
-    /// [`Client::record`](crate::Client::record): never waits.
+    /// Records a metric point measured now; never waits. Unlike
+    /// [`Client::record`](crate::Client::record), a point recorded while
+    /// the run is open is kept with the run and written in the same local
+    /// transaction as its outcome: once the outcome is recorded the points
+    /// are too, and a run that never records an outcome (the process died,
+    /// or shutdown interrupted it: it runs again) keeps none of them, so a
+    /// finished run's points are neither lost nor doubled. A run keeps at
+    /// most [`max_buffered_points`](crate::ClientBuilder::max_buffered_points)
+    /// points (the rest are dropped and counted); a hub-cancelled run's
+    /// points are kept too. After the run ended (a task the handler left
+    /// behind), points go to the buffer like [`Client::record`](crate::Client::record)'s.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), spoke_client::Error> {
+    /// use spoke_client::{Client, Context};
+    ///
+    /// let client = Client::builder("billing")
+    ///     .endpoint("http://127.0.0.1:50051")
+    ///     .state_dir("./billing-state")
+    ///     .handler("invoice", "1", |_: serde_json::Value, ctx: Context| async move {
+    ///         // ... bill the customer ...
+    ///         ctx.record("compensation", "invoiced", 1250.0, &[("currency", "EUR")]);
+    ///         Ok::<_, String>(()) // the point is durable with this outcome
+    ///     })
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub fn record(&self, domain: &str, name: &str, value: f64, labels: &[(&str, &str)]) {
         let mut point = Point::new(domain, name, value);
         for (k, v) in labels {
             point = point.label(*k, *v);
         }
-        self.inner.buffer.record(point);
+        self.record_point(point);
     }
 
-    /// Records a [`Point`], like [`Client::record_point`](crate::Client::record_point).
+    /// Records a [`Point`] (with a unit, labels, a time), kept with the run
+    /// like [`Context::record`]'s.
     pub fn record_point(&self, point: Point) {
-        self.inner.buffer.record(point);
+        let buffer = &self.inner.buffer;
+        let mut open = self
+            .inner
+            .points
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(points) = open.as_mut() else {
+            drop(open);
+            return buffer.record(point);
+        };
+        if !buffer.admits(&point) {
+            return;
+        }
+        if (points.len() as u64) < buffer.max_points() {
+            points.push(point);
+        } else {
+            buffer.dropped(1);
+        }
+    }
+
+    /// Ends the run's keeping of points: answers those recorded so far, to
+    /// be written with the outcome; later ones go to the buffer.
+    pub(crate) fn take_points(&self) -> Vec<Point> {
+        self.inner
+            .points
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .unwrap_or_default()
     }
 
     /// Repeats the latest progress (or reports IN_PROGRESS without one), so

@@ -1,11 +1,13 @@
 //! Heartbeats: one right after connecting, then one per interval, where the
 //! interval is whatever the hub's latest reply said (the hub sets it, not
-//! the spoke). A failed heartbeat is not the heartbeat's business unless it
-//! is fatal (a revoked key): a dead hub is noticed by the stream.
+//! the spoke), and one at once when the application changes its reported
+//! status. A failed heartbeat is not the heartbeat's business unless it is
+//! fatal (a revoked key): a dead hub is noticed by the stream.
 
 use std::future::Future;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tonic::Status;
 
 use crate::reconnect::{Disposition, classify};
@@ -14,8 +16,9 @@ use crate::reconnect::{Disposition, classify};
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Sends heartbeats with `beat` until one fails fatally; returns that
-/// status. `beat` answers the hub's next interval, if it gave one.
-pub(crate) async fn run<F, Fut>(mut beat: F, mut interval: Duration) -> Status
+/// status. `beat` answers the hub's next interval, if it gave one. `now`
+/// sends the next one without waiting for the interval.
+pub(crate) async fn run<F, Fut>(mut beat: F, mut interval: Duration, now: &Notify) -> Status
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<Duration>, Status>>,
@@ -27,7 +30,10 @@ where
             Err(status) if classify(status.code()) == Disposition::Fatal => return status,
             Err(status) => tracing::debug!(error = %status, "heartbeat failed"),
         }
-        tokio::time::sleep(interval.max(MIN_INTERVAL)).await;
+        tokio::select! {
+            () = tokio::time::sleep(interval.max(MIN_INTERVAL)) => {}
+            () = now.notified() => {}
+        }
     }
 }
 
@@ -60,10 +66,39 @@ mod tests {
             }
         };
         // Paused time advances by itself whenever every task waits on a timer.
-        let fatal = run(beat, Duration::from_secs(5)).await;
+        let fatal = run(beat, Duration::from_secs(5), &Notify::new()).await;
         assert_eq!(fatal.code(), Code::Unauthenticated);
         let secs: Vec<u64> = sent.lock().unwrap().iter().map(|d| d.as_secs()).collect();
         // A transient failure keeps the last interval (2 s).
         assert_eq!(secs, vec![0, 10, 12, 14]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_nudge_beats_at_once_and_the_interval_starts_again() {
+        let start = Instant::now();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let now = Arc::new(Notify::new());
+        let beat = || {
+            let (sent, now) = (sent.clone(), now.clone());
+            async move {
+                let mut sent = sent.lock().unwrap();
+                sent.push(start.elapsed());
+                match sent.len() {
+                    // Nudged between the first and the second beat.
+                    1 => {
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(3)).await;
+                            now.notify_one();
+                        });
+                        Ok(None)
+                    }
+                    4 => Err(Status::unauthenticated("revoked")),
+                    _ => Ok(None),
+                }
+            }
+        };
+        run(beat, Duration::from_secs(10), &now).await;
+        let secs: Vec<u64> = sent.lock().unwrap().iter().map(|d| d.as_secs()).collect();
+        assert_eq!(secs, vec![0, 3, 13, 23]);
     }
 }

@@ -77,4 +77,4 @@ pub use handler::Context;
 pub use hub_proto as proto;
 pub use metrics::Point;
 pub use reconnect::{Disposition, classify};
-pub use status::Status;
+pub use status::{SpokeStatus, Status};

@@ -8,7 +8,8 @@
 //! endpoints the next one is tried at once, and only after every endpoint
 //! failed in a row does the client wait its [`Backoff`] delay. A stream that
 //! proved healthy (a message arrived or a heartbeat was answered) resets the
-//! backoff. A `retry_after` hint from the hub is a floor on the next wait.
+//! backoff. A `retry_after` hint from the hub is a floor on the next wait,
+//! honoured up to [`MAX_RETRY_AFTER`]: a huge hint must not strand a spoke.
 
 use std::future::Future;
 use std::time::Duration;
@@ -18,6 +19,9 @@ use tonic::{Code, Status};
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 use crate::status::Tracker;
+
+/// The longest `retry_after` hint honoured; a longer one waits this long.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 
 /// What to do about a gRPC code from the hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,7 +210,7 @@ impl<D: Dial> Machine<D> {
             delay = self.backoff.next_delay();
         }
         if let Some(floor) = retry_after {
-            delay = delay.max(floor);
+            delay = delay.max(floor.min(MAX_RETRY_AFTER));
         }
         tracing::warn!(error = %status, next = %self.endpoints[self.cursor], ?delay, "hub connection failed; retrying");
         Ok(State::Wait(delay))
@@ -361,6 +365,18 @@ mod tests {
         )
         .await;
         assert_eq!(attempts, vec![at("a", 0.0), at("a", 30.0)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_huge_retry_hint_is_capped() {
+        let huge = Duration::from_secs(u64::MAX);
+        let (_, attempts) = play(
+            &["a"],
+            vec![Script::Stream(true, Code::Unavailable, Some(huge))],
+        )
+        .await;
+        let capped = MAX_RETRY_AFTER.as_secs_f64();
+        assert_eq!(attempts, vec![at("a", 0.0), at("a", capped)]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use hub_proto::v1 as proto;
 use hub_proto::v1::watch_directives_response::Message;
+use tokio::sync::Notify;
 use tonic::Status;
 use tonic::transport::Channel;
 
@@ -44,6 +45,8 @@ pub(crate) struct Shared {
     pub registration: Arc<Mutex<Option<Registration>>>,
     /// Told of each registration.
     pub observer: Option<Observer>,
+    /// Sends a heartbeat now (the application changed its status).
+    pub beat_now: Arc<Notify>,
 }
 
 /// Dials endpoints for the reconnect machine.
@@ -199,6 +202,12 @@ async fn register(shared: Shared, channel: Channel) -> Result<(String, Option<pr
     Ok((key, reply.hints))
 }
 
+/// How long a silent stream is trusted: a few keepalive intervals,
+/// saturating, since the interval is the hub's to set and may be huge.
+fn idle_limit(keepalive: Duration) -> Duration {
+    keepalive.saturating_mul(MISSED_KEEPALIVES)
+}
+
 impl Watch for Session {
     fn run(self) -> impl Future<Output = StreamEnd> + Send {
         self.serve()
@@ -216,8 +225,8 @@ impl Session {
             async move {
                 let s = shared.status.snapshot();
                 let req = proto::HeartbeatRequest {
-                    status: proto::SpokeStatus::Ok.into(),
-                    status_message: String::new(),
+                    status: proto::SpokeStatus::from(s.spoke_status).into(),
+                    status_message: s.status_message,
                     in_flight_directives: u32::try_from(s.in_flight_directives).unwrap_or(u32::MAX),
                     buffered_metric_points: s.buffered_points,
                     failed_metric_pushes: s.failed_pushes,
@@ -231,10 +240,10 @@ impl Session {
                 Ok(duration(reply.next_interval.as_ref()))
             }
         };
-        let heartbeats = heartbeat::run(beat, self.heartbeat);
+        let heartbeats = heartbeat::run(beat, self.heartbeat, &shared.beat_now);
         tokio::pin!(heartbeats);
         let error: Error = loop {
-            let idle = self.keepalive * MISSED_KEEPALIVES;
+            let idle = idle_limit(self.keepalive);
             tokio::select! {
                 fatal = &mut heartbeats => break fatal.into(),
                 next = tokio::time::timeout(idle, self.stream.message()) => match next {
@@ -286,5 +295,21 @@ impl Session {
                 duration(h.retry_after.as_ref())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_keepalive_hint_saturates() {
+        assert_eq!(idle_limit(Duration::from_secs(15)), Duration::from_secs(45));
+        let hint = pbjson_types::Duration {
+            seconds: i64::MAX,
+            nanos: 999_999_999,
+        };
+        let huge = duration(Some(&hint)).unwrap();
+        assert_eq!(idle_limit(huge), Duration::MAX);
     }
 }

@@ -34,7 +34,10 @@ pub struct Status {
     /// Metric pushes that failed since the client started.
     pub failed_pushes: u64,
     /// Points dropped since the client started: the buffer overflowed (the
-    /// oldest go first), or the hub refused a whole batch as invalid.
+    /// oldest go first), the channel to the buffer was full, the hub
+    /// refused a whole batch as invalid, or a run ended without an outcome
+    /// recorded (interrupted by shutdown, it runs again and records its
+    /// points again).
     pub dropped_points: u64,
     /// Points refused one by one as invalid since the client started: by
     /// the hub (each with a reason in the log), or at record time for a
@@ -42,6 +45,45 @@ pub struct Status {
     pub rejected_points: u64,
     /// The latest error, if any, for display.
     pub last_error: Option<String>,
+    /// What the application reports in heartbeats, set with
+    /// [`Client::set_status`](crate::Client::set_status).
+    pub spoke_status: SpokeStatus,
+    /// The message reported with it.
+    pub status_message: String,
+}
+
+/// How the application says it is doing, reported to the hub in every
+/// heartbeat (the contract's `hub.v1.SpokeStatus`) and shown to operators
+/// by `GetSpoke`, `hub spokes` and the admin page.
+///
+/// ```no_run
+/// # fn demo(client: spoke_client::Client) {
+/// use spoke_client::SpokeStatus;
+///
+/// client.set_status(SpokeStatus::Degraded, "disk 91% full");
+/// // ... later ...
+/// client.set_status(SpokeStatus::Ok, "");
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum SpokeStatus {
+    /// Working normally (the default).
+    #[default]
+    Ok,
+    /// Working, but something is impaired (say what in the message).
+    Degraded,
+    /// Cannot do its work (say why in the message).
+    Error,
+}
+
+impl From<SpokeStatus> for hub_proto::v1::SpokeStatus {
+    fn from(status: SpokeStatus) -> Self {
+        match status {
+            SpokeStatus::Ok => Self::Ok,
+            SpokeStatus::Degraded => Self::Degraded,
+            SpokeStatus::Error => Self::Error,
+        }
+    }
 }
 
 /// The live status, shared by every component; cheap to clone.

@@ -1,14 +1,16 @@
-//! Directives received from the hub: deduplication by id against the local
-//! record, bounded concurrency, running handlers (a panic is caught and
-//! acked FAILED), recording outcomes before acking, cancellation, and the
-//! drain at shutdown.
+//! Directives received from the hub: deduplication by id (a claim in this
+//! process, then the local record), bounded concurrency, running handlers
+//! (a panic is caught and acked FAILED), recording outcomes (with the
+//! points the run recorded) before acking, acking a recorded outcome again
+//! on every redelivery, cancellation, and the drain at shutdown.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, StreamExt};
 use hub_proto::v1 as proto;
 use tokio::sync::Semaphore;
@@ -20,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::event::{self, Event, Observer};
 use crate::handler::{BoxHandler, Cancel, Context, Outcome};
 use crate::link::Link;
-use crate::metrics::Buffer;
+use crate::metrics::{Buffer, Point};
 use crate::status::Tracker;
 use crate::store::{LocalStatus, Store};
 use crate::wire::{duration, json_of_struct, now_ms};
@@ -31,6 +33,27 @@ const DEFAULT_ACK_DEADLINE: Duration = Duration::from_secs(30);
 const MIN_RENEWAL: Duration = Duration::from_millis(250);
 /// Recorded outcomes resent at once after a reconnect.
 const RESENDS_AT_ONCE: usize = 64;
+
+/// Testing only: awaited with a directive's id after its handler returned
+/// and before its outcome is recorded.
+pub(crate) type Pause = Arc<dyn Fn(String) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// This process's hold on one directive id, from before its record is read
+/// until its outcome is recorded: while it exists, no other delivery of the
+/// id starts anything. Dropping it (the run ended, failed, or was aborted)
+/// lets the id go.
+struct Claim {
+    directives: Directives,
+    id: String,
+    /// The run's cancellation signal, also what [`Directives::cancel`] fires.
+    cancel: Cancel,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.directives.active().remove(&self.id);
+    }
+}
 
 /// Runs directives; cheap to clone.
 #[derive(Clone)]
@@ -45,13 +68,15 @@ struct Inner {
     buffer: Buffer,
     status: Tracker,
     slots: Arc<Semaphore>,
-    /// Runs of this process that have not finished, by directive id.
+    /// Directives this process claimed (see [`Claim`]), by id.
     active: Mutex<HashMap<String, Cancel>>,
     tasks: Mutex<JoinSet<()>>,
     /// Fired when shutdown gives up waiting: cancels every run.
     stop_all: CancellationToken,
     /// Told of each outcome recorded and each redelivery answered.
     observer: Option<Observer>,
+    /// Testing only (see [`Pause`]).
+    pause: OnceLock<Pause>,
 }
 
 impl Directives {
@@ -76,8 +101,15 @@ impl Directives {
                 tasks: Mutex::default(),
                 stop_all: CancellationToken::new(),
                 observer,
+                pause: OnceLock::new(),
             }),
         }
+    }
+
+    /// Testing only: pauses every run between its handler's return and the
+    /// recording of its outcome.
+    pub fn pause_before_outcome(&self, pause: Pause) {
+        let _ = self.inner.pause.set(pause);
     }
 
     fn observe(&self, event: Event) {
@@ -101,58 +133,84 @@ impl Directives {
         tasks.spawn(work);
     }
 
+    /// Takes `id` for this process, unless a claim on it exists: the one
+    /// gate every delivery passes before it reads the local record.
+    fn claim(&self, id: &str) -> Option<Claim> {
+        let mut active = self.active();
+        if active.contains_key(id) {
+            return None;
+        }
+        let cancel = Cancel::child_of(&self.inner.stop_all);
+        active.insert(id.to_owned(), cancel.clone());
+        Some(Claim {
+            directives: self.clone(),
+            id: id.to_owned(),
+            cancel,
+        })
+    }
+
     /// Handles one delivery from the stream. Only a local store failure is
     /// an error; the directive then stays unacked and the hub redelivers it.
+    ///
+    /// One life per directive, received → running → outcome: the delivery
+    /// first claims the id (see [`Claim`]), and only then reads the record.
+    /// A claim is held from before the record is read until after the
+    /// outcome is recorded, so a redelivery meanwhile is answered "still
+    /// running", and one after it finds the outcome and acks it again; a
+    /// second run can start neither while one exists nor after an outcome.
     pub async fn receive(&self, d: proto::Directive) -> Result<()> {
+        let Some(claim) = self.claim(&d.id) else {
+            // Running here: the hub missed our news; tell it.
+            tracing::debug!(directive_id = %d.id, attempt = d.attempt, "redelivered while running");
+            let this = self.clone();
+            self.spawn(async move { this.still_running(d.id).await });
+            return Ok(());
+        };
         let store = &self.inner.store;
         let payload = d
             .payload
             .as_ref()
             .map_or_else(|| serde_json::json!({}), json_of_struct);
-        match store.directive(&d.id).await? {
-            None => {}
-            Some(rec) => match rec.status {
-                LocalStatus::Received | LocalStatus::Running
-                    if self.active().contains_key(&d.id) =>
-                {
-                    // Still running here: the hub missed our news; tell it.
-                    tracing::debug!(directive_id = %d.id, attempt = d.attempt, "redelivered while running");
+        if let Some(rec) = store.directive(&d.id).await? {
+            match (rec.status, rec.outcome) {
+                (LocalStatus::Received | LocalStatus::Running, _) => {
+                    // No run holds a claim, and none recorded an outcome:
+                    // an earlier process died mid-run (or this one could
+                    // not record it). Run it again.
+                    tracing::info!(directive_id = %d.id, attempt = d.attempt, "running again: an earlier run recorded no outcome");
+                }
+                (_, Some(outcome)) => {
+                    // FINISHED, ACKED, or CLOSED by a refused ack: a hub
+                    // that delivers it again will take the outcome now.
+                    drop(claim);
+                    tracing::info!(directive_id = %d.id, attempt = d.attempt, "already finished: acking the recorded outcome again");
+                    self.observe(Event::Redelivered {
+                        id: d.id.clone(),
+                        attempt: d.attempt,
+                    });
                     let this = self.clone();
-                    self.spawn(async move { this.still_running(d.id).await });
+                    self.spawn(async move { this.ack(&d.id, &outcome).await });
                     return Ok(());
                 }
-                LocalStatus::Received | LocalStatus::Running => {
-                    // A run an earlier process never finished: run it again.
-                    tracing::info!(directive_id = %d.id, attempt = d.attempt, "running again: an earlier run did not finish");
-                }
-                LocalStatus::Finished | LocalStatus::Acked => {
-                    tracing::info!(directive_id = %d.id, "already finished: acking the recorded outcome again");
-                    if let Some(outcome) = rec.outcome {
-                        self.observe(Event::Redelivered {
-                            id: d.id.clone(),
-                            attempt: d.attempt,
-                        });
-                        let this = self.clone();
-                        self.spawn(async move { this.ack(&d.id, &outcome).await });
-                    }
-                    return Ok(());
-                }
-                LocalStatus::Closed => {
+                (_, None) => {
                     tracing::debug!(directive_id = %d.id, "delivery of a closed directive ignored");
                     return Ok(());
                 }
-            },
+            }
         }
         // Recorded before anything runs: a crash from here on reruns it.
-        store
+        if !store
             .record_received(&d.id, &d.r#type, &payload, d.attempt, now_ms())
-            .await?;
-        let cancel = Cancel::child_of(&self.inner.stop_all);
-        self.active().insert(d.id.clone(), cancel.clone());
+            .await?
+        {
+            // Only a run claims an open record, and none was open.
+            tracing::warn!(directive_id = %d.id, "the record moved on meanwhile; not running");
+            return Ok(());
+        }
         self.inner.status.update(|s| s.pending_directives += 1);
         let this = self.clone();
         self.spawn(async move {
-            this.run(d, payload, cancel).await;
+            this.run(d, payload, claim).await;
         });
         Ok(())
     }
@@ -179,25 +237,59 @@ impl Directives {
         }
     }
 
-    async fn run(&self, d: proto::Directive, payload: serde_json::Value, cancel: Cancel) {
-        let outcome = self.outcome_of(&d, payload, &cancel).await;
-        self.active().remove(&d.id);
-        if self.inner.stop_all.is_cancelled() {
-            // Shutdown interrupted it: leave it unfinished to run again.
-            return;
+    /// Runs a claimed directive and records how it ended; the claim is let
+    /// go only once that is recorded (or nothing will be).
+    async fn run(&self, d: proto::Directive, payload: serde_json::Value, claim: Claim) {
+        let cancel = claim.cancel.clone();
+        let ran = self.outcome_of(&d, payload, &cancel).await;
+        if ran.is_some()
+            && let Some(pause) = self.inner.pause.get()
+        {
+            pause(d.id.clone()).await;
         }
+        let buffer = &self.inner.buffer;
         let store = &self.inner.store;
-        if let Some(reason) = cancel.reason() {
-            // The hub refuses acks of a cancelled directive.
-            let _ = store.mark_closed(&d.id, &reason, now_ms()).await;
+        if self.inner.stop_all.is_cancelled() {
+            // Shutdown interrupted it: it stays unfinished and runs again,
+            // recording its points again.
+            buffer.dropped(ran.map_or(0, |(_, points)| points.len() as u64));
             return;
         }
+        let (written, points, outcome) = match (cancel.reason(), ran) {
+            // The hub refuses acks of a cancelled directive; the work done
+            // (if it started) is kept.
+            (Some(reason), ran) => {
+                let points = ran.map(|(_, points)| points).unwrap_or_default();
+                let written = store.close_run(&d.id, &reason, &points, now_ms()).await;
+                (written, points, None)
+            }
+            (None, Some((outcome, points))) => {
+                let written = store
+                    .record_outcome(&d.id, &outcome, &points, now_ms())
+                    .await;
+                (written, points, Some(outcome))
+            }
+            // It did not run (its start could not be recorded): it stays
+            // unfinished and runs again.
+            (None, None) => return,
+        };
+        match written {
+            Ok(true) if points.is_empty() => {}
+            Ok(true) => buffer.written(),
+            Ok(false) => {
+                tracing::warn!(directive_id = %d.id, "the run's record moved on; its outcome is not kept");
+                buffer.dropped(points.len() as u64);
+                return;
+            }
+            Err(e) => {
+                tracing::error!(directive_id = %d.id, error = %e, "could not record the outcome; not acking");
+                buffer.dropped(points.len() as u64);
+                self.inner.status.error(&e);
+                return;
+            }
+        }
+        drop(claim);
         let Some(outcome) = outcome else { return };
-        if let Err(e) = store.record_outcome(&d.id, &outcome, now_ms()).await {
-            tracing::error!(directive_id = %d.id, error = %e, "could not record the outcome; not acking");
-            self.inner.status.error(&e);
-            return;
-        }
         self.observe(Event::Finished {
             id: d.id.clone(),
             directive_type: d.r#type.clone(),
@@ -206,20 +298,21 @@ impl Directives {
         self.ack(&d.id, &outcome).await;
     }
 
-    /// Runs the handler once a slot is free; `None` if cancelled first.
+    /// Runs the handler once a slot is free: its outcome and the points it
+    /// recorded; `None` if it did not run (cancelled first, or its record
+    /// could not be marked running).
     async fn outcome_of(
         &self,
         d: &proto::Directive,
         payload: serde_json::Value,
         cancel: &Cancel,
-    ) -> Option<Outcome> {
+    ) -> Option<(Outcome, Vec<Point>)> {
         let status = &self.inner.status;
         let Some(handler) = self.inner.handlers.get(&d.r#type).cloned() else {
             status.update(|s| s.pending_directives -= 1);
-            return Some(Outcome::rejected(format!(
-                "no handler for directive type {:?}",
-                d.r#type
-            )));
+            let outcome =
+                Outcome::rejected(format!("no handler for directive type {:?}", d.r#type));
+            return Some((outcome, Vec::new()));
         };
         let permit = tokio::select! {
             biased;
@@ -228,10 +321,17 @@ impl Directives {
         };
         status.update(|s| s.pending_directives -= 1);
         let _permit = permit?;
-        if let Err(e) = self.inner.store.mark_running(&d.id, now_ms()).await {
-            tracing::error!(directive_id = %d.id, error = %e, "could not record the start; not running");
-            status.error(&e);
-            return None;
+        match self.inner.store.mark_running(&d.id, now_ms()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(directive_id = %d.id, "the record is no longer RECEIVED; not running");
+                return None;
+            }
+            Err(e) => {
+                tracing::error!(directive_id = %d.id, error = %e, "could not record the start; not running");
+                status.error(&e);
+                return None;
+            }
         }
         status.update(|s| s.in_flight_directives += 1);
         let ctx = Context::new(
@@ -244,7 +344,7 @@ impl Directives {
         );
         let lease = keep_leased(ctx.clone(), d.ack_deadline.as_ref());
         // Both the call and the future it returns may panic.
-        let run = std::panic::catch_unwind(AssertUnwindSafe(|| handler(payload, ctx)));
+        let run = std::panic::catch_unwind(AssertUnwindSafe(|| handler(payload, ctx.clone())));
         let outcome = match run {
             Ok(fut) => tokio::select! {
                 outcome = AssertUnwindSafe(fut).catch_unwind() => outcome,
@@ -253,7 +353,7 @@ impl Directives {
             Err(panic) => Err(panic),
         };
         status.update(|s| s.in_flight_directives -= 1);
-        Some(outcome.unwrap_or_else(|panic| {
+        let outcome = outcome.unwrap_or_else(|panic| {
             let what = panic
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_owned())
@@ -261,11 +361,16 @@ impl Directives {
                 .unwrap_or_else(|| "non-text panic payload".to_owned());
             tracing::error!(directive_id = %d.id, panic = %what, "handler panicked");
             Outcome::failed(format!("handler panicked: {what}"))
-        }))
+        });
+        Some((outcome, ctx.take_points()))
     }
 
-    /// Sends a final ack; on success or refusal the record is settled, on
-    /// any other failure it stays FINISHED and is sent again later.
+    /// Sends a final ack; on success the record is settled (ACKED). On a
+    /// refusal (FAILED_PRECONDITION, NOT_FOUND) it is CLOSED but keeps its
+    /// outcome: it is not resent on reconnect, yet a hub that delivers the
+    /// directive again (an older hub refuses a late ack while it waits to
+    /// deliver it again) gets it acked again then, never run again. On any
+    /// other failure it stays FINISHED and is sent again on reconnect.
     async fn ack(&self, id: &str, outcome: &Outcome) {
         let store = &self.inner.store;
         let settled = match self.inner.link.ack(outcome.ack(id)).await {
@@ -273,7 +378,7 @@ impl Directives {
             Err(Error::Status(s))
                 if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) =>
             {
-                tracing::info!(directive_id = %id, reason = %s.message(), "hub takes no ack for this directive");
+                tracing::info!(directive_id = %id, reason = %s.message(), "hub takes no ack for this directive now; a redelivery is acked again");
                 store.mark_closed(id, s.message(), now_ms()).await
             }
             Err(e) => {

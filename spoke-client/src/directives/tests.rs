@@ -227,3 +227,119 @@ async fn concurrency_is_bounded_and_shutdown_cancels_after_the_grace() {
         (0, 0)
     );
 }
+
+#[tokio::test]
+async fn a_redelivery_between_the_handler_and_its_outcome_does_not_run_it_again() {
+    let runs = Arc::new(AtomicU32::new(0));
+    let counted = runs.clone();
+    let h = handler::boxed(move |_: serde_json::Value, ctx: Context| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            ctx.record("statistics", "done", 1.0, &[]);
+            Ok::<_, String>(serde_json::json!({"attempt": ctx.attempt()}))
+        }
+    });
+    let (d, store, _dir) = setup(vec![("t", h)], 4).await;
+    let (paused_tx, mut paused) = mpsc::channel::<String>(1);
+    let release = Arc::new(tokio::sync::Notify::new());
+    let gate = release.clone();
+    d.pause_before_outcome(Arc::new(move |id| {
+        let (paused, gate) = (paused_tx.clone(), gate.clone());
+        Box::pin(async move {
+            paused.send(id).await.unwrap();
+            gate.notified().await;
+        })
+    }));
+    d.receive(directive("d1", "t")).await.unwrap();
+    assert_eq!(paused.recv().await.unwrap(), "d1");
+    // The handler returned; its outcome is not recorded yet.
+    assert_eq!(status_of(&store, "d1").await.0, LocalStatus::Running);
+    let mut again = directive("d1", "t");
+    again.attempt = 2;
+    d.receive(again).await.unwrap();
+    release.notify_one();
+    settle(&d).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the redelivery ran nothing");
+    assert_eq!(
+        status_of(&store, "d1").await,
+        (
+            LocalStatus::Finished,
+            Some(Outcome::Completed(serde_json::json!({"attempt": 1})))
+        )
+    );
+    assert_eq!(
+        store.buffered_points().await.unwrap(),
+        1,
+        "the run's point is written with its outcome"
+    );
+    // After the outcome: acked again from the record, never run.
+    let mut third = directive("d1", "t");
+    third.attempt = 3;
+    d.receive(third).await.unwrap();
+    settle(&d).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(store.buffered_points().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn a_record_closed_by_a_refused_ack_is_acked_again_when_delivered_again() {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let heard = events.clone();
+    let observer: Observer = Arc::new(move |e: &Event| heard.lock().unwrap().push(e.clone()));
+    let runs = Arc::new(AtomicU32::new(0));
+    let counted = runs.clone();
+    let h = handler::boxed(move |_: serde_json::Value, _ctx| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, String>(()) }
+    });
+    let (d, store, _dir) = setup_observed(vec![("t", h)], 4, Some(observer)).await;
+    d.receive(directive("d1", "t")).await.unwrap();
+    settle(&d).await;
+    // As the ack path does when the hub answers FAILED_PRECONDITION.
+    store.mark_closed("d1", "PENDING", now_ms()).await.unwrap();
+    let mut again = directive("d1", "t");
+    again.attempt = 2;
+    d.receive(again).await.unwrap();
+    settle(&d).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        events.lock().unwrap().last(),
+        Some(&Event::Redelivered {
+            id: "d1".into(),
+            attempt: 2
+        }),
+        "the recorded outcome is acked again"
+    );
+}
+
+#[tokio::test]
+async fn a_hub_cancel_before_the_handler_starts_closes_the_record() {
+    let (release_tx, release) = oneshot::channel::<()>();
+    let release = Arc::new(tokio::sync::Mutex::new(Some(release)));
+    let runs = Arc::new(AtomicU32::new(0));
+    let counted = runs.clone();
+    let h = handler::boxed(move |_: serde_json::Value, _ctx: Context| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        let release = release.clone();
+        async move {
+            if let Some(rx) = release.lock().await.take() {
+                let _ = rx.await;
+            }
+            Ok::<(), String>(())
+        }
+    });
+    // One slot, taken by "a": "b" waits for it, and is cancelled first.
+    let (d, store, _dir) = setup(vec![("t", h)], 1).await;
+    d.receive(directive("a", "t")).await.unwrap();
+    d.receive(directive("b", "t")).await.unwrap();
+    d.cancel("b", "no longer needed");
+    release_tx.send(()).unwrap();
+    settle(&d).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "b never ran");
+    assert_eq!(
+        status_of(&store, "b").await,
+        (LocalStatus::Closed, None),
+        "no ack is sent for a cancelled directive"
+    );
+    assert_eq!(status_of(&store, "a").await.0, LocalStatus::Finished);
+}

@@ -4,6 +4,7 @@
 //! the same points, and the hub never counts a point twice.
 
 use hub_proto::v1 as proto;
+use sqlx::SqliteConnection;
 
 use super::Store;
 use crate::error::{Error, Result};
@@ -19,25 +20,32 @@ pub(crate) struct PendingBatch {
 
 type PointRow = (String, String, f64, String, String, i64);
 
+/// Appends points to the buffer within the caller's transaction (a
+/// directive's outcome and the points its run recorded commit together).
+pub(super) async fn insert_all(conn: &mut SqliteConnection, points: &[Point]) -> Result<()> {
+    for p in points {
+        let labels = serde_json::to_string(&p.labels).unwrap_or_else(|_| "{}".to_owned());
+        sqlx::query(
+            "INSERT INTO metric_points (domain, name, value, unit, labels, time_ns) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&p.domain)
+        .bind(&p.name)
+        .bind(p.value)
+        .bind(&p.unit)
+        .bind(labels)
+        .bind(unix_ns(p.time))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Appends points to the buffer in one transaction.
     pub async fn insert_points(&self, points: &[Point]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        for p in points {
-            let labels = serde_json::to_string(&p.labels).unwrap_or_else(|_| "{}".to_owned());
-            sqlx::query(
-                "INSERT INTO metric_points (domain, name, value, unit, labels, time_ns) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(&p.domain)
-            .bind(&p.name)
-            .bind(p.value)
-            .bind(&p.unit)
-            .bind(labels)
-            .bind(unix_ns(p.time))
-            .execute(&mut *tx)
-            .await?;
-        }
+        insert_all(&mut tx, points).await?;
         tx.commit().await?;
         Ok(())
     }

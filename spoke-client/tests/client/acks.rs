@@ -1,11 +1,11 @@
 //! How acks reach the hub: over one AckStream per connection, final acks
 //! and progress reports alike; with unary Ack when the hub has no
-//! AckStream, trying the stream again on the next connection; and a
-//! refused ack handled the same way on both paths.
+//! AckStream, trying the stream again on the next connection; a refused
+//! ack handled the same way on both paths; and a refused late ack sent
+//! again when the hub delivers the directive again.
 
 use std::time::Duration;
 
-use hub::{Clock, Settings};
 use hub_proto::v1 as proto;
 use serde_json::{Value, json};
 use spoke_client::{Client, Context};
@@ -139,13 +139,6 @@ async fn a_refused_ack_closes_the_local_record(hub: &TestHub, url: &str) {
     running.await.unwrap().unwrap();
 }
 
-fn manual_clock() -> Settings {
-    Settings {
-        clock: Clock::manual(1_800_000_000_000),
-        ..Settings::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_on_the_stream_closes_the_record() {
     let hub = TestHub::start_with(manual_clock()).await;
@@ -163,4 +156,70 @@ async fn a_refusal_of_a_unary_ack_closes_the_record() {
         0,
         "refused as a unary Ack"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_ack_refused_is_sent_again_on_the_redelivery_and_nothing_runs_again() {
+    let hub = TestHub::start_with(manual_clock()).await;
+    let older = OlderHub::start(&hub.url()).await;
+    let state = tempfile::tempdir().unwrap();
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = runs.clone();
+    let (started_tx, mut started) = mpsc::channel::<String>(1);
+    let (release, released) = watch::channel(false);
+    let client = spoke("late", &older.url(), state.path())
+        .handler("slow", "1", move |_: Value, ctx: Context| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (started, mut released) = (started_tx.clone(), released.clone());
+            async move {
+                started.send(ctx.id().to_owned()).await.unwrap();
+                released.wait_for(|r| *r).await.unwrap();
+                Ok::<_, String>(json!({"attempt": ctx.attempt()}))
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let running = run(&client);
+    hub.wait_connected("late").await;
+    let mut req = create_for("late", "slow", json!({}));
+    req.max_attempts = 2;
+    let d = hub.create(req).await;
+    assert_eq!(started.recv().await.unwrap(), d.id);
+
+    // The handler finishes; the hub in front refuses its final ack as
+    // late (an older hub did so while the directive waited to be
+    // delivered again), and the real hub never hears of it.
+    older.refuse_acks(true);
+    release.send_replace(true);
+    eventually("the final ack refused", || async {
+        (local_status(state.path(), &d.id).await.as_deref() == Some("CLOSED")).then_some(())
+    })
+    .await;
+    older.refuse_acks(false);
+    assert_eq!(older.refused_acks(), 1);
+
+    // Its ack deadline passed, the hub delivers it again: the recorded
+    // outcome is acked again, and taken.
+    let deadline = hub.settings().ack_deadline;
+    hub.settings()
+        .clock
+        .advance(deadline + Duration::from_secs(1));
+    let done = hub.final_state(&d.id).await;
+    assert_eq!(
+        done.state,
+        proto::DirectiveState::Completed as i32,
+        "{done:?}"
+    );
+    assert_eq!(
+        (done.attempt, json(&done.result)),
+        (2, json!({"attempt": 1}))
+    );
+    eventually("the ack confirmed locally", || async {
+        (local_status(state.path(), &d.id).await.as_deref() == Some("ACKED")).then_some(())
+    })
+    .await;
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    client.shutdown();
+    running.await.unwrap().unwrap();
 }

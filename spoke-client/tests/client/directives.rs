@@ -1,15 +1,16 @@
 //! Directives reach their handlers exactly once: the backlog after being
-//! offline, typed payloads, results and errors, unknown types, and the
-//! hub's cancel.
+//! offline, typed payloads, results and errors, unknown types, a
+//! redelivery while the outcome is being recorded, and the hub's cancel.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
 
 use hub_proto::v1 as proto;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use spoke_client::Context;
-use tokio::sync::mpsc;
+use spoke_client::{Context, Point};
+use tokio::sync::{mpsc, watch};
 
 use crate::support::*;
 
@@ -226,6 +227,84 @@ async fn a_hub_cancel_reaches_the_running_handler() {
         (local_status(state.path(), &d.id).await.as_deref() == Some("CLOSED")).then_some(())
     })
     .await;
+    client.shutdown();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_while_the_outcome_is_recorded_runs_nothing_again() {
+    let hub = TestHub::start_with(manual_clock()).await;
+    let state = tempfile::tempdir().unwrap();
+    let runs = Runs::default();
+    let counted = runs.clone();
+    let (paused_tx, mut paused) = mpsc::channel::<String>(4);
+    let (release, released) = watch::channel(false);
+    let client = spoke("once", &hub.url(), state.path())
+        .handler("charge", "1", move |_: Value, ctx: Context| {
+            count(&counted, &ctx);
+            async move {
+                // Measured on the hub's (manual) clock: it takes no point
+                // from too far in the past.
+                let at = UNIX_EPOCH + Duration::from_millis(MANUAL_CLOCK_MS as u64);
+                ctx.record_point(Point::new("compensation", "charged", 12.5).at(at));
+                Ok::<_, String>(json!({"attempt": ctx.attempt()}))
+            }
+        })
+        .pause_before_outcome(move |id| {
+            let (paused, mut released) = (paused_tx.clone(), released.clone());
+            async move {
+                paused.send(id).await.unwrap();
+                released.wait_for(|r| *r).await.unwrap();
+            }
+        })
+        .build()
+        .await
+        .unwrap();
+    let running = run(&client);
+    hub.wait_connected("once").await;
+    let mut req = create_for("once", "charge", json!({}));
+    req.max_attempts = 3;
+    let d = hub.create(req).await;
+    assert_eq!(paused.recv().await.unwrap(), d.id);
+
+    // The handler returned and its outcome is not recorded yet when the
+    // hub, its ack deadline passed, delivers the directive again.
+    let deadline = hub.settings().ack_deadline;
+    hub.settings()
+        .clock
+        .advance(deadline + Duration::from_secs(1));
+    let answered = eventually("the redelivery answered", || async {
+        let again = hub.directive(&d.id).await;
+        let in_progress = proto::DirectiveState::InProgress as i32;
+        let ran_again = runs.lock().unwrap().get(&d.id) > Some(&1);
+        (again.attempt == 2 && again.state == in_progress || ran_again).then_some(again)
+    })
+    .await;
+    assert_eq!(
+        runs.lock().unwrap()[&d.id],
+        1,
+        "the redelivery started a second run: {answered:?}"
+    );
+    assert_eq!(answered.state, proto::DirectiveState::InProgress as i32);
+
+    release.send_replace(true);
+    let done = hub.final_state(&d.id).await;
+    assert_eq!(
+        done.state,
+        proto::DirectiveState::Completed as i32,
+        "{done:?}"
+    );
+    assert_eq!(json(&done.result), json!({"attempt": 1}));
+    assert_eq!(hub.completions().await.get(&d.id), Some(&1));
+    // The point went to the buffer with the outcome, before the ack.
+    let report = client.flush().await.unwrap();
+    assert_eq!(report.rejected_points, 0, "{report:?}");
+    assert_eq!(
+        hub.points("once").await.len(),
+        1,
+        "the run's one point, once"
+    );
+    assert_eq!(runs.lock().unwrap()[&d.id], 1);
     client.shutdown();
     running.await.unwrap().unwrap();
 }

@@ -11,4 +11,5 @@ mod auth;
 mod directives;
 mod metrics;
 mod restarts;
+mod status;
 mod tls;

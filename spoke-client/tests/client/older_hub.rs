@@ -1,11 +1,13 @@
 //! "An older hub": the real hub behind a gRPC front that answers
 //! UNIMPLEMENTED for `SpokeService/AckStream`, as a hub built before that
-//! method does, and forwards every other SpokeService call unchanged.
+//! method does, and forwards every other SpokeService call unchanged. On
+//! request it also refuses unary acks with FAILED_PRECONDITION, as a hub
+//! that did not take a late final ack did, without forwarding them.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::net::TcpListener;
@@ -18,11 +20,15 @@ use tonic::transport::{Channel, Server};
 
 /// The method the front refuses.
 const ACK_STREAM: &str = "/hub.v1.SpokeService/AckStream";
+/// The method it refuses while told to.
+const ACK: &str = "/hub.v1.SpokeService/Ack";
 
 /// The front; dropping it stops serving.
 pub struct OlderHub {
     pub addr: SocketAddr,
     refused: Arc<AtomicUsize>,
+    refusing_acks: Arc<AtomicBool>,
+    refused_acks: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -32,11 +38,15 @@ impl OlderHub {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let refused = Arc::new(AtomicUsize::new(0));
+        let refusing_acks = Arc::new(AtomicBool::new(false));
+        let refused_acks = Arc::new(AtomicUsize::new(0));
         let front = Front {
             upstream: Channel::from_shared(upstream.to_owned())
                 .unwrap()
                 .connect_lazy(),
             refused: refused.clone(),
+            refusing_acks: refusing_acks.clone(),
+            refused_acks: refused_acks.clone(),
         };
         let task = tokio::spawn(async move {
             Server::builder()
@@ -48,8 +58,21 @@ impl OlderHub {
         Self {
             addr,
             refused,
+            refusing_acks,
+            refused_acks,
             task,
         }
+    }
+
+    /// From now on (`true`) or no longer, answer every `Ack` with
+    /// FAILED_PRECONDITION; the hub behind never sees them.
+    pub fn refuse_acks(&self, refuse: bool) {
+        self.refusing_acks.store(refuse, Ordering::SeqCst);
+    }
+
+    /// How many `Ack` calls it refused.
+    pub fn refused_acks(&self) -> usize {
+        self.refused_acks.load(Ordering::SeqCst)
     }
 
     pub fn url(&self) -> String {
@@ -72,6 +95,8 @@ impl Drop for OlderHub {
 struct Front {
     upstream: Channel,
     refused: Arc<AtomicUsize>,
+    refusing_acks: Arc<AtomicBool>,
+    refused_acks: Arc<AtomicUsize>,
 }
 
 impl NamedService for Front {
@@ -91,6 +116,13 @@ impl Service<http::Request<Body>> for Front {
         if req.uri().path() == ACK_STREAM {
             self.refused.fetch_add(1, Ordering::SeqCst);
             return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
+        }
+        if req.uri().path() == ACK && self.refusing_acks.load(Ordering::SeqCst) {
+            self.refused_acks.fetch_add(1, Ordering::SeqCst);
+            let late = Status::failed_precondition(
+                "directive is PENDING: it is not delivered to this spoke right now",
+            );
+            return Box::pin(async move { Ok(late.into_http()) });
         }
         let mut upstream = self.upstream.clone();
         Box::pin(async move {

@@ -1,6 +1,7 @@
 //! Restarts on either side: the hub restarting mid-stream, or while acks
 //! it committed are unanswered on the ack stream, and the spoke dying
-//! between "handler finished" and "ack sent".
+//! between "handler finished" and "ack sent", with the metric points the
+//! handler recorded.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -265,6 +266,82 @@ async fn acks_unanswered_when_the_hub_restarts_are_sent_again_and_count_once() {
     assert!(
         runs.values().all(|n| *n == 1),
         "a handler ran twice: {runs:?}"
+    );
+    client.shutdown();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_a_finished_handler_recorded_survive_a_kill_and_reach_the_hub_once() {
+    let hub = TestHub::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let (finished_tx, finished) = std::sync::mpsc::channel::<String>();
+    let (hold, held) = std::sync::mpsc::channel::<()>();
+    let held = Arc::new(Mutex::new(held));
+
+    let (url, dir) = (hub.url(), state.path().to_owned());
+    let first = Process::spawn(move || async move {
+        let client = spoke("meter", &url, &dir)
+            .handler("bill", "1", |job: Value, ctx: Context| async move {
+                for i in 0..3 {
+                    ctx.record("compensation", "billed", f64::from(i), &[("job", "a")]);
+                }
+                Ok::<_, String>(json!({"job": job["job"]}))
+            })
+            .on_event(move |event| {
+                if let spoke_client::Event::Finished { id, .. } = event {
+                    finished_tx.send(id.clone()).unwrap();
+                    // The process dies here: the outcome is recorded, and
+                    // this (only) worker does nothing more until the kill.
+                    let _ = held.lock().unwrap().recv();
+                }
+            })
+            .build()
+            .await
+            .unwrap();
+        let _ = client.run().await;
+    });
+    hub.wait_connected("meter").await;
+    let d = hub.send("meter", "bill", json!({"job": "a"})).await;
+    let id = tokio::task::spawn_blocking(move || finished.recv().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(id, d.id);
+    first.kill();
+    drop(hold);
+
+    // The next process on the same state: the outcome is acked from the
+    // record, the points are pushed, and the handler does not run again.
+    let runs = Arc::new(AtomicU32::new(0));
+    let counted = runs.clone();
+    let client = spoke("meter", &hub.url(), state.path())
+        .handler("bill", "1", move |_: Value, _ctx: Context| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, String>(json!({"job": "again"})) }
+        })
+        .build()
+        .await
+        .unwrap();
+    let running = run(&client);
+    let done = hub.final_state(&d.id).await;
+    assert_eq!(done.state, proto::DirectiveState::Completed as i32);
+    assert_eq!(json(&done.result), json!({"job": "a"}));
+    connected(&client).await;
+    client.flush().await.unwrap();
+    let mut values: Vec<f64> = hub
+        .points("meter")
+        .await
+        .iter()
+        .map(|p| p.point.as_ref().unwrap().value)
+        .collect();
+    values.sort_by(f64::total_cmp);
+    assert_eq!(values, vec![0.0, 1.0, 2.0], "each point once");
+    let status = client.status();
+    assert_eq!((status.buffered_points, status.dropped_points), (0, 0));
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "the handler did not run again"
     );
     client.shutdown();
     running.await.unwrap().unwrap();

@@ -256,6 +256,18 @@ pub fn create_for(
     }
 }
 
+/// Where [`manual_clock`] starts, in Unix milliseconds.
+pub const MANUAL_CLOCK_MS: i64 = 1_800_000_000_000;
+
+/// Hub settings with a clock the test moves (`settings().clock.advance`):
+/// ack deadlines pass when the test says so.
+pub fn manual_clock() -> Settings {
+    Settings {
+        clock: hub::Clock::manual(MANUAL_CLOCK_MS),
+        ..Settings::default()
+    }
+}
+
 /// A Struct as JSON, whole numbers without a fraction.
 pub fn json(s: &Option<pbjson_types::Struct>) -> serde_json::Value {
     hub::wire::value_of_struct(s.as_ref().expect("a struct"))
