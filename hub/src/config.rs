@@ -8,9 +8,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cli::{ClientCommand, Connection};
+use crate::guard::GuardArgs;
 use crate::settings::Settings;
 use crate::store::Durability;
-use crate::tls::{TlsError, TlsIdentity};
+use crate::tls::{ClientAuth, ClientAuthMode, TlsError, TlsIdentity};
 
 /// The hub: a gRPC control plane that pushes directives to spokes.
 ///
@@ -107,6 +108,13 @@ pub struct ServeArgs {
     /// How long metric points are kept (e.g. 30d).
     #[arg(long, env = "HUB_METRIC_RETENTION", default_value = "30d", value_parser = parse_duration)]
     pub metric_retention: Duration,
+    /// How long final directives (and deleted spokes with nothing left) are
+    /// kept after their last change (e.g. 30d).
+    #[arg(long, env = "HUB_DIRECTIVE_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub directive_retention: Duration,
+    /// How long an idempotency key is remembered (e.g. 24h).
+    #[arg(long, env = "HUB_IDEMPOTENCY_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub idempotency_retention: Duration,
     /// Log format.
     #[arg(long, env = "HUB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -121,6 +129,27 @@ pub struct ServeArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "HUB_TLS_KEY", value_name = "PATH")]
     pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) that gRPC clients' certificates must chain to; needs --tls-cert [default: no client certificates asked for].
+    #[arg(long, env = "HUB_TLS_CLIENT_CA", value_name = "PATH")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// With --tls-client-ca: a client without a valid certificate is refused (required) or let in (optional; one it shows must still be valid) [default: required].
+    #[arg(long, env = "HUB_TLS_CLIENT_AUTH", value_enum)]
+    pub tls_client_auth: Option<ClientAuthMode>,
+    /// Serve the HTTP port (admin page, /metrics, /healthz, /readyz) over TLS with --tls-cert and --tls-key [default: on when they are given].
+    #[arg(long, env = "HUB_HTTP_TLS", value_enum)]
+    pub http_tls: Option<Switch>,
+    /// Connection caps, idle timeout and rate limits.
+    #[command(flatten)]
+    pub guard: GuardArgs,
+}
+
+/// An option that is on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    /// On.
+    On,
+    /// Off.
+    Off,
 }
 
 /// A configuration problem, naming the option.
@@ -196,37 +225,7 @@ impl Config {
     /// Validates the options, creates the data directory, and reads or
     /// generates the tokens. Binds nothing.
     pub fn load(args: ServeArgs, global: &Connection) -> Result<Self, ConfigError> {
-        let positive = |d: Duration, option| {
-            if d.is_zero() {
-                Err(invalid(option, "must be greater than zero"))
-            } else {
-                Ok(d)
-            }
-        };
-        positive(
-            args.heartbeat_interval,
-            "--heartbeat-interval (HUB_HEARTBEAT_INTERVAL)",
-        )?;
-        positive(
-            args.keepalive_interval,
-            "--keepalive-interval (HUB_KEEPALIVE_INTERVAL)",
-        )?;
-        positive(
-            args.http2_keepalive_interval,
-            "--http2-keepalive-interval (HUB_HTTP2_KEEPALIVE_INTERVAL)",
-        )?;
-        positive(
-            args.http2_keepalive_timeout,
-            "--http2-keepalive-timeout (HUB_HTTP2_KEEPALIVE_TIMEOUT)",
-        )?;
-        positive(
-            args.event_retention,
-            "--event-retention (HUB_EVENT_RETENTION)",
-        )?;
-        positive(
-            args.metric_retention,
-            "--metric-retention (HUB_METRIC_RETENTION)",
-        )?;
+        check_durations(&args)?;
         if !(Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&args.ack_deadline) {
             return Err(invalid(
                 "--ack-deadline (HUB_ACK_DEADLINE)",
@@ -275,6 +274,7 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        let guard = args.guard.into_settings()?;
         if args.listen == args.http_listen && args.listen.port() != 0 {
             return Err(invalid(
                 "--http-listen (HUB_HTTP_LISTEN)",
@@ -282,9 +282,21 @@ impl Config {
             ));
         }
         let tls = tls_identity(args.tls_cert.as_deref(), args.tls_key.as_deref())?;
+        let tls_client_auth = client_auth(
+            args.tls_client_ca.as_deref(),
+            args.tls_client_auth,
+            tls.is_some(),
+        )?;
+        let http_tls = match (args.http_tls, tls.is_some()) {
+            (Some(Switch::On), false) => {
+                return Err(invalid(HTTP_TLS, "needs --tls-cert and --tls-key"));
+            }
+            (Some(Switch::Off), _) => false,
+            (_, identity) => identity,
+        };
 
         let data_dir = &global.data_dir;
-        std::fs::create_dir_all(data_dir).map_err(|source| ConfigError::Io {
+        create_private_dir(data_dir).map_err(|source| ConfigError::Io {
             option: "--data-dir (HUB_DATA_DIR)",
             path: data_dir.clone(),
             source,
@@ -334,7 +346,12 @@ impl Config {
             shutdown_grace: args.shutdown_grace,
             event_retention: args.event_retention,
             metric_retention: args.metric_retention,
+            directive_retention: args.directive_retention,
+            idempotency_retention: args.idempotency_retention,
             tls,
+            tls_client_auth,
+            http_tls,
+            guard,
             ..Settings::default()
         };
         Ok(Self {
@@ -351,6 +368,91 @@ impl Config {
             durability: args.sync,
         })
     }
+}
+
+/// Longest interval or timeout accepted: timers add these to the current
+/// instant, which panics past the clock's range, and beyond a day they are
+/// surely a typo.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(86_400);
+/// Longest retention accepted (ten years).
+pub const MAX_RETENTION: Duration = Duration::from_secs(3650 * 86_400);
+
+/// What range a duration option takes.
+#[derive(Clone, Copy)]
+enum Span {
+    /// An interval or timeout: more than zero, at most [`MAX_INTERVAL`].
+    Interval,
+    /// The shutdown grace: zero (stop at once) to [`MAX_INTERVAL`].
+    Grace,
+    /// A retention: more than zero, at most [`MAX_RETENTION`].
+    Retention,
+}
+
+/// Checks every duration option against its [`Span`]; the error names the
+/// flag and its environment variable.
+fn check_durations(args: &ServeArgs) -> Result<(), ConfigError> {
+    use Span::{Grace, Interval, Retention};
+    let checks = [
+        (
+            args.heartbeat_interval,
+            Interval,
+            "--heartbeat-interval (HUB_HEARTBEAT_INTERVAL)",
+        ),
+        (
+            args.keepalive_interval,
+            Interval,
+            "--keepalive-interval (HUB_KEEPALIVE_INTERVAL)",
+        ),
+        (
+            args.http2_keepalive_interval,
+            Interval,
+            "--http2-keepalive-interval (HUB_HTTP2_KEEPALIVE_INTERVAL)",
+        ),
+        (
+            args.http2_keepalive_timeout,
+            Interval,
+            "--http2-keepalive-timeout (HUB_HTTP2_KEEPALIVE_TIMEOUT)",
+        ),
+        (
+            args.shutdown_grace,
+            Grace,
+            "--shutdown-grace (HUB_SHUTDOWN_GRACE)",
+        ),
+        (
+            args.event_retention,
+            Retention,
+            "--event-retention (HUB_EVENT_RETENTION)",
+        ),
+        (
+            args.metric_retention,
+            Retention,
+            "--metric-retention (HUB_METRIC_RETENTION)",
+        ),
+        (
+            args.directive_retention,
+            Retention,
+            "--directive-retention (HUB_DIRECTIVE_RETENTION)",
+        ),
+        (
+            args.idempotency_retention,
+            Retention,
+            "--idempotency-retention (HUB_IDEMPOTENCY_RETENTION)",
+        ),
+    ];
+    for (value, span, option) in checks {
+        let (zero_ok, max, max_text) = match span {
+            Interval => (false, MAX_INTERVAL, "24h"),
+            Grace => (true, MAX_INTERVAL, "24h"),
+            Retention => (false, MAX_RETENTION, "3650d"),
+        };
+        if value.is_zero() && !zero_ok {
+            return Err(invalid(option, "must be greater than zero"));
+        }
+        if value > max {
+            return Err(invalid(option, format!("must be at most {max_text}")));
+        }
+    }
+    Ok(())
 }
 
 const TLS_CERT: &str = "--tls-cert (HUB_TLS_CERT)";
@@ -378,7 +480,37 @@ fn tls_identity(
     identity.map(Some).map_err(|e| match e {
         TlsError::Cert(reason) => invalid(TLS_CERT, format!("{}: {reason}", cert.display())),
         TlsError::Key(reason) => invalid(TLS_KEY, format!("{}: {reason}", key.display())),
+        other => invalid(TLS_CERT, other.to_string()),
     })
+}
+
+const TLS_CLIENT_CA: &str = "--tls-client-ca (HUB_TLS_CLIENT_CA)";
+const TLS_CLIENT_AUTH: &str = "--tls-client-auth (HUB_TLS_CLIENT_AUTH)";
+const HTTP_TLS: &str = "--http-tls (HUB_HTTP_TLS)";
+
+/// Reads and checks the CA for client certificates: only over TLS.
+fn client_auth(
+    ca: Option<&Path>,
+    mode: Option<ClientAuthMode>,
+    identity: bool,
+) -> Result<Option<ClientAuth>, ConfigError> {
+    let Some(ca) = ca else {
+        return match mode {
+            Some(_) => Err(invalid(TLS_CLIENT_AUTH, "needs --tls-client-ca")),
+            None => Ok(None),
+        };
+    };
+    if !identity {
+        return Err(invalid(TLS_CLIENT_CA, "needs --tls-cert and --tls-key"));
+    }
+    let pem = std::fs::read(ca).map_err(|source| ConfigError::Io {
+        option: TLS_CLIENT_CA,
+        path: ca.to_path_buf(),
+        source,
+    })?;
+    ClientAuth::from_pem(pem, mode.unwrap_or_default())
+        .map(Some)
+        .map_err(|e| invalid(TLS_CLIENT_CA, format!("{}: {e}", ca.display())))
 }
 
 /// A configured secret, or the one in `dir/file`, generated (mode 0600) on
@@ -443,6 +575,23 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     std::fs::write(path, format!("{contents}\n"))
 }
 
+/// Creates the data directory (and missing parents) mode 0700: it holds the
+/// database and the tokens. An existing directory keeps its mode (the
+/// store warns when others can read it).
+#[cfg(unix)]
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+#[cfg(not(unix))]
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)
+}
+
 /// Parses durations like `10s`, `250ms`, `2m`, `1h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -463,6 +612,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ));
         }
     };
+    // Each option has its own, smaller bound (see `check_durations`); this
+    // one holds for any duration flag, so no timer is ever handed one that
+    // overflows the clock.
+    if d > MAX_RETENTION {
+        return Err(format!("{s:?} is longer than 3650d"));
+    }
     Ok(d)
 }
 
@@ -486,6 +641,49 @@ mod tests {
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5x").is_err());
+    }
+
+    #[test]
+    fn durations_are_bounded_and_errors_name_the_flag_and_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let intervals = [
+            ("--heartbeat-interval", "HUB_HEARTBEAT_INTERVAL"),
+            ("--keepalive-interval", "HUB_KEEPALIVE_INTERVAL"),
+            ("--http2-keepalive-interval", "HUB_HTTP2_KEEPALIVE_INTERVAL"),
+            ("--http2-keepalive-timeout", "HUB_HTTP2_KEEPALIVE_TIMEOUT"),
+            ("--shutdown-grace", "HUB_SHUTDOWN_GRACE"),
+            ("--ack-deadline", "HUB_ACK_DEADLINE"),
+        ];
+        for (flag, var) in intervals {
+            let err = load(dir.path(), &[flag, "25h"]).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{flag} ({var}): ")), "{err}");
+            assert!(load(dir.path(), &[flag, "24h"]).is_ok(), "{flag} 24h");
+        }
+        for flag in [
+            "--event-retention",
+            "--metric-retention",
+            "--directive-retention",
+            "--idempotency-retention",
+        ] {
+            assert!(load(dir.path(), &[flag, "3650d"]).is_ok(), "{flag}");
+            let err = load(dir.path(), &[flag, "0s"]).unwrap_err().to_string();
+            assert!(err.starts_with(flag), "{err}");
+        }
+        let err = load(dir.path(), &["--keepalive-interval", "0ms"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--keepalive-interval (HUB_KEEPALIVE_INTERVAL): must be greater than zero"
+        );
+        assert!(load(dir.path(), &["--shutdown-grace", "0s"]).is_ok());
+        // Far past any bound: refused while parsing, naming the flag.
+        let argv = ["hub", "serve", "--keepalive-interval", "106751991167300d"];
+        let err = Cli::try_parse_from(argv).unwrap_err().to_string();
+        assert!(err.contains("--keepalive-interval"), "{err}");
+        assert!(parse_duration("3651d").is_err());
+        assert_eq!(
+            parse_duration("3650d").unwrap(),
+            Duration::from_secs(3650 * 86_400)
+        );
     }
 
     #[test]

@@ -1,21 +1,29 @@
 //! The admin page: spokes with health, outstanding directives and recent
 //! events, rendered on the server as plain HTML that refreshes itself. No
 //! JavaScript. Read-only, and guarded by the admin token: a sign-in form
-//! sets a session cookie (HttpOnly, SameSite=Strict), or a client sends
-//! `Authorization: Bearer <admin token>`. Everything shown is escaped:
-//! names, labels, payloads and messages come from spokes and operators.
+//! sets a session cookie (HttpOnly, SameSite=Strict, and Secure when the
+//! HTTP port serves TLS), or a client sends `Authorization: Bearer <admin
+//! token>`. A wrong token counts against the peer address's budget of
+//! failed authentications, shared with the gRPC port (`guard`): past it,
+//! tokens from that address are answered 429 without a look. Everything
+//! shown is escaped: names, labels, payloads and messages come from spokes
+//! and operators; and every HTTP response carries headers that forbid
+//! scripts, framing and content sniffing ([`security_headers`]).
 
 use std::collections::HashMap;
 use std::fmt::Write;
+use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use axum::Form;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use hub_proto::v1 as proto;
 
 use crate::api::Hub;
+use crate::error::Error;
 use crate::wire::ago;
 
 const COOKIE: &str = "hub_session";
@@ -23,6 +31,26 @@ const COOKIE: &str = "hub_session";
 const SESSION_MS: i64 = 12 * 3600 * 1000;
 /// Rows per section.
 const ROWS: u32 = 200;
+
+/// The content security policy of every HTTP response: nothing may load or
+/// run (the page has no scripts, images or external styles) except its own
+/// inline `<style>`; forms post only to the hub; no one may frame it.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'unsafe-inline'; \
+     form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// Adds the security headers to a response (a layer on every HTTP route).
+pub async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
 
 /// Signed-in browser sessions: random ids and when they end. Kept in
 /// memory; a restart signs everyone out.
@@ -68,21 +96,67 @@ fn session_id(headers: &HeaderMap) -> Option<&str> {
         .map(|(_, v)| v)
 }
 
-fn signed_in(hub: &Hub, headers: &HeaderMap) -> bool {
+/// Whether a request may see the page.
+enum Access {
+    Granted,
+    Denied,
+    /// A Bearer token from a throttled address: not looked at.
+    Throttled(Duration),
+}
+
+/// How long `peer` must wait before a token it sends is looked at, if it
+/// failed too often.
+fn throttled(hub: &Hub, peer: SocketAddr) -> Option<Duration> {
+    hub.guard()
+        .limits
+        .auth_gate_now(Some(peer))
+        .err()
+        .map(|e| match e {
+            Error::RateLimited { retry_after, .. } => retry_after,
+            _ => Duration::from_secs(1),
+        })
+}
+
+/// Counts a wrong token from `peer` (logged in aggregate by `guard`).
+fn failed(hub: &Hub, peer: SocketAddr) {
+    hub.guard().limits.auth_failed(Some(peer));
+}
+
+/// A Bearer token counts against the throttle like a sign-in; a session
+/// cookie does not (a stale one after a restart is no guess, and the page
+/// refreshes itself).
+fn access(hub: &Hub, peer: SocketAddr, headers: &HeaderMap) -> Access {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     if let Some(token) = bearer {
-        return hub.is_admin_token(token.trim());
+        if let Some(wait) = throttled(hub, peer) {
+            return Access::Throttled(wait);
+        }
+        if hub.is_admin_token(token.trim()) {
+            return Access::Granted;
+        }
+        failed(hub, peer);
+        return Access::Denied;
     }
-    session_id(headers).is_some_and(|id| hub.sessions().valid(id, hub.now_ms()))
+    match session_id(headers).is_some_and(|id| hub.sessions().valid(id, hub.now_ms())) {
+        true => Access::Granted,
+        false => Access::Denied,
+    }
 }
 
-/// `GET /`: the page, or the sign-in form (401).
-pub async fn page(State(hub): State<Hub>, headers: HeaderMap) -> Response {
-    if !signed_in(&hub, &headers) {
-        return sign_in(StatusCode::UNAUTHORIZED, "");
+/// `GET /`: the page, the sign-in form (401), or 429 for a Bearer token
+/// from a throttled address.
+pub async fn page(
+    State(hub): State<Hub>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    match access(&hub, peer, &headers) {
+        Access::Granted => {}
+        Access::Denied => return sign_in(StatusCode::UNAUTHORIZED, ""),
+        Access::Throttled(wait) => return too_many(wait),
     }
     match render(&hub).await {
         Ok(html) => ([(header::CACHE_CONTROL, "no-store")], Html(html)).into_response(),
@@ -103,15 +177,25 @@ pub struct SignIn {
     token: String,
 }
 
-/// `POST /login`: checks the admin token and sets the session cookie.
-pub async fn login(State(hub): State<Hub>, Form(form): Form<SignIn>) -> Response {
+/// `POST /login`: checks the admin token and sets the session cookie; from
+/// an address that sent too many wrong tokens, 429 without a look at it.
+pub async fn login(
+    State(hub): State<Hub>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Form(form): Form<SignIn>,
+) -> Response {
+    if let Some(wait) = throttled(&hub, peer) {
+        return too_many(wait);
+    }
     if !hub.is_admin_token(form.token.trim()) {
+        failed(&hub, peer);
         return sign_in(StatusCode::UNAUTHORIZED, "That is not the admin token.");
     }
     let id = hub.sessions().create(hub.now_ms());
     let cookie = format!(
-        "{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
-        SESSION_MS / 1000
+        "{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
+        SESSION_MS / 1000,
+        secure(&hub)
     );
     ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
 }
@@ -121,8 +205,32 @@ pub async fn logout(State(hub): State<Hub>, headers: HeaderMap) -> Response {
     if let Some(id) = session_id(&headers) {
         hub.sessions().remove(id);
     }
-    let cookie = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
+    let cookie = format!(
+        "{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{}",
+        secure(&hub)
+    );
     ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
+}
+
+/// The cookie attribute that keeps a session off plaintext connections,
+/// when the HTTP port serves TLS.
+fn secure(hub: &Hub) -> &'static str {
+    if hub.settings().http_tls {
+        "; Secure"
+    } else {
+        ""
+    }
+}
+
+/// 429 with the sign-in form and `Retry-After` (whole seconds, rounded up).
+fn too_many(wait: Duration) -> Response {
+    let seconds = u64::try_from(wait.as_millis().div_ceil(1000).max(1)).unwrap_or(u64::MAX);
+    let message = format!("Too many wrong tokens from your address. Try again in {seconds} s.");
+    let mut response = sign_in(StatusCode::TOO_MANY_REQUESTS, &message);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    response
 }
 
 fn sign_in(status: StatusCode, message: &str) -> Response {

@@ -7,9 +7,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::spokes::{check_directive_type, check_labels, check_len, check_name};
-use crate::wire::{
-    duration_ms, json_of_struct, ms_of, ms_of_duration, struct_of_json, timestamp_ms,
-};
+use crate::wire::{duration_ms, ms_of, ms_of_duration, struct_of_json, timestamp_ms};
 
 /// The lifecycle state of a directive (see `DirectiveState` in the proto).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,7 +188,7 @@ impl NewDirective {
             }
         };
         check_directive_type(&req.r#type, "type")?;
-        let payload = json_of_struct(req.payload.as_ref());
+        let payload = json_text(req.payload.as_ref(), "payload")?;
         if payload.len() > defaults.max_payload_bytes {
             return Err(Error::ResourceExhausted(format!(
                 "payload: {} bytes encoded, the limit is {}",
@@ -424,7 +422,7 @@ impl TryFrom<proto::AckRequest> for Ack {
                 }
             }
             Ok(proto::AckOutcome::Completed) => {
-                AckOutcome::Completed(json_of_struct(req.result.as_ref()))
+                AckOutcome::Completed(json_text(req.result.as_ref(), "result")?)
             }
             Ok(proto::AckOutcome::Failed) => AckOutcome::Failed(error(req.error)?),
             Ok(proto::AckOutcome::Rejected) => AckOutcome::Rejected(error(req.error)?),
@@ -439,6 +437,18 @@ impl TryFrom<proto::AckRequest> for Ack {
             directive_id,
             outcome,
         })
+    }
+}
+
+/// The JSON text stored for the Struct in `field` (`{}` when unset). NaN
+/// and ±Infinity are refused, naming where they are (`payload.a.b[2]`):
+/// JSON has no such numbers, and storing `null` would change the data.
+fn json_text(s: Option<&pbjson_types::Struct>, field: &str) -> Result<String> {
+    match s {
+        None => Ok("{}".to_owned()),
+        Some(s) => hub_proto::json::to_json_finite(s)
+            .map(|json| json.to_string())
+            .map_err(|e| Error::invalid(e.field(field), "NaN and Infinity are not JSON numbers")),
     }
 }
 

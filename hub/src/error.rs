@@ -28,6 +28,19 @@ pub enum Error {
     /// A size or rate limit was exceeded.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A rate limit refused the call; retrying after `retry_after` may
+    /// work (sent as the `retry-after-ms` metadata entry too).
+    #[error("{what}; retry after {} ms", retry_after_ms(*.retry_after))]
+    RateLimited {
+        /// Which limit, and its configuration.
+        what: String,
+        /// When room is expected.
+        retry_after: std::time::Duration,
+    },
+    /// A position asked for is not (or no longer) available, e.g. events
+    /// retention removed.
+    #[error("{0}")]
+    OutOfRange(String),
     /// The hub is shutting down.
     #[error("hub is shutting down")]
     ShuttingDown,
@@ -43,6 +56,17 @@ pub enum Error {
     /// Stored data could not be decoded; details are logged.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+}
+
+/// The metadata entry of a RESOURCE_EXHAUSTED answer from a rate limit:
+/// milliseconds until a retry may succeed.
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
+/// Whole milliseconds, rounded up, so "retry after 0 ms" never happens.
+fn retry_after_ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos().div_ceil(1_000_000))
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 /// Short-hand for a result with [`Error`].
@@ -79,14 +103,31 @@ impl From<Error> for Status {
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::RateLimited { retry_after, .. } => {
+                let mut status = Status::resource_exhausted(err.to_string());
+                // What a client reads to back off (google.rpc.RetryInfo's
+                // role, without a proto dependency).
+                status.metadata_mut().insert(
+                    RETRY_AFTER_MS,
+                    tonic::metadata::MetadataValue::from(retry_after_ms(*retry_after)),
+                );
+                return status;
+            }
+            Error::OutOfRange(_) => Code::OutOfRange,
             Error::ShuttingDown | Error::Unavailable(_) => Code::Unavailable,
             Error::Database(source) => {
                 tracing::error!(error = %source, "database error");
-                return Status::internal("internal error");
+                return match sqlx_transient(source) {
+                    Some(why) => Status::unavailable(why),
+                    None => Status::internal("internal error"),
+                };
             }
             Error::Write(source) => {
                 tracing::error!(error = %source, "database write error");
-                return Status::internal("internal error");
+                return match rusqlite_transient(source) {
+                    Some(why) => Status::unavailable(why),
+                    None => Status::internal("internal error"),
+                };
             }
             Error::Corrupt(what) => {
                 tracing::error!(what = %what, "corrupt stored data");
@@ -94,6 +135,38 @@ impl From<Error> for Status {
             }
         };
         Status::new(code, err.to_string())
+    }
+}
+
+/// What a caller may retry: the database was locked by another process, or
+/// its disk is full or failing. (SQLite's primary result codes.)
+fn transient(primary: i32) -> Option<&'static str> {
+    const BUSY: i32 = 5;
+    const LOCKED: i32 = 6;
+    const IOERR: i32 = 10;
+    const FULL: i32 = 13;
+    match primary {
+        BUSY | LOCKED => Some("the hub's database is locked; retry shortly"),
+        IOERR | FULL => Some("the hub cannot write to its database (disk full or failing)"),
+        _ => None,
+    }
+}
+
+fn sqlx_transient(err: &sqlx::Error) -> Option<&'static str> {
+    match err {
+        sqlx::Error::PoolTimedOut => Some("the hub's database is busy; retry shortly"),
+        sqlx::Error::Database(db) => {
+            let code: i32 = db.code()?.parse().ok()?;
+            transient(code & 0xff)
+        }
+        _ => None,
+    }
+}
+
+fn rusqlite_transient(err: &rusqlite::Error) -> Option<&'static str> {
+    match err {
+        rusqlite::Error::SqliteFailure(e, _) => transient(e.extended_code & 0xff),
+        _ => None,
     }
 }
 

@@ -35,9 +35,15 @@ pub enum Kind {
     DirectiveCancelled,
     /// A metric batch was stored.
     MetricsReceived,
+    /// A spoke registered again and changed something.
+    SpokeUpdated,
+    /// A spoke was deleted.
+    SpokeDeleted,
+    /// A delivery's ack deadline passed: the directive is PENDING again.
+    DirectiveRequeued,
 }
 
-const ALL: [(Kind, &str, proto::EventType); 13] = [
+const ALL: [(Kind, &str, proto::EventType); 16] = [
     (
         Kind::SpokeRegistered,
         "SPOKE_REGISTERED",
@@ -102,6 +108,21 @@ const ALL: [(Kind, &str, proto::EventType); 13] = [
         Kind::MetricsReceived,
         "METRICS_RECEIVED",
         proto::EventType::MetricsReceived,
+    ),
+    (
+        Kind::SpokeUpdated,
+        "SPOKE_UPDATED",
+        proto::EventType::SpokeUpdated,
+    ),
+    (
+        Kind::SpokeDeleted,
+        "SPOKE_DELETED",
+        proto::EventType::SpokeDeleted,
+    ),
+    (
+        Kind::DirectiveRequeued,
+        "DIRECTIVE_REQUEUED",
+        proto::EventType::DirectiveRequeued,
     ),
 ];
 

@@ -20,19 +20,37 @@ pub fn router(hub: Hub) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::map_response(dashboard::security_headers))
         .with_state(hub)
 }
 
-async fn readyz(State(hub): State<Hub>) -> (StatusCode, &'static str) {
+/// Ready when the database answers, every migration is applied, the
+/// latest commit succeeded and a write could start now.
+async fn readyz(State(hub): State<Hub>) -> (StatusCode, String) {
+    let unavailable = |why: &str| (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
     match hub.store().ready().await {
-        Ok(true) => (StatusCode::OK, "ready\n"),
-        Ok(false) => (StatusCode::SERVICE_UNAVAILABLE, "migrations pending\n"),
+        Ok(true) => {}
+        Ok(false) => return unavailable("migrations pending"),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");
-            (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n")
+            return unavailable("database unreachable");
+        }
+    }
+    if let Some(e) = hub.ledger().write_error() {
+        return unavailable(&format!("database not writable: {e}"));
+    }
+    match hub.store().can_write(READY_WRITE_WAIT).await {
+        Ok(true) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(false) => unavailable("database locked by another process"),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness write probe failed");
+            unavailable("database not writable")
         }
     }
 }
+
+/// How long `/readyz` waits for the database's write lock.
+const READY_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn metrics(State(hub): State<Hub>) -> axum::response::Response {
     let ledger = hub.ledger();

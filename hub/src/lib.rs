@@ -15,15 +15,20 @@
 //!   the health sweeper and retention; [`clock`]: system or manual time;
 //! - [`store`]: the database, the only module that touches sqlx: group
 //!   commits of the ledger's log, the snapshot it is rebuilt from, queries;
-//! - [`auth`]: keys and tokens; [`tls`]: the gRPC port's certificate and
-//!   key; [`limits`]: message-size statuses;
+//! - [`guard`]: connection caps and idle timeouts, per-spoke rate limits,
+//!   the failed-authentication throttle and the enrollment limit;
+//! - [`auth`]: keys and tokens; [`tls`]: the certificate and key of both
+//!   ports, the CA for gRPC client certificates, the HTTP port's TLS
+//!   listener; [`limits`]: the statuses of requests tonic
+//!   could not read (too large, undecodable);
 //! - [`http`]: health, readiness, `/metrics` and the admin page over HTTP;
 //!   [`dashboard`]: the admin page; [`telemetry`]: the hub's own
 //!   Prometheus metrics; [`shutdown`]: the
 //!   drain signal;
 //! - [`wire`]: well-known protobuf types to and from stored values;
 //! - [`error`]: the error type and its one mapping to gRPC statuses;
-//! - `testing` (feature `testing`): the in-process hub the tests share.
+//! - `testing` (feature `testing`): the in-process hub the tests share;
+//!   `proptests` (tests only): properties of every wire → domain conversion.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -35,10 +40,13 @@ pub mod dashboard;
 pub mod directives;
 pub mod error;
 pub mod events;
+pub mod guard;
 pub mod http;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;
+#[cfg(test)]
+mod proptests;
 pub mod server;
 pub mod settings;
 pub mod shutdown;

@@ -18,8 +18,10 @@ fn main() -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     match cli.command {
         Command::Serve(args) => {
+            // Before anything opens a file: every connection is one.
+            let open_files = raise_open_files_limit();
             // Validated before any port is bound; errors name the option.
-            let config = match Config::load(*args, &cli.global) {
+            let mut config = match Config::load(*args, &cli.global) {
                 Ok(config) => config,
                 Err(e) => {
                     eprintln!("hub: configuration error: {e}");
@@ -27,6 +29,17 @@ fn main() -> anyhow::Result<()> {
                 }
             };
             init_logging(config.log_format);
+            match open_files {
+                Ok(limit) => {
+                    tracing::info!(open_files = limit, "open-files limit");
+                    if let Some(lowered) = config.settings.guard.fit_open_files(limit) {
+                        tracing::warn!("{lowered}");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read or raise the open-files limit")
+                }
+            }
             runtime.block_on(serve(config))
         }
         Command::Client(cmd) => {
@@ -100,6 +113,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     .await?;
     tracing::info!("hub stopped");
     Ok(())
+}
+
+/// Raises the soft open-files limit (RLIMIT_NOFILE) to the hard one: the
+/// common soft default of 1024 runs out long before the machine does.
+/// Returns the limit now in force.
+fn raise_open_files_limit() -> std::io::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX)
 }
 
 /// Completes on SIGINT or SIGTERM.

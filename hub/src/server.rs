@@ -1,26 +1,30 @@
 //! Assembles the running hub: the gRPC server (spoke and admin services,
-//! health, reflection; TLS when `Settings::tls` is set), the HTTP server,
-//! the background timers, and the shutdown drain.
+//! health, reflection; TLS when `Settings::tls` is set, client certificates
+//! when `Settings::tls_client_auth` is), the HTTP server (TLS with
+//! `Settings::http_tls`), the background timers, and the shutdown drain.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
 
+use axum::extract::ConnectInfo;
 use hub_proto::v1::admin_service_server::AdminServiceServer;
 use hub_proto::v1::spoke_service_server::SpokeServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tower::util::MapResponseLayer;
 
-use crate::api::Hub;
 use crate::api::admin::AdminApi;
 use crate::api::spoke::SpokeApi;
+use crate::api::{Caller, Hub};
 use crate::auth::TokenHash;
+use crate::guard::activity::{BusyLayer, MarkUsedLayer};
+use crate::guard::conn::GuardedListener;
 use crate::ledger::{self, Ledger};
 use crate::settings::Settings;
 use crate::store::Store;
 use crate::telemetry::RpcTimerLayer;
+use crate::tls::{TlsError, TlsListener};
 use crate::{limits, shutdown, timers};
 
 /// The secrets a hub checks callers against.
@@ -46,6 +50,9 @@ pub enum RunError {
     /// The ledger could not be read from the store.
     #[error("loading the hub's state from the database: {0}")]
     Load(#[from] crate::Error),
+    /// The TLS settings cannot be used.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// Serves the hub on already-bound listeners until `signal` completes, then
@@ -60,9 +67,10 @@ pub async fn run(
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     // First, so that an unusable identity returns before any task starts.
+    let (grpc_tls, http_tls) = crate::tls::for_ports(&settings)?;
     let mut grpc_builder = Server::builder();
-    if let Some(tls) = &settings.tls {
-        grpc_builder = grpc_builder.tls_config(tls.server_config())?;
+    if let Some(tls) = grpc_tls {
+        grpc_builder = grpc_builder.tls_config(tls)?;
     }
     let (trigger, shutdown) = shutdown::channel();
     let grace = settings.shutdown_grace;
@@ -82,6 +90,7 @@ pub async fn run(
         tokio::spawn(timers::run_health_sweeper(hub.clone())),
         tokio::spawn(timers::run_retention(hub.clone())),
         tokio::spawn(timers::run_checkpointer(hub.clone())),
+        tokio::spawn(hub.guard().clone().run_maintenance(shutdown.clone())),
     ];
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -108,7 +117,7 @@ pub async fn run(
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let admin_service = InterceptedService::new(admin_service, move |req: tonic::Request<()>| {
-        admin_hub.authenticate_admin(req.metadata())?;
+        admin_hub.authenticate_admin(Caller::of(&req))?;
         Ok(req)
     });
 
@@ -117,6 +126,7 @@ pub async fn run(
         .max_concurrent_streams(settings.max_concurrent_streams)
         .http2_keepalive_interval(Some(settings.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(settings.http2_keepalive_timeout))
+        .layer(MarkUsedLayer(hub.guard().grpc.clone()))
         .layer(RpcTimerLayer(hub.telemetry().clone()))
         .layer(MapResponseLayer::new(limits::map_response))
         .add_service(health_service)
@@ -124,19 +134,21 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(spoke_service)
         .add_service(admin_service)
-        .serve_with_incoming_shutdown(incoming(grpc), async move {
+        .serve_with_incoming_shutdown(hub.guard().grpc.clone().incoming(grpc), async move {
             grpc_shutdown.wait().await;
         });
 
-    let mut http_shutdown = shutdown.clone();
-    let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let http_server = axum::serve(http, crate::http::router(hub.clone()))
-        .with_graceful_shutdown(async move { http_shutdown.wait().await });
-
+    // Capped, with idle connections closed (see `guard::conn`).
+    let http = GuardedListener::new(http, hub.guard().http.clone());
+    let router = crate::http::router(hub.clone())
+        .layer(BusyLayer::new(hub.guard().http.clone(), |ext| {
+            ext.get::<ConnectInfo<SocketAddr>>().map(|info| info.0)
+        }));
+    let http_task = match http_tls {
+        Some(acceptor) => serve_http(TlsListener::new(http, acceptor), router, shutdown.clone()),
+        None => serve_http(http, router, shutdown.clone()),
+    };
     let grpc_task = tokio::spawn(grpc_server);
-    let http_task = tokio::spawn(async move { http_server.await });
 
     let mut watcher = shutdown.clone();
     tokio::select! {
@@ -179,17 +191,22 @@ pub async fn run(
     result
 }
 
-/// Accepted gRPC connections, with Nagle's algorithm off: a streamed
-/// directive or an ack reply goes out at once instead of waiting for the
-/// peer's delayed ACK (~40 ms each on Linux).
-fn incoming(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        conn.set_nodelay(true)?;
-        Ok(conn)
-    })
+/// Serves the HTTP routes on `listener` until `shutdown`; handlers see
+/// the peer's address (the sign-in throttle counts per address).
+fn serve_http<L>(
+    listener: L,
+    router: axum::Router,
+    mut shutdown: shutdown::Shutdown,
+) -> tokio::task::JoinHandle<std::io::Result<()>>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    // axum gives connect info for any listener wrapped in `tap_io`.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |_| {});
+    let app = router.into_make_service_with_connect_info::<SocketAddr>();
+    let server =
+        axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.wait().await });
+    tokio::spawn(server.into_future())
 }
 
 /// Re-raises a panic of a server task; passes its result on.

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use crate::clock::Clock;
-use crate::tls::TlsIdentity;
+use crate::guard::GuardSettings;
+use crate::tls::{ClientAuth, TlsIdentity};
 
 /// Behaviour and limits of a running hub.
 #[derive(Debug, Clone)]
@@ -38,12 +39,23 @@ pub struct Settings {
     pub event_retention: Duration,
     /// How long metric points are kept.
     pub metric_retention: Duration,
+    /// How long final directives are kept after their last change.
+    pub directive_retention: Duration,
+    /// How long idempotency keys are remembered.
+    pub idempotency_retention: Duration,
     /// How often the retention task runs.
     pub retention_interval: Duration,
     /// Where "now" comes from (tests use a manual clock).
     pub clock: Clock,
+    /// Connection caps, idle timeout, rate limits (see `guard`).
+    pub guard: GuardSettings,
     /// The gRPC port's TLS identity; `None` serves plaintext.
     pub tls: Option<TlsIdentity>,
+    /// Verify gRPC clients' certificates against this CA (needs `tls`).
+    pub tls_client_auth: Option<ClientAuth>,
+    /// Serve the HTTP port over TLS with `tls`'s identity too (needs `tls`;
+    /// `hub serve` turns it on with a certificate unless `--http-tls off`).
+    pub http_tls: bool,
 }
 
 impl Default for Settings {
@@ -64,9 +76,14 @@ impl Default for Settings {
             shutdown_grace: Duration::from_secs(10),
             event_retention: Duration::from_secs(7 * 86_400),
             metric_retention: Duration::from_secs(30 * 86_400),
+            directive_retention: Duration::from_secs(30 * 86_400),
+            idempotency_retention: Duration::from_secs(86_400),
             retention_interval: Duration::from_secs(60),
             clock: Clock::system(),
+            guard: GuardSettings::default(),
             tls: None,
+            tls_client_auth: None,
+            http_tls: false,
         }
     }
 }

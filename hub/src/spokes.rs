@@ -292,9 +292,14 @@ pub fn health_at(
     if connected {
         return proto::SpokeHealth::Online;
     }
-    match last_seen_ms.map(|at| now_ms - at) {
-        Some(age) if age <= STALE_AFTER_INTERVALS * interval_ms => proto::SpokeHealth::Online,
-        Some(age) if age <= OFFLINE_AFTER_INTERVALS * interval_ms => proto::SpokeHealth::Stale,
+    // Saturating: a time or interval at the ends of i64 must not overflow.
+    match last_seen_ms.map(|at| now_ms.saturating_sub(at)) {
+        Some(age) if age <= STALE_AFTER_INTERVALS.saturating_mul(interval_ms) => {
+            proto::SpokeHealth::Online
+        }
+        Some(age) if age <= OFFLINE_AFTER_INTERVALS.saturating_mul(interval_ms) => {
+            proto::SpokeHealth::Stale
+        }
         _ => proto::SpokeHealth::Offline,
     }
 }
@@ -346,6 +351,17 @@ impl TryFrom<proto::HeartbeatRequest> for Heartbeat {
             failed_pushes: req.failed_metric_pushes,
             version: Some(req.version).filter(|v| !v.is_empty()),
         })
+    }
+}
+
+/// The spoke name a ListSpokes `page_token` continues after (`""`: from the
+/// start). The hub's tokens are spoke names, so anything else is a token it
+/// did not issue (as ListDirectives and QueryMetrics refuse theirs).
+pub fn page_after(page_token: &str) -> Result<&str> {
+    if page_token.is_empty() || rules::is_spoke_name(page_token) {
+        Ok(page_token)
+    } else {
+        Err(Error::invalid("page_token", "not a token from this API"))
     }
 }
 

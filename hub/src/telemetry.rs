@@ -346,7 +346,16 @@ where
                             .get("grpc-message")
                             .map(|v| percent_decode(v.as_bytes()))
                             .unwrap_or_default();
-                        tracing::warn!(code, error = %message, "rpc failed");
+                        // Refused credentials and rate limits are logged in
+                        // aggregate by `guard`: a line each would let a flood
+                        // of them flood the log.
+                        if code == "UNAUTHENTICATED"
+                            || headers.contains_key(crate::error::RETRY_AFTER_MS)
+                        {
+                            tracing::debug!(code, error = %message, "rpc failed");
+                        } else {
+                            tracing::warn!(code, error = %message, "rpc failed");
+                        }
                     }
                 }
                 res

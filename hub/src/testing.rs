@@ -90,6 +90,11 @@ impl TestHub {
         }
     }
 
+    /// The hub's data directory (its database is `hub.db` there).
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The settings the hub runs with.
     pub fn settings(&self) -> &Settings {
         &self.settings

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use crate::api::Hub;
+use crate::store::Cutoffs;
 
 /// Longest the delivery timer sleeps without looking at the ledger again.
 const MAX_TIMER_SLEEP_MS: i64 = 60_000;
@@ -82,7 +83,8 @@ pub async fn run_checkpointer(hub: Hub) {
     }
 }
 
-/// Deletes events and metric points past their retention.
+/// Deletes what is past its retention: events, metric points, final
+/// directives, idempotency keys.
 pub async fn run_retention(hub: Hub) {
     let mut shutdown = hub.shutdown();
     let mut ticks = hub.clock().ticks();
@@ -90,13 +92,19 @@ pub async fn run_retention(hub: Hub) {
     let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
     loop {
         let now = hub.now_ms();
-        let events_before = now.saturating_sub(ms(settings.event_retention));
-        let points_before = now.saturating_sub(ms(settings.metric_retention));
-        match hub.ledger().purge(events_before, points_before).await {
-            Ok(purged) if purged.events + purged.points > 0 => {
+        let cutoffs = Cutoffs {
+            events_before: now.saturating_sub(ms(settings.event_retention)),
+            points_before: now.saturating_sub(ms(settings.metric_retention)),
+            directives_before: now.saturating_sub(ms(settings.directive_retention)),
+            keys_before: now.saturating_sub(ms(settings.idempotency_retention)),
+        };
+        match hub.ledger().purge(cutoffs).await {
+            Ok(purged) if !purged.is_empty() => {
                 tracing::info!(
                     events = purged.events,
                     points = purged.points,
+                    directives = purged.directive_count(),
+                    idempotency_keys = purged.keys,
                     "retention purge"
                 );
             }

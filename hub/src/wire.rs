@@ -81,16 +81,6 @@ pub fn ms_of_duration(d: &Duration, field: &str) -> Result<i64> {
         .ok_or_else(|| Error::invalid(field, "duration out of range"))
 }
 
-/// A Struct as the JSON text stored in the database (see
-/// [`hub_proto::json`]: whole numbers without a fraction, so stored payloads
-/// read the way operators typed them).
-pub fn json_of_struct(s: Option<&Struct>) -> String {
-    s.map_or_else(
-        || "{}".to_owned(),
-        |s| hub_proto::json::to_json(s).to_string(),
-    )
-}
-
 /// A Struct as a JSON object value.
 pub fn value_of_struct(s: &Struct) -> serde_json::Value {
     hub_proto::json::to_json(s)
@@ -120,7 +110,7 @@ mod tests {
             "doc": "a/b", "n": 3.5, "deep": {"list": [1, "two", null, true]}, "empty": {}
         });
         let s = struct_of_value(value.clone());
-        let text = json_of_struct(Some(&s));
+        let text = value_of_struct(&s).to_string();
         let back = struct_of_json(&text).unwrap();
         assert_eq!(back, s);
         // null is an explicit null_value, which strict proto3 JSON printers

@@ -114,7 +114,7 @@ if [ $smoke = 1 ]; then
   sizes=(--cycle-spokes 10 --cycle-directives 200 --cycle-window 16
     --large-spokes 20 --large-directives 400 --large-window 32
     --light-spokes 10 --light-directives 50
-    --idle-small 20 --idle-large 100 --timeout-secs 60)
+    --idle-small 20 --idle-large 100 --flood-secs 2 --timeout-secs 60)
   out=${out:-target/bench/smoke.json}
 else
   sizes=()

@@ -9,6 +9,8 @@ use tonic::{Code, Request};
 use crate::metrics::{point, push};
 use crate::support::*;
 
+mod undecodable;
+
 /// Everything an operator can read, to compare before and after.
 async fn snapshot(
     hub: &TestHub,
@@ -329,4 +331,136 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
     assert_eq!(before.0, after.0, "directives unchanged");
     assert_eq!(before.1, after.1, "spokes unchanged");
     assert_eq!(before.2, after.2, "metric points unchanged");
+}
+
+/// A JSON object with `bad` (NaN or an infinity) at `a.b[2]`, which JSON
+/// cannot carry: serde_json cannot even build it, so it is built by hand.
+fn with_non_finite(bad: f64) -> pbjson_types::Struct {
+    use pbjson_types::value::Kind;
+    let number = |n| pbjson_types::Value {
+        kind: Some(Kind::NumberValue(n)),
+    };
+    let list = pbjson_types::ListValue {
+        values: vec![number(1.0), number(2.0), number(bad)],
+    };
+    let mut a = json_struct(json!({"ok": 1}));
+    a.fields.insert(
+        "b".into(),
+        pbjson_types::Value {
+            kind: Some(Kind::ListValue(list)),
+        },
+    );
+    let mut top = json_struct(json!({"n": 1.5}));
+    top.fields.insert(
+        "a".into(),
+        pbjson_types::Value {
+            kind: Some(Kind::StructValue(a)),
+        },
+    );
+    top
+}
+
+#[tokio::test]
+async fn non_finite_numbers_in_payloads_and_results_name_the_field() {
+    let hub = TestHub::start().await;
+    let mut alice = hub.register("alice", &["t"], &[]).await;
+    let sent = hub.send("alice", "t", json!({})).await;
+    let mut stream = alice.watch().await;
+    next_directive(&mut stream).await;
+    let before = snapshot(&hub).await;
+    let mut admin = hub.admin().await;
+
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        let mut create = create_for("alice", "t", json!({}));
+        create.payload = Some(with_non_finite(bad));
+        assert_code(
+            admin
+                .create_directive(authed(create.clone(), ADMIN_TOKEN))
+                .await,
+            Code::InvalidArgument,
+            "payload.a.b[2]",
+        );
+        let many = proto::CreateDirectivesRequest {
+            items: vec![create],
+            include_payloads: false,
+        };
+        let reply = admin
+            .create_directives(authed(many, ADMIN_TOKEN))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(proto::create_directives_result::Outcome::Error(e)) = &reply.results[0].outcome
+        else {
+            panic!("expected an item error, got {reply:?}");
+        };
+        assert_eq!(e.code, Code::InvalidArgument as i32, "{e:?}");
+        assert!(e.message.contains("payload.a.b[2]"), "{e:?}");
+
+        let ack = proto::AckRequest {
+            directive_id: sent.id.clone(),
+            outcome: proto::AckOutcome::Completed.into(),
+            result: Some(with_non_finite(bad)),
+            ..Default::default()
+        };
+        assert_code(
+            alice.client.ack(alice.req(ack)).await,
+            Code::InvalidArgument,
+            "result.a.b[2]",
+        );
+    }
+    assert_eq!(before, snapshot(&hub).await, "nothing changed");
+
+    // The directive still takes a good result.
+    alice
+        .ack(&sent.id, proto::AckOutcome::Completed, json!({"x": 2.5}))
+        .await
+        .unwrap();
+    let done = hub.directive(&sent.id).await;
+    assert_eq!(done.state, proto::DirectiveState::Completed as i32);
+    assert_eq!(
+        struct_json(done.result.as_ref().unwrap()),
+        json!({"x": 2.5})
+    );
+}
+
+#[tokio::test]
+async fn list_spokes_refuses_a_page_token_it_did_not_issue() {
+    let hub = TestHub::start().await;
+    for name in ["a1", "b2", "c3"] {
+        hub.register(name, &[], &[]).await;
+    }
+    let mut admin = hub.admin().await;
+    let list = |page_token: &str| {
+        authed(
+            proto::ListSpokesRequest {
+                page_size: 2,
+                page_token: page_token.into(),
+                ..Default::default()
+            },
+            ADMIN_TOKEN,
+        )
+    };
+    for forged in ["not a token!", "Z", "\u{0}", &"x".repeat(300)] {
+        assert_code(
+            admin.list_spokes(list(forged)).await,
+            Code::InvalidArgument,
+            "page_token",
+        );
+    }
+    // The tokens it does issue still page through every spoke.
+    let first = admin.list_spokes(list("")).await.unwrap().into_inner();
+    assert_eq!(first.spokes.len(), 2);
+    let second = admin
+        .list_spokes(list(&first.next_page_token))
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<_> = first
+        .spokes
+        .iter()
+        .chain(&second.spokes)
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(names, ["a1", "b2", "c3"]);
+    assert!(second.next_page_token.is_empty());
 }

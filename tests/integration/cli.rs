@@ -233,6 +233,26 @@ async fn events_metrics_revoke_and_rotate() {
 }
 
 #[tokio::test]
+async fn delete_spoke_asks_for_yes_then_frees_the_name() {
+    let hub = TestHub::start().await;
+    hub.register("old", &["t"], &[]).await;
+    hub.send("old", "t", serde_json::json!({})).await;
+    let (code, message) = hub_cli(&hub, &["delete-spoke", "old"]).await.unwrap_err();
+    assert_eq!(code, 2, "{message}");
+    assert!(message.contains("--yes"), "{message}");
+    assert!(
+        ok(&hub, &["spokes"]).await.contains("old"),
+        "nothing changed"
+    );
+    assert_eq!(
+        ok(&hub, &["delete-spoke", "old", "--yes"]).await.trim(),
+        "spoke old deleted (1 outstanding directives cancelled); the name is free"
+    );
+    assert!(!ok(&hub, &["spokes"]).await.contains("old"));
+    hub.register("old", &["t"], &[]).await;
+}
+
+#[tokio::test]
 async fn errors_are_one_line_with_the_code_and_a_failing_status() {
     let hub = TestHub::start().await;
     let (code, msg) = hub_cli(&hub, &["spoke", "nobody"]).await.unwrap_err();
@@ -323,7 +343,8 @@ async fn send_from_a_file_creates_each_line_with_its_own_row_and_fails_if_one_fa
         r#"{"target": {"spoke_name": "nobody"}, "type": "sync_doc"}"#,
         r#"{"target": {"selector": {"matchLabels": {"region": "eu"}}}, "type": "sync_doc"}"#,
         r#"{"target": {"spokeName": "billing"}, "type": "sync_doc", "idempotency_key": "k1", "expiresAt": "2999-01-01T00:00:00Z"}"#,
-        r#"{"target": {"spokeName": "billing"}, "type": "sync_doc", "idempotencyKey": "k1"}"#,
+        // The same create again (the key must come with the same request).
+        r#"{"target": {"spokeName": "billing"}, "type": "sync_doc", "idempotencyKey": "k1", "expiresAt": "2999-01-01T00:00:00Z"}"#,
         r#"{"target": {"spokeName": "billing"}, "type": "no spaces"}"#,
     ]);
     let path = file.path().to_str().unwrap();

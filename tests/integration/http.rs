@@ -1,7 +1,17 @@
-//! The HTTP side: health, readiness, Prometheus metrics, the admin page.
+//! The HTTP side: health, readiness, Prometheus metrics, the admin page;
+//! the security headers on every response, the throttle on wrong admin
+//! tokens, and HTTPS with the gRPC port's certificate.
 
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hub::Settings;
+use hub::guard::GuardSettings;
+use hub::testing::TestPki;
 use hub_proto::v1 as proto;
 use serde_json::json;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::support::*;
 
@@ -166,6 +176,8 @@ async fn the_admin_page_needs_the_token_and_escapes_what_it_shows() {
         cookie_line.contains("HttpOnly") && cookie_line.contains("SameSite=Strict"),
         "{cookie_line}"
     );
+    // A browser would not send a Secure cookie back over plain HTTP.
+    assert!(!cookie_line.contains("Secure"), "{cookie_line}");
     let cookie = cookie_line
         .split_once(": ")
         .unwrap()
@@ -184,4 +196,224 @@ async fn the_admin_page_needs_the_token_and_escapes_what_it_shows() {
     )
     .await;
     assert!(forged.starts_with("HTTP/1.1 401"));
+}
+
+/// The value of header `name` in a raw HTTP/1.1 response.
+fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
+    response
+        .split("\r\n\r\n")
+        .next()?
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+}
+
+fn request(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> String {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    req
+}
+
+/// Sends `req` and reads until the server closes; whatever came back (a
+/// reset or a TLS stream without close_notify ends the read, not the test).
+async fn exchange(mut conn: impl AsyncRead + AsyncWrite + Unpin, req: &str) -> String {
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = conn.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+const FORM: (&str, &str) = ("Content-Type", "application/x-www-form-urlencoded");
+
+/// `POST /login` with `token` from the address `from`.
+async fn login_from(from: IpAddr, to: SocketAddr, token: &str) -> String {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    let conn = socket.connect(to).await.unwrap();
+    let body = format!("token={token}");
+    exchange(conn, &request("POST", "/login", &[FORM], &body)).await
+}
+
+#[tokio::test]
+async fn every_response_carries_the_security_headers() {
+    let hub = TestHub::start().await;
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let requests = [
+        request("GET", "/", &[], ""),
+        request("GET", "/", &[("Authorization", &bearer)], ""),
+        request("POST", "/login", &[FORM], "token=nope"),
+        request("GET", "/healthz", &[], ""),
+        request("GET", "/readyz", &[], ""),
+        request("GET", "/metrics", &[], ""),
+        request("GET", "/nope", &[], ""),
+    ];
+    for req in requests {
+        let tcp = tokio::net::TcpStream::connect(hub.http_addr).await.unwrap();
+        let response = exchange(tcp, &req).await;
+        let path = req.lines().next().unwrap();
+        let csp = header(&response, "Content-Security-Policy")
+            .unwrap_or_else(|| panic!("{path}: no CSP in {response}"));
+        // No scripts, no foreign resources, no framing; the page's own
+        // inline style and forms to the hub only.
+        for directive in [
+            "default-src 'none'",
+            "style-src 'unsafe-inline'",
+            "form-action 'self'",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(csp.contains(directive), "{path}: {csp}");
+        }
+        assert!(!csp.contains("script-src"), "{csp}");
+        assert_eq!(header(&response, "X-Frame-Options"), Some("DENY"), "{path}");
+        assert_eq!(
+            header(&response, "X-Content-Type-Options"),
+            Some("nosniff"),
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn wrong_admin_tokens_are_throttled_per_address_on_both_ports() {
+    // Three failures allowed per hour: the block outlasts the test.
+    // (`guard` tests how budgets refill with time.)
+    const LIMIT: u32 = 3;
+    let hub = TestHub::start_with(Settings {
+        guard: GuardSettings {
+            auth_failure_limit: LIMIT,
+            auth_failure_window: Duration::from_secs(3600),
+            ..GuardSettings::default()
+        },
+        ..Settings::default()
+    })
+    .await;
+    let here: IpAddr = "127.0.0.1".parse().unwrap();
+    let right_bearer = format!("Bearer {ADMIN_TOKEN}");
+    let right = [("Authorization", right_bearer.as_str())];
+
+    // Wrong tokens by form, by Bearer header and over gRPC count alike,
+    // each answered as wrong: three, the limit.
+    let wrong = login_from(here, hub.http_addr, "wrong").await;
+    assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+    let wrong_bearer = [("Authorization", "Bearer not-the-admin-token")];
+    let wrong = http(hub.http_addr, "GET", "/", &wrong_bearer, "").await;
+    assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+    let req = authed(proto::ListSpokesRequest::default(), "not-the-admin-token");
+    let status = hub.admin().await.list_spokes(req).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+
+    // Now the right token is not looked at, by either way.
+    let refused = login_from(here, hub.http_addr, ADMIN_TOKEN).await;
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    let wait: u64 = header(&refused, "Retry-After").unwrap().parse().unwrap();
+    assert!((1..=3600).contains(&wait), "{refused}");
+    assert!(header(&refused, "Set-Cookie").is_none(), "{refused}");
+    assert!(refused.contains("Too many wrong tokens"), "{refused}");
+    let refused = http(hub.http_addr, "GET", "/", &right, "").await;
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    assert!(!refused.contains("Spokes ("), "no page while throttled");
+
+    // Another address is not held up (Linux routes all of 127/8 to lo),
+    // and nor is a signed-in browser, whose cookie is no token.
+    let there: IpAddr = "127.0.0.2".parse().unwrap();
+    let login = login_from(there, hub.http_addr, ADMIN_TOKEN).await;
+    assert!(login.starts_with("HTTP/1.1 303"), "{login}");
+    let session = header(&login, "Set-Cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap();
+    let page = http(hub.http_addr, "GET", "/", &[("Cookie", session)], "").await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+}
+
+/// One request over TLS to `addr`, trusting `ca`.
+async fn https(addr: SocketAddr, ca: &str, req: &str) -> Result<String, std::io::Error> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(addr.ip().to_string()).unwrap();
+    let tls = connector.connect(name, tcp).await?;
+    Ok(exchange(tls, req).await)
+}
+
+#[tokio::test]
+async fn the_http_port_serves_tls_and_the_session_cookie_is_secure() {
+    let pki = TestPki::new();
+    let hub = TestHub::start_with(Settings {
+        tls: Some(pki.identity()),
+        http_tls: true,
+        ..Settings::default()
+    })
+    .await;
+    let addr = hub.http_addr;
+
+    let health = https(addr, &pki.ca, &request("GET", "/healthz", &[], ""))
+        .await
+        .unwrap();
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert_eq!(header(&health, "X-Frame-Options"), Some("DENY"));
+
+    let body = format!("token={ADMIN_TOKEN}");
+    let login = https(addr, &pki.ca, &request("POST", "/login", &[FORM], &body))
+        .await
+        .unwrap();
+    assert!(login.starts_with("HTTP/1.1 303"), "{login}");
+    let cookie = header(&login, "Set-Cookie").expect("a session cookie");
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+    let session = cookie.split(';').next().unwrap();
+    let page = https(
+        addr,
+        &pki.ca,
+        &request("GET", "/", &[("Cookie", session)], ""),
+    )
+    .await
+    .unwrap();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let logout = https(
+        addr,
+        &pki.ca,
+        &request("POST", "/logout", &[("Cookie", session)], ""),
+    )
+    .await
+    .unwrap();
+    assert!(header(&logout, "Set-Cookie").unwrap().contains("; Secure"));
+
+    // Plain HTTP gets no HTTP answer; a client trusting another CA refuses
+    // the certificate.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let plain = exchange(tcp, &request("GET", "/healthz", &[], "")).await;
+    assert!(!plain.contains("HTTP/1.1"), "{plain}");
+    let err = https(
+        addr,
+        &TestPki::new().ca,
+        &request("GET", "/healthz", &[], ""),
+    )
+    .await
+    .expect_err("an untrusted certificate");
+    assert!(err.to_string().contains("certificate"), "{err}");
+    // Neither hurt the port.
+    let health = https(addr, &pki.ca, &request("GET", "/readyz", &[], ""))
+        .await
+        .unwrap();
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
 }

@@ -3,11 +3,14 @@
 
 mod support;
 
+mod abuse;
 mod bad_input;
 mod batched;
 mod cli;
+mod data_dir;
 mod delivery;
 mod events;
+mod hardening;
 mod http;
 mod lifecycle;
 mod metrics;

@@ -70,6 +70,18 @@ impl TestHub {
 
     /// Registers a spoke handling `types`, returning its id and key.
     pub async fn register(&self, name: &str, types: &[&str], labels: &[(&str, &str)]) -> Spoke {
+        self.register_with_window(name, types, labels, 0).await
+    }
+
+    /// Registers a spoke asking for an in-flight window of `window` (0: the
+    /// hub's default).
+    pub async fn register_with_window(
+        &self,
+        name: &str,
+        types: &[&str],
+        labels: &[(&str, &str)],
+        window: u32,
+    ) -> Spoke {
         let req = proto::RegisterRequest {
             name: name.into(),
             labels: labels
@@ -84,7 +96,7 @@ impl TestHub {
                 })
                 .collect(),
             version: "1.0.0".into(),
-            max_in_flight: 0,
+            max_in_flight: window,
         };
         let res = self
             .spoke_client()

@@ -110,11 +110,36 @@ impl AdminApi {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(proto::CreateDirectiveResponse {
+            directive_count: u32::try_from(directives.len()).unwrap_or(u32::MAX),
             directives,
             group_id: group_id.to_string(),
             skipped_spokes: skipped,
             idempotent_replay: replay,
+            payloads_omitted: false,
+            directives_omitted: false,
         })
+    }
+
+    /// The largest reply this hub sends, with room for the framing.
+    fn reply_limit(&self) -> usize {
+        self.hub.settings().max_message_bytes.saturating_sub(1024)
+    }
+
+    /// Shrinks a create's reply to fit the message size limit: committed
+    /// work is never reported as failed. Payloads go first, then the
+    /// directives; `group_id` and the counts always stay.
+    fn fit(&self, reply: &mut proto::CreateDirectiveResponse) {
+        let limit = self.reply_limit();
+        if prost::Message::encoded_len(reply) > limit {
+            reply.payloads_omitted = true;
+            for d in &mut reply.directives {
+                d.payload = None;
+            }
+        }
+        if prost::Message::encoded_len(reply) > limit {
+            reply.directives_omitted = true;
+            reply.directives.clear();
+        }
     }
 }
 
@@ -137,7 +162,9 @@ impl AdminService for AdminApi {
         let now = self.hub.now_ms();
         let new = NewDirective::parse(request.into_inner(), self.hub.create_defaults(), now)?;
         let step = self.hub.ledger().create(&new, now)?;
-        Ok(Response::new(self.created(&new, step, true).await?))
+        let mut reply = self.created(&new, step, true).await?;
+        self.fit(&mut reply);
+        Ok(Response::new(reply))
     }
 
     async fn create_directives(
@@ -185,7 +212,7 @@ impl AdminService for AdminApi {
         };
         // Committed work is never reported as failed: the reply shrinks to
         // fit instead.
-        let limit = self.hub.settings().max_message_bytes.saturating_sub(1024);
+        let limit = self.reply_limit();
         if include_payloads && prost::Message::encoded_len(&reply) > limit {
             reply.payloads_omitted = true;
             for d in created_directives(&mut reply) {
@@ -285,19 +312,34 @@ impl AdminService for AdminApi {
                 ),
             },
         };
-        let size = page_size(req.page_size);
+        let size = page_size(req.page_size) as usize;
         self.hub.ledger().barrier().await?;
-        let mut page = self.hub.store().list_directives(&filter, size + 1).await?;
-        let next_page_token = if page.len() > size as usize {
-            page.truncate(size as usize);
-            page.last().map(|d| d.id.to_string()).unwrap_or_default()
-        } else {
-            String::new()
+        let page = self
+            .hub
+            .store()
+            .list_directives(&filter, size as u32 + 1)
+            .await?;
+        // A page is bounded by bytes as well as by count: large payloads
+        // make it shorter (never empty), and the token continues after the
+        // last directive sent.
+        let limit = self.reply_limit();
+        let mut bytes = 0;
+        let mut directives = Vec::with_capacity(page.len().min(size));
+        let mut more = false;
+        for d in &page {
+            let wire = d.to_proto()?;
+            let len = prost::Message::encoded_len(&wire) + 8;
+            if directives.len() == size || (!directives.is_empty() && bytes + len > limit) {
+                more = true;
+                break;
+            }
+            bytes += len;
+            directives.push(wire);
+        }
+        let next_page_token = match directives.last() {
+            Some(last) if more => last.id.clone(),
+            _ => String::new(),
         };
-        let directives = page
-            .iter()
-            .map(|d| d.to_proto())
-            .collect::<Result<Vec<_>>>()?;
         Ok(Response::new(proto::ListDirectivesResponse {
             directives,
             next_page_token,
@@ -322,7 +364,7 @@ impl AdminService for AdminApi {
             }
         };
         let size = page_size(req.page_size) as usize;
-        let mut after = req.page_token;
+        let mut after = crate::spokes::page_after(&req.page_token)?.to_owned();
         let mut spokes = Vec::new();
         // Health is derived, not stored, so filtering happens here; read
         // pages until this one is full or the spokes run out.
@@ -399,6 +441,25 @@ impl AdminService for AdminApi {
         }))
     }
 
+    async fn delete_spoke(
+        &self,
+        request: Request<proto::DeleteSpokeRequest>,
+    ) -> Result<Response<proto::DeleteSpokeResponse>, Status> {
+        let req = request.into_inner();
+        let spoke = self.spoke_ref(&req.spoke_id, &req.spoke_name)?;
+        let wire = self.hub.spoke_to_proto(&spoke);
+        let (_, cancelled, done) = self
+            .hub
+            .ledger()
+            .delete_spoke(spoke.id, self.hub.now_ms())?;
+        ledger::committed(done).await?;
+        tracing::info!(spoke_id = %spoke.id, spoke = %spoke.name, cancelled, "spoke deleted");
+        Ok(Response::new(proto::DeleteSpokeResponse {
+            spoke: Some(wire),
+            cancelled_directives: cancelled,
+        }))
+    }
+
     async fn query_metrics(
         &self,
         request: Request<proto::QueryMetricsRequest>,
@@ -462,6 +523,7 @@ impl AdminService for AdminApi {
         };
         let after = i64::try_from(req.after_sequence)
             .map_err(|_| Error::invalid("after_sequence", "out of range"))?;
+        check_retained(&self.hub, after).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(EVENT_BUFFER);
         let follow = !req.stop_after_replay;
         tokio::spawn(stream_events(self.hub.clone(), filter, after, follow, tx));
@@ -469,6 +531,29 @@ impl AdminService for AdminApi {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+}
+
+/// OUT_OF_RANGE when retention removed events right after `after`: a
+/// replay from there would silently skip them. (0 means "from the oldest
+/// retained", so it always is.)
+async fn check_retained(hub: &Hub, after: i64) -> Result<()> {
+    if after == 0 {
+        return Ok(());
+    }
+    let committed = hub.store().last_event();
+    let oldest = hub.store().oldest_event().await?;
+    // With nothing stored, the next event to be written is the oldest.
+    let oldest = oldest.unwrap_or(committed + 1);
+    if after + 1 < oldest {
+        return Err(Error::OutOfRange(format!(
+            "after_sequence: events {}..={} were removed by retention; the oldest stored \
+             event is {oldest}: resume from {} to skip the gap knowingly, or from 0",
+            after + 1,
+            oldest - 1,
+            oldest - 1
+        )));
+    }
+    Ok(())
 }
 
 /// Events per query while replaying.

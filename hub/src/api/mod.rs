@@ -6,6 +6,7 @@ pub mod acks;
 pub mod admin;
 pub mod spoke;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hub_proto::v1 as proto;
@@ -16,6 +17,7 @@ use crate::clock::Clock;
 use crate::dashboard::Sessions;
 use crate::directives::CreateDefaults;
 use crate::error::{Error, Result};
+use crate::guard::Guard;
 use crate::ledger::{Ledger, TimerPlan};
 use crate::settings::Settings;
 use crate::shutdown::Shutdown;
@@ -37,6 +39,27 @@ struct Inner {
     admin_token: TokenHash,
     enrollment_token: TokenHash,
     shutdown: Shutdown,
+    guard: Arc<Guard>,
+}
+
+/// Who is calling: the peer's address (for the failed-authentication
+/// throttle) and the call's metadata (for its credentials).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    /// The peer's address, when the transport knows it.
+    pub peer: Option<SocketAddr>,
+    /// The call's metadata.
+    pub metadata: &'a MetadataMap,
+}
+
+impl<'a> Caller<'a> {
+    /// The caller of `request`.
+    pub fn of<T>(request: &'a tonic::Request<T>) -> Self {
+        Self {
+            peer: request.remote_addr(),
+            metadata: request.metadata(),
+        }
+    }
 }
 
 impl Hub {
@@ -48,6 +71,7 @@ impl Hub {
         enrollment_token: TokenHash,
         shutdown: Shutdown,
     ) -> Self {
+        let guard = Arc::new(Guard::new(&settings.guard));
         Self {
             inner: Arc::new(Inner {
                 ledger,
@@ -56,6 +80,7 @@ impl Hub {
                 admin_token,
                 enrollment_token,
                 shutdown,
+                guard,
             }),
         }
     }
@@ -110,9 +135,50 @@ impl Hub {
         self.inner.ledger.timer_plan()
     }
 
+    /// The connection caps and rate limits.
+    pub fn guard(&self) -> &Arc<Guard> {
+        &self.inner.guard
+    }
+
     /// The spoke whose key the call carries; revoked and rotated keys are
-    /// refused.
-    pub fn authenticate_spoke(&self, metadata: &MetadataMap) -> Result<Arc<SpokeInfo>> {
+    /// refused. Under the failed-authentication throttle.
+    pub async fn authenticate_spoke(&self, caller: Caller<'_>) -> Result<Arc<SpokeInfo>> {
+        self.guard().limits.auth_gate(caller.peer).await?;
+        let spoke = self.counted(caller.peer, self.spoke_of(caller.metadata))?;
+        // Names the spoke in this call's log lines (see telemetry).
+        tracing::Span::current().record("spoke_id", tracing::field::display(spoke.id));
+        Ok(spoke)
+    }
+
+    /// Who registers: `None` for the enrollment token (a new spoke), or
+    /// the spoke whose key the call carries. Under the failed-authentication
+    /// throttle.
+    pub async fn authenticate_register(
+        &self,
+        caller: Caller<'_>,
+    ) -> Result<Option<Arc<SpokeInfo>>> {
+        self.guard().limits.auth_gate(caller.peer).await?;
+        let who = self.registering(caller.metadata);
+        self.counted(caller.peer, who)
+    }
+
+    fn registering(&self, metadata: &MetadataMap) -> Result<Option<Arc<SpokeInfo>>> {
+        let secret = bearer(metadata)?;
+        if self.inner.enrollment_token.matches(secret) {
+            return Ok(None);
+        }
+        let unknown = Error::Unauthenticated("unknown enrollment token or spoke key");
+        let spoke = self
+            .ledger()
+            .spoke_by_key(&hash_secret(secret))
+            .ok_or(unknown)?;
+        if spoke.revoked_at.is_some() {
+            return Err(Error::Unauthenticated("spoke key revoked"));
+        }
+        Ok(Some(spoke))
+    }
+
+    fn spoke_of(&self, metadata: &MetadataMap) -> Result<Arc<SpokeInfo>> {
         let key = bearer(metadata)?;
         let spoke = self
             .ledger()
@@ -121,9 +187,15 @@ impl Hub {
         if spoke.revoked_at.is_some() {
             return Err(Error::Unauthenticated("spoke key revoked"));
         }
-        // Names the spoke in this call's log lines (see telemetry).
-        tracing::Span::current().record("spoke_id", tracing::field::display(spoke.id));
         Ok(spoke)
+    }
+
+    /// Counts a failed credential check against the caller's address.
+    fn counted<R>(&self, peer: Option<SocketAddr>, checked: Result<R>) -> Result<R> {
+        if matches!(checked, Err(Error::Unauthenticated(_))) {
+            self.guard().limits.auth_failed(peer);
+        }
+        checked
     }
 
     /// Whether the key hashing to `key_hash` still belongs to spoke
@@ -137,17 +209,19 @@ impl Hub {
         }
     }
 
-    /// Checks the admin token of an AdminService call.
-    pub fn authenticate_admin(&self, metadata: &MetadataMap) -> Result<()> {
-        if self.inner.admin_token.matches(bearer(metadata)?) {
-            Ok(())
-        } else {
-            Err(Error::Unauthenticated("wrong admin token"))
-        }
-    }
-
-    fn is_enrollment_token(&self, secret: &str) -> bool {
-        self.inner.enrollment_token.matches(secret)
+    /// Checks the admin token of an AdminService call, under the
+    /// failed-authentication throttle (refused at once: the interceptor
+    /// that calls this cannot wait).
+    pub fn authenticate_admin(&self, caller: Caller<'_>) -> Result<()> {
+        self.guard().limits.auth_gate_now(caller.peer)?;
+        let checked = bearer(caller.metadata).and_then(|token| {
+            if self.inner.admin_token.matches(token) {
+                Ok(())
+            } else {
+                Err(Error::Unauthenticated("wrong admin token"))
+            }
+        });
+        self.counted(caller.peer, checked)
     }
 
     fn hints(&self, max_in_flight: u32) -> proto::HubHints {

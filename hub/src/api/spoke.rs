@@ -11,17 +11,17 @@ use tonic::{Request, Response, Status, Streaming};
 
 use std::sync::Arc;
 
-use super::{Hub, acks};
+use super::{Caller, Hub, acks};
 use crate::auth::{bearer, generate_secret, hash_secret};
-use crate::directives::{Ack, DirectiveRecord};
+use crate::directives::{Ack, AckOutcome, DirectiveRecord};
 use crate::error::{Error, Result};
 use crate::ledger::{self, Delivery, End as StreamEnd, Step, Subscription};
-use crate::limits;
 use crate::metrics::Batch;
 use crate::spokes::{Heartbeat, Registration, SpokeInfo};
 use crate::store::StoredBatch;
 use crate::telemetry::PointLabels;
 use crate::wire::{duration_std, ms_of_duration, timestamp_ms};
+use crate::{guard, limits};
 
 /// Directives taken from the store per query while streaming.
 const TAKE_CHUNK: u32 = 64;
@@ -61,19 +61,11 @@ impl SpokeService for SpokeApi {
         let hub = &self.hub;
         // Who is calling comes first: an unauthenticated caller learns
         // nothing, not even whether its request was well-formed.
-        let secret = bearer(request.metadata())?;
-        let existing =
-            if hub.is_enrollment_token(secret) {
-                None
-            } else {
-                let spoke = hub.ledger().spoke_by_key(&hash_secret(secret)).ok_or(
-                    Error::Unauthenticated("unknown enrollment token or spoke key"),
-                )?;
-                if spoke.revoked_at.is_some() {
-                    return Err(Error::Unauthenticated("spoke key revoked").into());
-                }
-                Some(spoke)
-            };
+        let peer = request.remote_addr();
+        let existing = hub.authenticate_register(Caller::of(&request)).await?;
+        if let Some(spoke) = &existing {
+            hub.guard().limits.spoke_call(spoke.id).await?;
+        }
         let settings = hub.settings();
         let reg = Registration::parse(
             request.into_inner(),
@@ -82,6 +74,7 @@ impl SpokeService for SpokeApi {
         )?;
         let (spoke, spoke_key) = match existing {
             None => {
+                hub.guard().limits.enrollment(peer).await?;
                 let key = generate_secret();
                 let (spoke, done) = hub
                     .ledger()
@@ -115,7 +108,7 @@ impl SpokeService for SpokeApi {
         &self,
         request: Request<proto::WatchDirectivesRequest>,
     ) -> Result<Response<Self::WatchDirectivesStream>, Status> {
-        let spoke = self.hub.authenticate_spoke(request.metadata())?;
+        let spoke = self.spoke_call(Caller::of(&request)).await?;
         let subscription = self.hub.ledger().subscribe(spoke.id, self.hub.now_ms())?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tracing::debug!(spoke_id = %spoke.id, "directive stream opened");
@@ -128,11 +121,32 @@ impl SpokeService for SpokeApi {
         &self,
         request: Request<proto::AckRequest>,
     ) -> Result<Response<proto::AckResponse>, Status> {
-        let spoke = self.hub.authenticate_spoke(request.metadata())?;
-        let ack = Ack::try_from(request.into_inner())?;
+        let spoke = self.hub.authenticate_spoke(Caller::of(&request)).await?;
+        // Acks of directives delivered to the spoke are free (the hub's
+        // own deliveries bound them); progress reports and refused acks
+        // cost a call.
+        let limits = &self.hub.guard().limits;
+        let ack = match Ack::try_from(request.into_inner()) {
+            Ok(ack) => ack,
+            Err(e) => {
+                limits.spoke_call(spoke.id).await?;
+                return Err(e.into());
+            }
+        };
         tracing::Span::current().record("directive_id", tracing::field::display(ack.directive_id));
-        let applied = acks::apply_ack(&self.hub, spoke.id, ack).await?;
-        Ok(Response::new(acks::ack_response(applied)))
+        let progress = matches!(ack.outcome, AckOutcome::InProgress { .. });
+        if progress {
+            limits.spoke_call(spoke.id).await?;
+        }
+        match acks::apply_ack(&self.hub, spoke.id, ack).await {
+            Ok(applied) => Ok(Response::new(acks::ack_response(applied))),
+            Err(e) => {
+                if !progress && guard::rate::is_refused_ack(&e) {
+                    limits.spoke_call(spoke.id).await?;
+                }
+                Err(e.into())
+            }
+        }
     }
 
     type AckStreamStream = acks::AckAnswers;
@@ -141,13 +155,13 @@ impl SpokeService for SpokeApi {
         &self,
         request: Request<Streaming<proto::AckRequest>>,
     ) -> Result<Response<Self::AckStreamStream>, Status> {
-        let spoke = self.hub.authenticate_spoke(request.metadata())?;
+        let spoke = self.spoke_call(Caller::of(&request)).await?;
         let key_hash = hash_secret(bearer(request.metadata())?);
-        Ok(Response::new(acks::ack_stream(
-            self.hub.clone(),
+        let answers = acks::ack_stream(self.hub.clone(), spoke.id, key_hash, request.into_inner());
+        Ok(Response::new(guard::rate::charge_ack_answers(
+            self.hub.guard().clone(),
             spoke.id,
-            key_hash,
-            request.into_inner(),
+            answers,
         )))
     }
 
@@ -155,7 +169,7 @@ impl SpokeService for SpokeApi {
         &self,
         request: Request<proto::HeartbeatRequest>,
     ) -> Result<Response<proto::HeartbeatResponse>, Status> {
-        let spoke = self.hub.authenticate_spoke(request.metadata())?;
+        let spoke = self.spoke_call(Caller::of(&request)).await?;
         let heartbeat = Heartbeat::try_from(request.into_inner())?;
         let now = self.hub.now_ms();
         self.hub.ledger().heartbeat(spoke.id, heartbeat, now);
@@ -169,7 +183,7 @@ impl SpokeService for SpokeApi {
         &self,
         request: Request<Streaming<proto::PushMetricsRequest>>,
     ) -> Result<Response<proto::PushMetricsResponse>, Status> {
-        let spoke = self.hub.authenticate_spoke(request.metadata())?;
+        let spoke = self.spoke_call(Caller::of(&request)).await?;
         let mut stream = request.into_inner();
         let max_points = self.hub.settings().max_points_per_batch as usize;
         // Batches are logged as they arrive and share commits; the reply
@@ -183,6 +197,8 @@ impl SpokeService for SpokeApi {
                     ))
                     .into());
                 }
+                // Each batch is a call of the spoke's budget.
+                self.hub.guard().limits.spoke_call(spoke.id).await?;
                 let now = self.hub.now_ms();
                 let batch = Arc::new(Batch::parse(msg, max_points, now.saturating_mul(1_000_000))?);
                 let ledger = self.hub.ledger().clone();
@@ -211,7 +227,7 @@ impl SpokeService for SpokeApi {
         &self,
         request: Request<proto::PollDirectivesRequest>,
     ) -> Result<Response<proto::PollDirectivesResponse>, Status> {
-        let spoke = self.hub.authenticate_spoke(request.metadata())?;
+        let spoke = self.spoke_call(Caller::of(&request)).await?;
         let req = request.into_inner();
         let max = match req.max_directives {
             0 => 1,
@@ -255,6 +271,13 @@ impl SpokeService for SpokeApi {
 }
 
 impl SpokeApi {
+    /// The calling spoke, authenticated and charged one call of its budget.
+    async fn spoke_call(&self, caller: Caller<'_>) -> Result<Arc<SpokeInfo>> {
+        let spoke = self.hub.authenticate_spoke(caller).await?;
+        self.hub.guard().limits.spoke_call(spoke.id).await?;
+        Ok(spoke)
+    }
+
     /// The reply's report on one stored batch, counted in the hub's metrics.
     fn batch_result(&self, batch: &Batch, stored: StoredBatch) -> proto::BatchResult {
         let points = &self.hub.telemetry().points;
@@ -356,14 +379,20 @@ async fn run_stream(
 ) -> Result<End> {
     use proto::watch_directives_response::Message;
     let mut shutdown = hub.shutdown();
-    let every = hub.settings().keepalive_interval;
+    // Bounded as the flag is, for Settings built without Config: an
+    // interval panics on zero, and its ticks add the period to the current
+    // instant, which panics past the clock's range.
+    let every = hub.settings().keepalive_interval.clamp(
+        std::time::Duration::from_millis(1),
+        crate::config::MAX_INTERVAL,
+    );
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     // The stream is registered before the backlog is taken, so a directive
     // published from here on either is in the backlog or wakes us below.
     let backlog = hub.ledger().backlog(subscription, hub.now_ms());
-    if let Some(end) = send_step(hub, tx, backlog).await? {
+    if let Some(end) = send_step(hub, spoke.id, tx, backlog).await? {
         return Ok(end);
     }
     loop {
@@ -372,7 +401,7 @@ async fn run_stream(
                 loop {
                     let step = hub.ledger().next(subscription, TAKE_CHUNK, hub.now_ms());
                     let full = matches!(&step, Step::Work(d) if d.directives.len() >= TAKE_CHUNK as usize);
-                    if let Some(end) = send_step(hub, tx, step).await? {
+                    if let Some(end) = send_step(hub, spoke.id, tx, step).await? {
                         return Ok(end);
                     }
                     if !full {
@@ -398,7 +427,12 @@ async fn run_stream(
 }
 
 /// Sends what the ledger handed out; `Some` when the stream must end.
-async fn send_step(hub: &Hub, tx: &Outbox, step: Step) -> Result<Option<End>> {
+async fn send_step(
+    hub: &Hub,
+    spoke_id: uuid::Uuid,
+    tx: &Outbox,
+    step: Step,
+) -> Result<Option<End>> {
     use proto::watch_directives_response::Message;
     let mut delivery = match step {
         Step::End(StreamEnd::Superseded) => {
@@ -411,12 +445,18 @@ async fn send_step(hub: &Hub, tx: &Outbox, step: Step) -> Result<Option<End>> {
         }
         Step::Work(delivery) => delivery,
     };
-    for (directive_id, reason) in std::mem::take(&mut delivery.notices) {
+    let mut notices = std::mem::take(&mut delivery.notices).into_iter();
+    while let Some((directive_id, reason)) = notices.next() {
         let msg = Message::Cancelled(proto::DirectiveCancelled {
             directive_id: directive_id.to_string(),
-            reason,
+            reason: reason.clone(),
         });
         if !send(tx, msg).await {
+            // The stream is gone: the spoke's next stream gets them.
+            let unsent = std::iter::once((directive_id, reason))
+                .chain(notices)
+                .collect();
+            hub.ledger().unsent_notices(spoke_id, unsent);
             return Ok(Some(End::Quiet));
         }
     }

@@ -131,6 +131,29 @@ pub async fn run(
             }
             Ok(())
         }
+        ClientCommand::DeleteSpoke { name, yes } => {
+            if !yes {
+                return Err(CliError::Usage(format!(
+                    "deleting spoke {name} cancels its outstanding directives and cannot be \
+                     undone; run again with --yes"
+                )));
+            }
+            let req = proto::DeleteSpokeRequest {
+                spoke_name: name.clone(),
+                ..Default::default()
+            };
+            let res = admin.delete_spoke(req).await?.into_inner();
+            if json {
+                render::write_json(out, &res)?;
+            } else {
+                writeln!(
+                    out,
+                    "spoke {name} deleted ({} outstanding directives cancelled); the name is free",
+                    res.cancelled_directives
+                )?;
+            }
+            Ok(())
+        }
         ClientCommand::RotateKey { name } => {
             let req = proto::RotateSpokeKeyRequest {
                 spoke_name: name.clone(),

@@ -44,6 +44,25 @@ pub struct Connection {
     /// PEM CA certificate to trust for an https:// --addr [default: the system's roots].
     #[arg(long, env = "HUB_TLS_CA", value_name = "PATH", global = true)]
     pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate to show a hub that asks for one (its
+    /// --tls-client-ca); needs --tls-client-key and an https:// --addr.
+    #[arg(
+        long,
+        env = "HUB_TLS_CLIENT_CERT",
+        value_name = "PATH",
+        global = true,
+        requires = "tls_client_key"
+    )]
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key of --tls-client-cert.
+    #[arg(
+        long,
+        env = "HUB_TLS_CLIENT_KEY",
+        value_name = "PATH",
+        global = true,
+        requires = "tls_client_cert"
+    )]
+    pub tls_client_key: Option<PathBuf>,
 }
 
 /// The client subcommands.
@@ -124,6 +143,15 @@ pub enum ClientCommand {
     Revoke {
         /// The spoke's name.
         name: String,
+    },
+    /// Delete a spoke: its key stops working, its directives that are not
+    /// final are cancelled, and its name is free to register again.
+    DeleteSpoke {
+        /// The spoke's name.
+        name: String,
+        /// Confirm: deleting cannot be undone.
+        #[arg(long)]
+        yes: bool,
     },
     /// Give a spoke a new key (printed once); the old one stops working.
     RotateKey {
@@ -285,18 +313,42 @@ impl Connection {
     }
 
     /// TLS for an `https://` address: the `--tls-ca` certificate, else the
-    /// system's roots.
+    /// system's roots; and the client certificate, if one is given.
     fn tls(&self, addr: &str) -> Result<Option<ClientTlsConfig>, CliError> {
         if !addr.starts_with("https://") {
-            return match &self.tls_ca {
-                Some(_) => Err(CliError::Usage(format!(
-                    "--tls-ca (HUB_TLS_CA) needs an https:// address, not {addr}"
+            let flag = if self.tls_ca.is_some() {
+                Some("--tls-ca (HUB_TLS_CA)")
+            } else if self.tls_client_cert.is_some() {
+                Some("--tls-client-cert (HUB_TLS_CLIENT_CERT)")
+            } else {
+                None
+            };
+            return match flag {
+                Some(flag) => Err(CliError::Usage(format!(
+                    "{flag} needs an https:// address, not {addr}"
                 ))),
                 None => Ok(None),
             };
         }
+        let config = self.trust()?;
+        let (Some(cert), Some(key)) = (&self.tls_client_cert, &self.tls_client_key) else {
+            return Ok(Some(config));
+        };
+        let read = |path: &PathBuf, flag: &str| {
+            std::fs::read(path)
+                .map_err(|e| CliError::Usage(format!("{flag} {}: {e}", path.display())))
+        };
+        let cert = read(cert, "--tls-client-cert (HUB_TLS_CLIENT_CERT)")?;
+        let key = read(key, "--tls-client-key (HUB_TLS_CLIENT_KEY)")?;
+        Ok(Some(
+            config.identity(tonic::transport::Identity::from_pem(cert, key)),
+        ))
+    }
+
+    /// The CAs an `https://` hub's certificate may chain to.
+    fn trust(&self) -> Result<ClientTlsConfig, CliError> {
         let Some(path) = &self.tls_ca else {
-            return Ok(Some(ClientTlsConfig::new().with_native_roots()));
+            return Ok(ClientTlsConfig::new().with_native_roots());
         };
         let bad = |reason: String| {
             CliError::Usage(format!(
@@ -311,9 +363,7 @@ impl Connection {
         if certs.is_empty() {
             return Err(bad("no PEM certificate in it".into()));
         }
-        Ok(Some(
-            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
-        ))
+        Ok(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
     }
 
     fn token(&self) -> Result<String, CliError> {

@@ -98,9 +98,14 @@ pub(super) async fn commit_next(ledger: &Ledger, writer: &mut Writer) -> bool {
             telemetry.commits.inc();
             telemetry.commit_changes.observe(batch.changes.len() as f64);
             ledger.lock().committed(batch, done);
+            ledger
+                .shared
+                .write_error
+                .send_if_modified(|e| e.take().is_some());
         }
         Err(e) => {
             telemetry.commit_failures.inc();
+            ledger.shared.write_error.send_replace(Some(e.to_string()));
             tracing::error!(error = %e, changes = batch.changes.len(), "a commit failed; its calls are answered UNAVAILABLE and the ledger is rebuilt from the store");
             fail(batch.waiters);
             let later = {
@@ -125,14 +130,14 @@ fn purge_step(ledger: &Ledger, writer: &mut Writer) -> bool {
     }
     let mut unfinished = Vec::new();
     for mut job in jobs {
-        match writer.purge_step(job.events_before, job.points_before) {
+        match writer.purge_step(&job.cutoffs) {
             Ok((step, more)) => {
-                job.purged.events += step.events;
-                job.purged.points += step.points;
+                ledger.lock().forget_finals(&step);
+                job.purged.add(step);
                 if more {
                     unfinished.push(job);
                 } else {
-                    let _ = job.reply.send(Ok(job.purged));
+                    let _ = job.reply.send(Ok(mem::take(&mut job.purged)));
                 }
             }
             Err(e) => {
@@ -154,6 +159,15 @@ async fn rebuild(ledger: &Ledger) {
                 let later = mem::take(&mut state.log);
                 state.rebuild(snapshot);
                 state.poisoned = false;
+                // The next commit rewrites the spokes' rows (as stored, so
+                // it changes nothing): a real write that shows whether the
+                // database takes writes again (`/readyz`). With no spoke,
+                // there is nothing waiting to be written.
+                let ids: Vec<_> = state.spokes.keys().copied().collect();
+                if ids.is_empty() {
+                    ledger.shared.write_error.send_replace(None);
+                }
+                state.dirty.extend(ids);
                 drop(state);
                 fail(later.waiters);
                 tracing::info!("ledger rebuilt from the store");

@@ -193,6 +193,21 @@ impl Ledger {
         Step::Work(delivery)
     }
 
+    /// Puts back cancel notices a stream could not send (it ended first),
+    /// ahead of newer ones, for the spoke's next stream.
+    pub fn unsent_notices(&self, spoke_id: Uuid, notices: Vec<(Uuid, String)>) {
+        if notices.is_empty() {
+            return;
+        }
+        let mut state = self.lock();
+        if let Some(spoke) = state.spokes.get_mut(&spoke_id) {
+            for notice in notices.into_iter().rev() {
+                spoke.stream.notices.push_front(notice);
+            }
+            spoke.stream.wake();
+        }
+    }
+
     /// Takes up to `max` PENDING directives for a poll (no notices: a poll
     /// has no stream to carry them).
     pub fn poll(&self, spoke_id: Uuid, max: u32, now_ms: i64) -> Delivery {

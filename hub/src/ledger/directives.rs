@@ -13,7 +13,7 @@ use crate::directives::{
 };
 use crate::error::{Error, Result};
 use crate::events::{Kind, NewEvent};
-use crate::store::{Change, DirectiveUpdate, OutstandingRow};
+use crate::store::{Change, DirectiveUpdate, IdempotencyRow, OutstandingRow};
 
 /// A directive that is not final.
 pub(super) struct Entry {
@@ -128,12 +128,25 @@ impl Ledger {
     pub fn create(&self, new: &NewDirective, now_ms: i64) -> Result<CreateStep> {
         let mut state = self.lock();
         state.writable()?;
-        if let Some(group) = new
+        let fingerprint: Option<Arc<str>> = new
             .idempotency_key
             .as_ref()
-            .and_then(|k| state.idempotency.get(k))
+            .map(|_| fingerprint(new).into());
+        if let Some((key, used)) = new
+            .idempotency_key
+            .as_ref()
+            .and_then(|k| Some((k, state.idempotency.get(k)?)))
         {
-            return Ok(CreateStep::Replay(*group));
+            let same =
+                used.fingerprint.is_empty() || Some(&used.fingerprint) == fingerprint.as_ref();
+            if !same {
+                return Err(Error::AlreadyExists(format!(
+                    "idempotency key {key:?} was used by a different create (group {}); \
+                     use a new key for a different request",
+                    used.group_id
+                )));
+            }
+            return Ok(CreateStep::Replay(used.group_id));
         }
         let (targets, skipped) = state.resolve(new)?;
         let group_id = Uuid::now_v7();
@@ -149,6 +162,15 @@ impl Ledger {
             coalesce_key: new.coalesce_key.clone(),
         });
         let payload: Arc<str> = Arc::from(new.payload.as_str());
+        // A fan-out stores its payload once, in its group's row.
+        let fan_out = targets.len() > 1;
+        if fan_out {
+            state.log.changes.push(Change::DirectiveGroup {
+                group_id,
+                payload: payload.clone(),
+                at: now_ms,
+            });
+        }
         let mut directives = Vec::with_capacity(targets.len());
         for spoke_id in targets {
             let id = Uuid::now_v7();
@@ -182,7 +204,7 @@ impl Ledger {
                 id,
                 spoke_id,
                 fixed: fixed.clone(),
-                payload: payload.clone(),
+                payload: (!fan_out).then(|| payload.clone()),
             });
             state.log.changes.push(Change::Event {
                 event: NewEvent::directive(
@@ -195,11 +217,17 @@ impl Ledger {
             });
             state.log.effects.push(Effect::Publish(id));
         }
-        if let Some(key) = &new.idempotency_key {
-            state.idempotency.insert(key.clone(), group_id);
+        if let (Some(key), Some(fingerprint)) = (&new.idempotency_key, fingerprint) {
+            state.remember_key(IdempotencyRow {
+                key: key.clone(),
+                group_id,
+                fingerprint: fingerprint.to_string(),
+                created_at: now_ms,
+            });
             state.log.changes.push(Change::IdempotencyKey {
                 key: key.clone(),
                 group_id,
+                fingerprint,
                 at: now_ms,
             });
         }
@@ -228,7 +256,12 @@ impl Ledger {
         if entry.spoke_id != spoke_id {
             return Err(Error::NotFound(format!("directive {id} not found")));
         }
-        if entry.state == DState::Pending {
+        // A final ack that arrives after its ack deadline (the directive is
+        // PENDING again, waiting for another delivery) still reports work
+        // this spoke did: it is kept. Progress needs a live delivery.
+        let late_final =
+            entry.attempts > 0 && !matches!(ack.outcome, AckOutcome::InProgress { .. });
+        if entry.state == DState::Pending && !late_final {
             return Err(Error::FailedPrecondition(format!(
                 "directive {id} is PENDING: it is not delivered to this spoke right now"
             )));
@@ -314,6 +347,29 @@ impl Ledger {
             was_delivered,
         })
     }
+}
+
+/// What a create asked for, as a digest: a repeat with the same
+/// idempotency key must ask for the same thing. The expiry is left out: a
+/// client retrying "expire in an hour" computes a later time each try.
+fn fingerprint(new: &NewDirective) -> String {
+    let target = match &new.target {
+        Target::SpokeId(id) => json!({"spoke_id": id.to_string()}),
+        Target::SpokeName(name) => json!({"spoke_name": name}),
+        Target::Selector(labels) => json!({"selector": labels}),
+        Target::All => json!({"all_spokes": true}),
+    };
+    let asked = json!({
+        "target": target,
+        "type": new.directive_type,
+        "payload": new.payload,
+        "priority": new.priority,
+        "ack_deadline_ms": new.ack_deadline_ms,
+        "max_attempts": new.max_attempts,
+        "coalesce_key": new.coalesce_key,
+        "force": new.force,
+    });
+    crate::auth::hash_secret(&asked.to_string())
 }
 
 impl Ledger {

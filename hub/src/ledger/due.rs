@@ -157,10 +157,20 @@ impl State {
                 entry.state = DState::Pending;
                 entry.updated_at = now_ms;
                 let update = entry.update(id);
-                if let Some(spoke) = self.spokes.get_mut(&entry.spoke_id) {
+                let (spoke_id, attempts) = (entry.spoke_id, entry.attempts);
+                if let Some(spoke) = self.spokes.get_mut(&spoke_id) {
                     spoke.delivered.remove(&id);
                 }
                 self.log.changes.push(Change::DirectiveUpdated(update));
+                self.log.changes.push(Change::Event {
+                    event: NewEvent::directive(
+                        Kind::DirectiveRequeued,
+                        spoke_id,
+                        id,
+                        json!({"attempts": attempts, "reason": "ack deadline passed"}),
+                    ),
+                    at: now_ms,
+                });
                 self.make_ready(id);
             }
         }

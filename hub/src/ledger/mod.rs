@@ -30,7 +30,7 @@ mod spokes;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{Notify, oneshot, watch};
@@ -45,7 +45,7 @@ pub use spokes::HealthChange;
 use self::directives::Entry;
 use self::spokes::Spoke;
 use crate::error::{Error, Result};
-use crate::store::{Change, Purged, Snapshot, Store, StoredBatch};
+use crate::store::{Change, Cutoffs, IdempotencyRow, Purged, Snapshot, Store, StoredBatch};
 use crate::telemetry::Telemetry;
 
 /// The payload bytes the ledger keeps in memory for directives waiting to be
@@ -64,6 +64,8 @@ struct Shared {
     kick: Notify,
     /// Set when the hub stops: the committer writes what is left and ends.
     closing: watch::Sender<bool>,
+    /// Why the latest commit failed; `None` once one succeeds.
+    write_error: watch::Sender<Option<String>>,
     store: Store,
     timer_plan: TimerPlan,
     telemetry: Arc<Telemetry>,
@@ -80,7 +82,9 @@ struct State {
     ack_due: BTreeSet<(i64, Uuid)>,
     /// Expiry times of directives that are not final: (at, directive).
     expiry: BTreeSet<(i64, Uuid)>,
-    idempotency: HashMap<String, Uuid>,
+    idempotency: HashMap<String, IdempotencyKey>,
+    /// The same keys by age, for forgetting them in order.
+    idempotency_order: VecDeque<(i64, String)>,
     /// How many directives are in each final state.
     finals: HashMap<&'static str, i64>,
     /// Spokes whose row changed since the last commit.
@@ -106,10 +110,17 @@ struct Log {
     effects: Vec<Effect>,
 }
 
+/// An idempotency key: the create it made, and what that create asked for.
+struct IdempotencyKey {
+    group_id: Uuid,
+    /// See `directives::fingerprint`; empty for keys stored before it was.
+    fingerprint: Arc<str>,
+    created_at: i64,
+}
+
 /// A purge retention asked for: run in bounded steps between commits.
 struct PurgeJob {
-    events_before: i64,
-    points_before: i64,
+    cutoffs: Cutoffs,
     purged: Purged,
     reply: oneshot::Sender<Result<Purged>>,
 }
@@ -152,6 +163,7 @@ impl Ledger {
                 state: Mutex::new(State::default()),
                 kick: Notify::new(),
                 closing,
+                write_error: watch::Sender::new(None),
                 store,
                 timer_plan: TimerPlan::default(),
                 telemetry,
@@ -232,19 +244,25 @@ impl Ledger {
         rx.await.unwrap_or(Err(Error::ShuttingDown))
     }
 
-    /// Deletes events and metric points older than the cutoffs, in bounded
-    /// steps between commits (so a large purge never holds up a commit);
-    /// answers what it deleted.
-    pub async fn purge(&self, events_before_ms: i64, points_before_ms: i64) -> Result<Purged> {
+    /// Deletes what is older than the cutoffs, in bounded steps between
+    /// commits (so a large purge never holds up a commit); answers what it
+    /// deleted. Idempotency keys older than their cutoff are forgotten at
+    /// once: a repeat with such a key creates anew.
+    pub async fn purge(&self, cutoffs: Cutoffs) -> Result<Purged> {
         let (reply, rx) = oneshot::channel();
+        self.lock().forget_keys(cutoffs.keys_before);
         self.lock().purges.push(PurgeJob {
-            events_before: events_before_ms,
-            points_before: points_before_ms,
+            cutoffs,
             purged: Purged::default(),
             reply,
         });
         self.shared.kick.notify_one();
         rx.await.unwrap_or(Err(Error::ShuttingDown))
+    }
+
+    /// Why the latest commit failed, while no commit has succeeded since.
+    pub fn write_error(&self) -> Option<String> {
+        self.shared.write_error.borrow().clone()
     }
 
     /// Directives per state, as decided so far (the `/metrics` gauges).
@@ -266,6 +284,50 @@ impl Ledger {
 }
 
 impl State {
+    /// Remembers an idempotency key.
+    fn remember_key(&mut self, row: IdempotencyRow) {
+        self.idempotency_order
+            .push_back((row.created_at, row.key.clone()));
+        self.idempotency.insert(
+            row.key,
+            IdempotencyKey {
+                group_id: row.group_id,
+                fingerprint: row.fingerprint.into(),
+                created_at: row.created_at,
+            },
+        );
+    }
+
+    /// Forgets idempotency keys made before `before` (Unix ms).
+    fn forget_keys(&mut self, before: i64) {
+        while self
+            .idempotency_order
+            .front()
+            .is_some_and(|(at, _)| *at < before)
+        {
+            let Some((at, key)) = self.idempotency_order.pop_front() else {
+                break;
+            };
+            // A key used again after a purge is remembered with its new time.
+            if self
+                .idempotency
+                .get(&key)
+                .is_some_and(|k| k.created_at == at)
+            {
+                self.idempotency.remove(&key);
+            }
+        }
+    }
+
+    /// Takes final directives deleted by retention out of the counts.
+    fn forget_finals(&mut self, purged: &Purged) {
+        for (state, n) in &purged.directives {
+            if let Some(count) = self.finals.get_mut(state.as_str()) {
+                *count = count.saturating_sub(i64::try_from(*n).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
     /// Refuses writes while the ledger is being rebuilt.
     fn writable(&self) -> Result<()> {
         if self.poisoned {
@@ -297,7 +359,11 @@ impl State {
         self.expiry.clear();
         self.dirty.clear();
         self.payload_bytes = 0;
-        self.idempotency = snapshot.idempotency.into_iter().collect();
+        self.idempotency.clear();
+        self.idempotency_order.clear();
+        for row in snapshot.idempotency {
+            self.remember_key(row);
+        }
         self.finals = snapshot
             .finals
             .into_iter()

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::delivery::Stream;
 use super::{Committed, Ledger, State};
+use crate::directives::State as DState;
 use crate::error::{Error, Result};
 use crate::events::{Kind, NewEvent};
 use crate::spokes::{
@@ -224,8 +225,19 @@ impl Ledger {
             && spoke.info.capabilities == reg.capabilities
             && spoke.info.max_in_flight == reg.max_in_flight
             && spoke.live.version == reg.version;
+        let mut changed = Vec::new();
         if !same {
             let old = &spoke.info;
+            for (what, differs) in [
+                ("labels", old.labels != reg.labels),
+                ("capabilities", old.capabilities != reg.capabilities),
+                ("max_in_flight", old.max_in_flight != reg.max_in_flight),
+                ("version", spoke.live.version != reg.version),
+            ] {
+                if differs {
+                    changed.push(what);
+                }
+            }
             spoke.info = Arc::new(SpokeInfo::new(
                 id,
                 old.name.clone(),
@@ -241,6 +253,9 @@ impl Ledger {
             spoke.wake();
         }
         state.seen(id, now_ms);
+        if !same {
+            state.spoke_event(id, Kind::SpokeUpdated, json!({"changed": changed}), now_ms);
+        }
         let record = state
             .spokes
             .get(&id)
@@ -313,6 +328,57 @@ impl Ledger {
         state.by_key.insert(key_hash, id);
         state.spoke_event(id, Kind::SpokeKeyRotated, json!({}), now_ms);
         Ok(self.commit_soon(state))
+    }
+
+    /// Deletes a spoke: its key stops working and its stream ends at once,
+    /// its name is free, its directives that are not final become
+    /// CANCELLED. Answers the spoke as it was and how many were cancelled.
+    pub fn delete_spoke(&self, id: Uuid, now_ms: i64) -> Result<(SpokeRecord, u32, Committed)> {
+        let mut state = self.lock();
+        state.writable()?;
+        let record = state.spoke_mut(id)?.record();
+        let outstanding: Vec<Uuid> = state
+            .directives
+            .iter()
+            .filter(|(_, d)| d.spoke_id == id)
+            .map(|(id, _)| *id)
+            .collect();
+        let reason = "its spoke was deleted";
+        for &directive in &outstanding {
+            state.finish(directive, DState::Cancelled, None, reason, now_ms);
+            state.log.changes.push(Change::Event {
+                event: NewEvent::directive(
+                    Kind::DirectiveCancelled,
+                    id,
+                    directive,
+                    json!({"reason": reason}),
+                ),
+                at: now_ms,
+            });
+        }
+        let Some(mut spoke) = state.spokes.remove(&id) else {
+            return Err(Error::NotFound(format!("spoke {id} not found")));
+        };
+        spoke
+            .stream
+            .end(super::End::KeyInvalidated("spoke deleted"));
+        state.by_key.remove(&spoke.info.key_hash);
+        state.by_name.remove(&spoke.info.name);
+        state.dirty.remove(&id);
+        state.log.changes.push(Change::Event {
+            event: NewEvent::spoke(
+                Kind::SpokeDeleted,
+                id,
+                json!({"name": spoke.info.name, "cancelled": outstanding.len()}),
+            ),
+            at: now_ms,
+        });
+        state
+            .log
+            .changes
+            .push(Change::SpokeDeleted { id, at: now_ms });
+        let cancelled = u32::try_from(outstanding.len()).unwrap_or(u32::MAX);
+        Ok((record, cancelled, self.commit_soon(state)))
     }
 
     /// Moves spokes whose last sign of life is older than the thresholds to

@@ -41,8 +41,26 @@ pub enum Change {
         spoke_id: Uuid,
         /// What never changes.
         fixed: Arc<Fixed>,
+        /// The payload, JSON text; `None` for a directive of a fan-out,
+        /// whose payload is stored once, in its group's row.
+        payload: Option<Arc<str>>,
+    },
+    /// The payload of a fan-out, stored once for all its directives.
+    DirectiveGroup {
+        /// The create's group id.
+        group_id: Uuid,
         /// The payload, JSON text.
         payload: Arc<str>,
+        /// When, Unix ms.
+        at: i64,
+    },
+    /// A spoke was deleted: its name is free again; the row stays for its
+    /// history until retention.
+    SpokeDeleted {
+        /// The spoke.
+        id: Uuid,
+        /// When, Unix ms.
+        at: i64,
     },
     /// A directive's whole mutable state.
     DirectiveUpdated(DirectiveUpdate),
@@ -52,6 +70,8 @@ pub enum Change {
         key: String,
         /// The group the create made.
         group_id: Uuid,
+        /// What the create asked for (see `ledger`'s fingerprint).
+        fingerprint: Arc<str>,
         /// When, Unix ms.
         at: i64,
     },
@@ -107,6 +127,7 @@ pub struct Committed {
 struct SpokeRow<'a> {
     info: &'a SpokeInfo,
     live: &'a SpokeLive,
+    deleted_at: Option<i64>,
 }
 
 struct NewDirectiveRow<'a> {
@@ -171,13 +192,15 @@ impl EventRow {
 struct KeyRow<'a> {
     key: &'a str,
     group_id: Uuid,
+    fingerprint: &'a str,
     created_at: i64,
 }
 
 const UPSERT_SPOKE: &str = "INSERT INTO spokes (id, name, key_hash, labels, capabilities, \
     version, max_in_flight, registered_at, revoked_at, last_heartbeat_at, last_seen_at, status, \
-    status_message, reported_in_flight, reported_buffered_points, reported_failed_pushes, health) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) \
+    status_message, reported_in_flight, reported_buffered_points, reported_failed_pushes, health, \
+    deleted_at) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) \
     ON CONFLICT (id) DO UPDATE SET name = excluded.name, key_hash = excluded.key_hash, \
     labels = excluded.labels, capabilities = excluded.capabilities, version = excluded.version, \
     max_in_flight = excluded.max_in_flight, revoked_at = excluded.revoked_at, \
@@ -185,7 +208,8 @@ const UPSERT_SPOKE: &str = "INSERT INTO spokes (id, name, key_hash, labels, capa
     status = excluded.status, status_message = excluded.status_message, \
     reported_in_flight = excluded.reported_in_flight, \
     reported_buffered_points = excluded.reported_buffered_points, \
-    reported_failed_pushes = excluded.reported_failed_pushes, health = excluded.health";
+    reported_failed_pushes = excluded.reported_failed_pushes, health = excluded.health, \
+    deleted_at = COALESCE(excluded.deleted_at, spokes.deleted_at)";
 
 const INSERT_DIRECTIVE: &str = "INSERT INTO directives (id, spoke_id, type, payload, \
     max_attempts, priority, created_at, expires_at, ack_deadline_ms, group_id, idempotency_key, \
@@ -197,8 +221,13 @@ const UPDATE_DIRECTIVE: &str = "UPDATE directives SET state = ?2, attempts = ?3,
     updated_at = ?4, ack_due_at = ?5, result = ?6, error = ?7, progress = ?8, \
     progress_message = ?9 WHERE id = ?1";
 
-const INSERT_KEY: &str =
-    "INSERT INTO idempotency_keys (key, group_id, created_at) VALUES (?1, ?2, ?3)";
+const INSERT_KEY: &str = "INSERT INTO idempotency_keys (key, group_id, fingerprint, created_at) \
+    VALUES (?1, ?2, ?3, ?4)";
+
+const INSERT_GROUP: &str =
+    "INSERT INTO directive_groups (group_id, payload, created_at) VALUES (?1, ?2, ?3)";
+
+const DELETE_SPOKE: &str = "UPDATE spokes SET deleted_at = ?2 WHERE id = ?1";
 
 const INSERT_EVENT: &str = "INSERT INTO events (seq, type, time, spoke_id, directive_id, \
     details) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
@@ -212,6 +241,8 @@ struct Rows<'a> {
     updated: Vec<UpdateRow<'a>>,
     directive_index: HashMap<Uuid, Slot>,
     keys: Vec<KeyRow<'a>>,
+    groups: Vec<(Uuid, &'a str, i64)>,
+    deleted: Vec<(Uuid, i64)>,
     events: Vec<EventRow>,
 }
 
@@ -223,9 +254,16 @@ enum Slot {
 
 impl<'a> Rows<'a> {
     fn spoke(&mut self, info: &'a SpokeInfo, live: &'a SpokeLive) {
-        let row = SpokeRow { info, live };
+        let row = SpokeRow {
+            info,
+            live,
+            deleted_at: None,
+        };
         match self.spoke_index.get(&info.id) {
-            Some(&i) => self.spokes[i] = row,
+            Some(&i) => {
+                let deleted_at = self.spokes[i].deleted_at;
+                self.spokes[i] = SpokeRow { deleted_at, ..row };
+            }
             None => {
                 self.spoke_index.insert(info.id, self.spokes.len());
                 self.spokes.push(row);
@@ -342,11 +380,27 @@ fn commit(conn: &mut Connection, store: &Store, changes: &[Change]) -> Result<Co
                 spoke_id,
                 fixed,
                 payload,
-            } => rows.created(*id, *spoke_id, fixed, payload),
+            } => rows.created(*id, *spoke_id, fixed, payload.as_deref().unwrap_or("")),
+            Change::DirectiveGroup {
+                group_id,
+                payload,
+                at,
+            } => rows.groups.push((*group_id, payload, *at)),
+            Change::SpokeDeleted { id, at } => match rows.spoke_index.get(id) {
+                // Created or changed in this batch: its row carries the mark.
+                Some(&i) => rows.spokes[i].deleted_at = Some(*at),
+                None => rows.deleted.push((*id, *at)),
+            },
             Change::DirectiveUpdated(update) => rows.updated(update),
-            Change::IdempotencyKey { key, group_id, at } => rows.keys.push(KeyRow {
+            Change::IdempotencyKey {
+                key,
+                group_id,
+                fingerprint,
+                at,
+            } => rows.keys.push(KeyRow {
                 key,
                 group_id: *group_id,
+                fingerprint,
                 created_at: *at,
             }),
             Change::Event { event, at } => {
@@ -372,6 +426,13 @@ fn commit(conn: &mut Connection, store: &Store, changes: &[Change]) -> Result<Co
             }
         }
     }
+    // A deleted spoke's name may be taken again in this same batch.
+    if !rows.deleted.is_empty() {
+        let mut stmt = tx.prepare_cached(DELETE_SPOKE)?;
+        for (id, at) in &rows.deleted {
+            stmt.execute(params![id.to_string(), at])?;
+        }
+    }
     {
         let mut stmt = tx.prepare_cached(UPSERT_SPOKE)?;
         for r in &rows.spokes {
@@ -394,7 +455,14 @@ fn commit(conn: &mut Connection, store: &Store, changes: &[Change]) -> Result<Co
                 i64::try_from(live.reported_buffered_points).unwrap_or(i64::MAX),
                 i64::try_from(live.reported_failed_pushes).unwrap_or(i64::MAX),
                 live.health,
+                r.deleted_at,
             ])?;
+        }
+    }
+    if !rows.groups.is_empty() {
+        let mut stmt = tx.prepare_cached(INSERT_GROUP)?;
+        for (group_id, payload, at) in &rows.groups {
+            stmt.execute(params![group_id.to_string(), payload, at])?;
         }
     }
     {
@@ -444,7 +512,12 @@ fn commit(conn: &mut Connection, store: &Store, changes: &[Change]) -> Result<Co
     {
         let mut stmt = tx.prepare_cached(INSERT_KEY)?;
         for k in &rows.keys {
-            stmt.execute(params![k.key, k.group_id.to_string(), k.created_at])?;
+            stmt.execute(params![
+                k.key,
+                k.group_id.to_string(),
+                k.fingerprint,
+                k.created_at
+            ])?;
         }
     }
     let mut skipped = Vec::new();

@@ -11,10 +11,16 @@ use super::Store;
 use crate::directives::{DirectiveRecord, State};
 use crate::error::{Error, Result};
 
-const DIRECTIVE_COLUMNS: &str = "d.id, d.spoke_id, s.name AS spoke_name, d.type, d.payload, d.state, \
+const DIRECTIVE_COLUMNS: &str = "d.id, d.spoke_id, s.name AS spoke_name, d.type, \
+    CASE d.payload WHEN '' THEN g.payload ELSE d.payload END AS payload, d.state, \
     d.attempts, d.max_attempts, d.priority, d.created_at, d.updated_at, d.expires_at, \
     d.ack_deadline_ms, d.ack_due_at, d.group_id, d.idempotency_key, d.coalesce_key, d.result, \
     d.error, d.progress, d.progress_message";
+
+/// Directives with their spoke and, for a fan-out (whose rows hold an empty
+/// payload), the group's one copy of the payload.
+const DIRECTIVES: &str = "directives d JOIN spokes s ON s.id = d.spoke_id \
+    LEFT JOIN directive_groups g ON g.group_id = d.group_id";
 
 pub(super) fn uuid_of(row: &SqliteRow, col: &str) -> Result<Uuid> {
     let s: String = row.try_get(col)?;
@@ -67,7 +73,7 @@ impl Store {
     /// One directive by id.
     pub async fn directive(&self, id: Uuid) -> Result<Option<DirectiveRecord>> {
         let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {DIRECTIVE_COLUMNS} FROM directives d JOIN spokes s ON s.id = d.spoke_id WHERE d.id = $1"
+            "SELECT {DIRECTIVE_COLUMNS} FROM {DIRECTIVES} WHERE d.id = $1"
         )))
         .bind(id.to_string())
         .fetch_optional(&self.reader)
@@ -94,8 +100,11 @@ impl Store {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
-        let mut q: QueryBuilder<Sqlite> =
-            QueryBuilder::new("SELECT id, payload FROM directives WHERE id IN (");
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT d.id, CASE d.payload WHEN '' THEN g.payload ELSE d.payload END AS payload \
+             FROM directives d LEFT JOIN directive_groups g ON g.group_id = d.group_id \
+             WHERE d.id IN (",
+        );
         let mut list = q.separated(", ");
         for id in ids {
             list.push_bind(id.to_string());
@@ -125,7 +134,7 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<DirectiveRecord>> {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
-            "SELECT {DIRECTIVE_COLUMNS} FROM directives d JOIN spokes s ON s.id = d.spoke_id WHERE 1 = 1"
+            "SELECT {DIRECTIVE_COLUMNS} FROM {DIRECTIVES} WHERE 1 = 1"
         ));
         if let Some(spoke) = filter.spoke_id {
             q.push(" AND d.spoke_id = ").push_bind(spoke.to_string());

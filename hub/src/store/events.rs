@@ -62,4 +62,12 @@ impl Store {
         .await?;
         rows.iter().map(event_from_row).collect()
     }
+
+    /// The oldest stored event's sequence, if any is stored.
+    pub async fn oldest_event(&self) -> Result<Option<i64>> {
+        let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(seq) FROM events")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(oldest)
+    }
 }

@@ -38,6 +38,20 @@ pub struct OutstandingRow {
     pub progress_message: String,
 }
 
+/// An idempotency key as stored.
+#[derive(Debug, Clone)]
+pub struct IdempotencyRow {
+    /// The key.
+    pub key: String,
+    /// The group its create made.
+    pub group_id: Uuid,
+    /// What that create asked for (empty for keys stored before this was
+    /// recorded: any request matches them).
+    pub fingerprint: String,
+    /// When, Unix ms.
+    pub created_at: i64,
+}
+
 /// Everything the ledger starts from.
 #[derive(Debug, Default)]
 pub struct Snapshot {
@@ -45,8 +59,9 @@ pub struct Snapshot {
     pub spokes: Vec<(SpokeInfo, SpokeLive)>,
     /// Directives that are not final.
     pub outstanding: Vec<OutstandingRow>,
-    /// Idempotency keys and the groups they made.
-    pub idempotency: Vec<(String, Uuid)>,
+    /// Idempotency keys: the groups they made, what the creates asked for,
+    /// and when, oldest first.
+    pub idempotency: Vec<IdempotencyRow>,
     /// How many directives are in each final state.
     pub finals: Vec<(State, i64)>,
 }
@@ -121,7 +136,8 @@ impl Store {
         let spokes = sqlx::query(
             "SELECT id, name, key_hash, labels, capabilities, version, max_in_flight, registered_at, \
              revoked_at, last_heartbeat_at, last_seen_at, status, status_message, reported_in_flight, \
-             reported_buffered_points, reported_failed_pushes, health FROM spokes",
+             reported_buffered_points, reported_failed_pushes, health FROM spokes \
+             WHERE deleted_at IS NULL",
         )
         .fetch_all(&self.reader)
         .await?
@@ -139,12 +155,22 @@ impl Store {
         .iter()
         .map(outstanding_from_row)
         .collect::<Result<_>>()?;
-        let idempotency = sqlx::query("SELECT key, group_id FROM idempotency_keys")
-            .fetch_all(&self.reader)
-            .await?
-            .iter()
-            .map(|row| Ok((row.try_get("key")?, uuid_of(row, "group_id")?)))
-            .collect::<Result<_>>()?;
+        let idempotency = sqlx::query(
+            "SELECT key, group_id, fingerprint, created_at FROM idempotency_keys \
+             ORDER BY created_at",
+        )
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(IdempotencyRow {
+                key: row.try_get("key")?,
+                group_id: uuid_of(row, "group_id")?,
+                fingerprint: row.try_get("fingerprint")?,
+                created_at: row.try_get("created_at")?,
+            })
+        })
+        .collect::<Result<_>>()?;
         let finals = sqlx::query(
             "SELECT state, COUNT(*) AS n FROM directives \
              WHERE state NOT IN ('PENDING', 'DELIVERED', 'IN_PROGRESS') GROUP BY state",

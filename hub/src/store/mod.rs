@@ -17,9 +17,12 @@
 mod commit;
 mod directives;
 mod events;
+mod files;
 mod load;
 mod metrics;
 mod retention;
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -33,9 +36,9 @@ use tokio::sync::watch;
 
 pub use commit::{Change, Committed, DirectiveUpdate, Writer};
 pub use directives::DirectiveFilter;
-pub use load::{OutstandingRow, Snapshot};
+pub use load::{IdempotencyRow, OutstandingRow, Snapshot};
 pub use metrics::{MetricFilter, StoredBatch};
-pub use retention::Purged;
+pub use retention::{Cutoffs, Purged};
 
 use crate::error::{Error, Result};
 
@@ -97,6 +100,7 @@ impl Store {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         let path = options.get_filename().to_path_buf();
+        files::make_private(&path);
         let maintenance = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options.clone())
@@ -187,6 +191,31 @@ impl Store {
                 .fetch_one(&self.reader)
                 .await?;
         Ok(applied as usize == SQLITE_MIGRATIONS.iter().count())
+    }
+
+    /// Whether a write could start now: takes the write lock and lets it
+    /// go at once, within `wait` (another process holding the database
+    /// locked makes this fail).
+    pub async fn can_write(&self, wait: Duration) -> Result<bool> {
+        let probe = async {
+            let mut conn = self.maintenance.acquire().await?;
+            sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+            sqlx::query("ROLLBACK").execute(&mut *conn).await?;
+            Ok::<_, Error>(())
+        };
+        match tokio::time::timeout(wait, probe).await {
+            Ok(Ok(())) => Ok(true),
+            Ok(Err(Error::Database(sqlx::Error::Database(e))))
+                if e.code()
+                    .and_then(|c| c.parse::<i32>().ok())
+                    .map(|c| c & 0xff)
+                    == Some(5) =>
+            {
+                Ok(false)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Ok(false),
+        }
     }
 
     /// Runs `sql` on the writer connection: tests inject faults with it.

@@ -183,6 +183,19 @@ impl Spoke {
         }
     }
 
+    /// One Heartbeat (status OK); returns when the server answered.
+    pub async fn heartbeat(&self) -> Result<(), Status> {
+        let request = pb::HeartbeatRequest {
+            status: pb::SpokeStatus::Ok as i32,
+            ..Default::default()
+        };
+        self.client
+            .clone()
+            .heartbeat(authorized(request, &self.auth))
+            .await?;
+        Ok(())
+    }
+
     /// The queue of the spoke's AckStream actor, started if it is not running.
     fn ack_queue(&self) -> mpsc::Sender<PendingAck> {
         let mut acks = self.acks.lock().unwrap_or_else(|e| e.into_inner());

@@ -453,6 +453,13 @@ impl AdminService for Floor {
         Err(unimplemented())
     }
 
+    async fn delete_spoke(
+        &self,
+        _: Request<pb::DeleteSpokeRequest>,
+    ) -> Result<Response<pb::DeleteSpokeResponse>, Status> {
+        Err(unimplemented())
+    }
+
     async fn query_metrics(
         &self,
         _request: Request<pb::QueryMetricsRequest>,
@@ -540,10 +547,13 @@ impl Shared {
             directives.push(directive);
         }
         Ok(pb::CreateDirectiveResponse {
+            directive_count: u32::try_from(directives.len()).unwrap_or(u32::MAX),
             directives,
             group_id,
             skipped_spokes: 0,
             idempotent_replay: false,
+            payloads_omitted: false,
+            directives_omitted: false,
         })
     }
 }

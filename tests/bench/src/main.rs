@@ -11,6 +11,7 @@
 //!   `hub.v1` producer and spokes.
 //! - `redis_streams`, `jetstream`: the same cycle on the peers.
 //! - `fleet`: idle capacity, fan-out and the reconnect storm.
+//! - `flood`: one spoke flooding heartbeats, another's latency measured.
 //! - `floor`: the in-memory server.
 //! - `proc`: CPU time, RSS and limits from `/proc`.
 //! - `report`: the table and the JSON.
@@ -19,6 +20,7 @@
 mod contract;
 mod cycle;
 mod fleet;
+mod flood;
 mod floor;
 mod jetstream;
 mod plan;

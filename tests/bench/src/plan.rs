@@ -12,6 +12,7 @@ use clap::ValueEnum;
 use crate::contract::{AckPath, CreatePath};
 use crate::cycle::{self, CycleSpec, Paths};
 use crate::fleet::{self, FleetRun};
+use crate::flood::{self, FloodRun};
 use crate::jetstream::{self, NatsPeer};
 use crate::redis_streams::{self, Fsync, RedisPeer};
 use crate::report::{self, Record};
@@ -31,6 +32,9 @@ pub enum Scenario {
     /// --idle-large spokes: RSS per spoke, register + connect time, fan-out,
     /// and (hub) the reconnect storm.
     Fleet,
+    /// One spoke floods heartbeats from --flood-loops loops; another's
+    /// heartbeat latency with and without (hub.v1 targets).
+    Flood,
 }
 
 impl Scenario {
@@ -144,6 +148,12 @@ pub struct RunArgs {
     /// Spokes connecting and registering at once.
     #[arg(long, default_value_t = 200)]
     pub connect_concurrency: usize,
+    /// Concurrent heartbeat loops of the flooding spoke in `flood`.
+    #[arg(long, default_value_t = 64)]
+    pub flood_loops: usize,
+    /// Seconds each phase of `flood` (quiet, flooded) measures.
+    #[arg(long, default_value_t = 15)]
+    pub flood_secs: u64,
     /// How long any one step may take, in seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_secs: u64,
@@ -238,7 +248,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<bool> {
 fn applies(scenario: Scenario, target: TargetName) -> bool {
     match scenario {
         Scenario::Cycle | Scenario::CycleLarge | Scenario::Light => true,
-        Scenario::Idle | Scenario::Fleet => target.speaks_hub_v1(),
+        Scenario::Idle | Scenario::Fleet | Scenario::Flood => target.speaks_hub_v1(),
     }
 }
 
@@ -271,6 +281,10 @@ fn label(args: &RunArgs, scenario: Scenario) -> String {
         ),
         Scenario::Idle => format!("{} idle spokes", args.idle_small),
         Scenario::Fleet => format!("{} spokes: idle, fan-out, storm", args.idle_large),
+        Scenario::Flood => format!(
+            "flood: {} heartbeat loops of one spoke vs another's heartbeats",
+            args.flood_loops
+        ),
     }
 }
 
@@ -321,6 +335,14 @@ async fn run_one(
         let mut server = Server::start(kind, window).await?;
         let result = match fleet_run {
             Some(run) => fleet::run(&mut server, run).await,
+            None if scenario == Scenario::Flood => {
+                let run = FloodRun {
+                    loops: args.flood_loops,
+                    phase: Duration::from_secs(args.flood_secs.max(1)),
+                    interval: Duration::from_millis(25),
+                };
+                flood::run(&server, run).await
+            }
             None => cycle::hub_v1(&server, cycle_spec(args, scenario), paths)
                 .await
                 .map(|r| r.metrics()),

@@ -77,6 +77,27 @@ fn rows(scenario: Scenario) -> Vec<Row> {
                 ratio: false,
             },
         ],
+        Scenario::Flood => vec![
+            row("quiet_p50_ms", "heartbeat p50 ms, no flood"),
+            row("quiet_p99_ms", "heartbeat p99 ms, no flood"),
+            row("flood_p50_ms", "heartbeat p50 ms, flooded"),
+            row("flood_p99_ms", "heartbeat p99 ms, flooded"),
+            Row {
+                metric: "p99_ratio",
+                label: "p99 flooded ÷ no flood (target ≤ 1.1)",
+                ratio: false,
+            },
+            Row {
+                metric: "flood_accepted_per_s",
+                label: "flooder's calls accepted/s",
+                ratio: false,
+            },
+            Row {
+                metric: "flood_refused_per_s",
+                label: "flooder's calls refused/s",
+                ratio: false,
+            },
+        ],
     }
 }
 

@@ -134,6 +134,11 @@ impl Server {
                 cmd.env("HUB_SYNC", sync.as_str()).arg("serve");
                 cmd.arg("--data-dir").arg(self.dir.path().join("data"));
                 cmd.arg("--http-listen").arg(self.http.to_string());
+                // The fleet registers 10,000 spokes in seconds: this measures
+                // registration, not the enrollment limit. Every other limit
+                // keeps its default (the `flood` scenario measures them).
+                cmd.args(["--enrollments-per-minute", "100000000"]);
+                cmd.args(["--enrollment-burst", "100000"]);
                 cmd
             }
             Kind::Floor => {
