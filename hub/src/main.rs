@@ -61,6 +61,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    // One hub per SQLite database: held until the process ends.
+    let lock = hub::Store::lock_for_process(&config.database_url)
+        .context("--database-url / DATABASE_URL")?;
+    if let Some(lock) = &lock {
+        tracing::debug!(file = %lock.path().display(), "holding the database's process lock");
+    }
     let store = hub::Store::open(&config.database_url, config.durability)
         .await
         .with_context(|| {

@@ -80,3 +80,49 @@ pub(super) fn make_private(db: &Path) {
 /// File modes are a Unix matter.
 #[cfg(not(unix))]
 pub(super) fn make_private(_db: &Path) {}
+
+/// Held for as long as a hub process serves from an SQLite database: an
+/// exclusive lock on `<database>.lock` beside it. SQLite lets two processes
+/// share a file, but two hubs on one database would each run every timer
+/// and each keep its own picture of the fleet, so the second one refuses to
+/// start. The operating system releases the lock when the process ends,
+/// however it ends, so a killed hub never leaves a stale lock behind.
+#[derive(Debug)]
+pub struct ProcessLock {
+    _file: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+impl ProcessLock {
+    /// Takes the lock for the database file `db`, or says who holds it.
+    pub(super) fn take(db: &Path) -> Result<Option<Self>, String> {
+        let name = db.to_string_lossy();
+        if name.is_empty() || name.starts_with(':') || name.starts_with("file:") {
+            return Ok(None);
+        }
+        let path = std::path::PathBuf::from(format!("{name}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Self { _file: file, path })),
+            Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+                "another hub is already serving from {} (it holds {}): stop it first; \
+                 to run several replicas use PostgreSQL (--database-url postgres://...)",
+                db.display(),
+                path.display()
+            )),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(format!("cannot lock {}: {e}", path.display()))
+            }
+        }
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}

@@ -36,6 +36,7 @@ use tokio::sync::watch;
 
 pub use commit::{Change, Committed, DirectiveUpdate, Writer};
 pub use directives::DirectiveFilter;
+pub use files::ProcessLock;
 pub use load::{IdempotencyRow, OutstandingRow, Snapshot};
 pub use metrics::{MetricFilter, StoredBatch};
 pub use retention::{Cutoffs, Purged};
@@ -79,6 +80,20 @@ pub struct Store {
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
 impl Store {
+    /// Makes this process the only hub serving from the database at `url`
+    /// until the returned lock is dropped (or the process ends): a second
+    /// hub on the same SQLite database refuses to start with
+    /// FAILED_PRECONDITION naming the lock. `None` for a database without a
+    /// file (in memory).
+    pub fn lock_for_process(url: &str) -> Result<Option<ProcessLock>> {
+        if !url.starts_with("sqlite:") {
+            return Ok(None);
+        }
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| Error::invalid("database_url", e.to_string()))?;
+        ProcessLock::take(options.get_filename()).map_err(Error::FailedPrecondition)
+    }
+
     /// Opens (creating if needed) the database at `url` and applies pending
     /// migrations. Only `sqlite:` URLs are supported so far.
     pub async fn open(url: &str, durability: Durability) -> Result<Self> {
