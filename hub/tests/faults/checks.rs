@@ -36,14 +36,14 @@ impl Verdict {
 }
 
 /// Failures of one kind, capped at [`SHOWN`] lines.
-struct Kind<'a> {
+pub struct Kind<'a> {
     out: &'a mut Vec<String>,
     title: &'static str,
     count: usize,
 }
 
 impl<'a> Kind<'a> {
-    fn new(out: &'a mut Vec<String>, title: &'static str) -> Self {
+    pub fn new(out: &'a mut Vec<String>, title: &'static str) -> Self {
         Self {
             out,
             title,
@@ -51,7 +51,7 @@ impl<'a> Kind<'a> {
         }
     }
 
-    fn fail(&mut self, line: String) {
+    pub fn fail(&mut self, line: String) {
         self.count += 1;
         if self.count <= SHOWN {
             self.out.push(format!("[{}] {line}", self.title));
@@ -82,30 +82,7 @@ pub async fn settle_and_check(hub_url: &str, mut fleet: Fleet, load: Load, seed:
         .expect("reach the hub after the faults");
     let mut admin = AdminServiceClient::new(channel);
 
-    let quiet = fleet::try_eventually(Duration::from_secs(60), || {
-        let mut admin = admin.clone();
-        async move {
-            let all = directives(&mut admin).await;
-            all.iter().all(|d| is_final(d.state)).then_some(())
-        }
-    })
-    .await;
-    if quiet.is_none() {
-        let mut kind = Kind::new(&mut failures, "not final 60 s after the faults");
-        for d in directives(&mut admin)
-            .await
-            .iter()
-            .filter(|d| !is_final(d.state))
-        {
-            kind.fail(format!(
-                "directive {} for {} is {} (attempt {})",
-                d.id,
-                d.spoke_name,
-                state_name(d.state),
-                d.attempt
-            ));
-        }
-    }
+    wait_quiet(&mut admin, &mut failures).await;
     // Outcomes whose ack reply a fault swallowed are acked again after the
     // spoke reconnects; wait for that before reading the records.
     let settled = fleet::try_eventually(Duration::from_secs(30), || async {
@@ -154,8 +131,37 @@ pub async fn settle_and_check(hub_url: &str, mut fleet: Fleet, load: Load, seed:
     Verdict { summary, failures }
 }
 
+/// Waits up to 60 s until every directive is final on the hub; names the
+/// ones that are not.
+pub async fn wait_quiet(admin: &mut AdminServiceClient<Channel>, failures: &mut Vec<String>) {
+    let quiet = fleet::try_eventually(Duration::from_secs(60), || {
+        let mut admin = admin.clone();
+        async move {
+            let all = directives(&mut admin).await;
+            all.iter().all(|d| is_final(d.state)).then_some(())
+        }
+    })
+    .await;
+    if quiet.is_none() {
+        let mut kind = Kind::new(failures, "not final 60 s after the faults");
+        for d in directives(admin)
+            .await
+            .iter()
+            .filter(|d| !is_final(d.state))
+        {
+            kind.fail(format!(
+                "directive {} for {} is {} (attempt {})",
+                d.id,
+                d.spoke_name,
+                state_name(d.state),
+                d.attempt
+            ));
+        }
+    }
+}
+
 /// Every directive COMPLETED, exactly once, with the result of one run.
-fn check_directives(view: &HubView, journal: &fleet::Journal, failures: &mut Vec<String>) {
+pub fn check_directives(view: &HubView, journal: &fleet::Journal, failures: &mut Vec<String>) {
     let runs = fleet::runs_by_directive(&journal.runs);
     let mut state = Kind::new(failures, "not COMPLETED");
     for d in &view.directives {
@@ -207,7 +213,7 @@ fn check_directives(view: &HubView, journal: &fleet::Journal, failures: &mut Vec
 }
 
 /// Nothing created twice, nothing the operator was told about missing.
-fn check_creates(view: &HubView, load: &LoadLog, spokes: usize, failures: &mut Vec<String>) {
+pub fn check_creates(view: &HubView, load: &LoadLog, spokes: usize, failures: &mut Vec<String>) {
     let mut by_n = HashMap::<u64, Vec<&proto::Directive>>::new();
     let mut by_key = BTreeMap::<(&str, &str), usize>::new();
     let mut kind = Kind::new(failures, "created twice or lost");

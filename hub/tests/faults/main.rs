@@ -1,6 +1,6 @@
 //! The fault suite: the real `hub` binary under load from in-process
 //! spoke-client spokes while it is killed with SIGKILL and restarted
-//! (`kill_loop`), or while a fault-injecting TCP proxy delays, drops,
+//! (`kill_loop`; `spoke_kill_loop` kills spoke processes as well), or while a fault-injecting TCP proxy delays, drops,
 //! resets and half-opens the spokes' and operators' connections
 //! (`proxy_faults`). Both end with the same checks (`checks`): every
 //! directive COMPLETED, none created twice, no handler run twice or after a
@@ -23,6 +23,8 @@ mod checks;
 mod fleet;
 mod hub_bin;
 mod load;
+mod proc_checks;
+mod procs;
 mod proxy;
 mod view;
 
@@ -36,6 +38,7 @@ use checks::Verdict;
 use fleet::Fleet;
 use hub_bin::HubProcess;
 use load::Load;
+use procs::SpokeProcs;
 use proxy::FaultProxy;
 
 /// Spokes per test.
@@ -195,4 +198,53 @@ async fn faulty_connections_lose_and_repeat_nothing() {
     drop(proxy);
     drop(hub);
     run.conclude(verdict);
+}
+
+/// The hub killed every 2–4 s and, in between, a spoke process every
+/// 6–8 s (each restarted at once on its state directory), while directives
+/// flow. A spoke may run a directive again only if the run it lost recorded
+/// no outcome; the checks (`proc_checks`) hold it to that, and to every
+/// point of a finished run stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_and_spokes_killed_again_and_again_run_nothing_finished_twice() {
+    let seed = seed("spoke_kill_loop");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let run = RunDir::new("spoke-kill", seed);
+    let mut hub = HubProcess::start(&run.path(), &[], "normal").await;
+    let mut spokes = SpokeProcs::start("procs", SPOKES, &hub.url(), &run.path()).await;
+    let load = Load::start(&hub.url(), spokes.names(), seed);
+
+    let start = tokio::time::Instant::now();
+    let until = start + fault_time();
+    let mut next_hub = start + Duration::from_millis(rng.random_range(2000..=4000));
+    let mut next_spoke = start + Duration::from_millis(rng.random_range(6000..=8000));
+    let mut hub_kills = 0;
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep_until(next_hub.min(next_spoke)).await;
+        let now = tokio::time::Instant::now();
+        if now >= next_spoke {
+            spokes.kill_and_restart(rng.random_range(0..SPOKES));
+            next_spoke = now + Duration::from_millis(rng.random_range(6000..=8000));
+        }
+        if now >= next_hub {
+            hub.kill();
+            hub_kills += 1;
+            hub.start_again("normal").await;
+            next_hub =
+                tokio::time::Instant::now() + Duration::from_millis(rng.random_range(2000..=4000));
+        }
+    }
+    let verdict = proc_checks::settle_and_check(&hub.url(), spokes, load, seed).await;
+    let verdict = verdict.note(format!("{hub_kills} kills of the hub"));
+    drop(hub);
+    run.conclude(verdict);
+}
+
+/// Not a test of its own: the body of a spoke process that
+/// `hub_and_spokes_killed_again_and_again_run_nothing_finished_twice`
+/// starts (this binary run again with `--ignored --exact spoke_process`).
+#[test]
+#[ignore = "the body of a spoke process of the spoke kill loop"]
+fn spoke_process() {
+    procs::child_main();
 }
