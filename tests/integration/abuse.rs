@@ -324,3 +324,40 @@ async fn enrollments_have_a_budget_re_registration_does_not_use_it() {
         .await
         .expect("re-registration");
 }
+
+#[tokio::test]
+async fn a_one_batch_push_costs_one_call_and_its_retry_after_the_hint_is_taken() {
+    let hub = TestHub::start_with(limited(GuardSettings {
+        spoke_rate: 1,
+        spoke_burst: 3,
+        ..GuardSettings::default()
+    }))
+    .await;
+    let mut spoke = hub.register("pusher", &[], &[]).await;
+    let batch = |n: usize| proto::PushMetricsRequest {
+        batch_id: format!("b{n}"),
+        points: vec![crate::metrics::point("statistics", "orders", n as f64)],
+    };
+    // A burst of three calls is three one-batch pushes.
+    for n in 0..3 {
+        crate::metrics::push(&mut spoke, vec![batch(n)])
+            .await
+            .unwrap_or_else(|s| panic!("push {n} of a burst of 3: {s:?}"));
+    }
+    let mut n = 3;
+    let refused = until_refused(|| {
+        n += 1;
+        let req = spoke.req(tokio_stream::iter(vec![batch(n)]));
+        let mut client = spoke.client.clone();
+        async move { client.push_metrics(req).await }
+    })
+    .await;
+    let ms = retry_after_ms(&refused);
+    // The hint says when one call fits again, and a push of one batch is
+    // one call: waiting that long is enough.
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    let reply = crate::metrics::push(&mut spoke, vec![batch(100)])
+        .await
+        .expect("the retry after the hinted delay is taken");
+    assert_eq!(reply.batches[0].accepted_points, 1);
+}

@@ -1,5 +1,6 @@
 //! PushMetrics and QueryMetrics.
 
+use hub::Settings;
 use hub_proto::v1 as proto;
 use pbjson_types::Timestamp;
 
@@ -165,4 +166,61 @@ async fn query_filters_by_time_range_and_pages() {
         .into_inner();
     assert_eq!(rest.points.len(), 2);
     assert!(rest.next_page_token.is_empty());
+}
+
+#[tokio::test]
+async fn query_pages_are_bounded_by_bytes_and_lose_nothing() {
+    // A small message limit, and points with 16 wide labels (~4 KiB each):
+    // a page of 1000 points would be far over it.
+    let hub = TestHub::start_with(Settings {
+        max_message_bytes: 64 * 1024,
+        ..Settings::default()
+    })
+    .await;
+    let mut spoke = hub.register("wide", &[], &[]).await;
+    let wide = |i: usize| proto::MetricPoint {
+        labels: (0..16)
+            .map(|l| (format!("label{l}"), format!("{i}-{}", "v".repeat(250))))
+            .collect(),
+        ..point("statistics", "wide", i as f64)
+    };
+    for b in 0..10 {
+        let batch = proto::PushMetricsRequest {
+            batch_id: format!("wide-{b}"),
+            points: (b * 5..b * 5 + 5).map(wide).collect(),
+        };
+        let reply = push(&mut spoke, vec![batch])
+            .await
+            .expect("a batch that fits");
+        assert_eq!(reply.batches[0].accepted_points, 5);
+    }
+    let mut admin = hub.admin().await;
+    let (mut seen, mut token, mut pages) = (Vec::new(), String::new(), 0);
+    loop {
+        let req = proto::QueryMetricsRequest {
+            spoke_name: "wide".into(),
+            page_size: 1000,
+            page_token: token,
+            ..Default::default()
+        };
+        let page = admin
+            .query_metrics(authed(req, ADMIN_TOKEN))
+            .await
+            .expect("every page fits the message limit")
+            .into_inner();
+        pages += 1;
+        assert!(!page.points.is_empty(), "a page is never empty");
+        seen.extend(
+            page.points
+                .iter()
+                .map(|p| p.point.as_ref().unwrap().value as usize),
+        );
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert!(pages > 1, "the pages were cut by bytes");
+    seen.sort_unstable();
+    assert_eq!(seen, (0..50).collect::<Vec<_>>(), "every point once");
 }

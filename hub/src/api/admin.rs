@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::{Hub, acks};
 use crate::auth::{generate_secret, hash_secret};
-use crate::directives::{NewDirective, State, parse_id};
+use crate::directives::{DirectiveRecord, NewDirective, State, parse_id};
 use crate::error::{Error, Result};
 use crate::events::{EventFilter, Kind};
 use crate::ledger::{self, CancelStep, CreateStep};
@@ -149,6 +149,22 @@ fn page_size(requested: u32) -> u32 {
         0 => 100,
         n => n.min(1000),
     }
+}
+
+/// How many of `items`, in order, one reply page holds: at most `size`,
+/// within `limit` bytes, and never none when there is one (a single item
+/// over the limit is the reply-size layer's to refuse).
+fn fitting<T: prost::Message>(items: &[T], size: usize, limit: usize) -> usize {
+    let mut bytes = 0;
+    for (i, item) in items.iter().enumerate() {
+        // The field's tag and length prefix: a few bytes at most.
+        let len = item.encoded_len() + 8;
+        if i == size || (i > 0 && bytes + len > limit) {
+            return i;
+        }
+        bytes += len;
+    }
+    items.len()
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::WatchEventsResponse, Status>> + Send>>;
@@ -322,20 +338,13 @@ impl AdminService for AdminApi {
         // A page is bounded by bytes as well as by count: large payloads
         // make it shorter (never empty), and the token continues after the
         // last directive sent.
-        let limit = self.reply_limit();
-        let mut bytes = 0;
-        let mut directives = Vec::with_capacity(page.len().min(size));
-        let mut more = false;
-        for d in &page {
-            let wire = d.to_proto()?;
-            let len = prost::Message::encoded_len(&wire) + 8;
-            if directives.len() == size || (!directives.is_empty() && bytes + len > limit) {
-                more = true;
-                break;
-            }
-            bytes += len;
-            directives.push(wire);
-        }
+        let mut directives = page
+            .iter()
+            .map(DirectiveRecord::to_proto)
+            .collect::<Result<Vec<_>>>()?;
+        let fits = fitting(&directives, size, self.reply_limit());
+        let more = directives.len() > fits;
+        directives.truncate(fits);
         let next_page_token = match directives.last() {
             Some(last) if more => last.id.clone(),
             _ => String::new(),
@@ -488,17 +497,19 @@ impl AdminService for AdminApi {
             },
         };
         let size = page_size(req.page_size);
-        let mut rows = self.hub.store().query_points(&filter, size + 1).await?;
-        let next_page_token = if rows.len() > size as usize {
-            rows.truncate(size as usize);
-            rows.last()
-                .map(|(row, _)| row.to_string())
-                .unwrap_or_default()
+        let rows = self.hub.store().query_points(&filter, size + 1).await?;
+        // Bounded by bytes as well as by count, as ListDirectives' pages:
+        // wide labels make a page shorter (never empty).
+        let (rows, mut points): (Vec<i64>, Vec<_>) = rows.into_iter().unzip();
+        let fits = fitting(&points, size as usize, self.reply_limit());
+        let next_page_token = if points.len() > fits {
+            points.truncate(fits);
+            rows[fits - 1].to_string()
         } else {
             String::new()
         };
         Ok(Response::new(proto::QueryMetricsResponse {
-            points: rows.into_iter().map(|(_, p)| p).collect(),
+            points,
             next_page_token,
         }))
     }

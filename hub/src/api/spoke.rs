@@ -197,8 +197,14 @@ impl SpokeService for SpokeApi {
                     ))
                     .into());
                 }
-                // Each batch is a call of the spoke's budget.
-                self.hub.guard().limits.spoke_call(spoke.id).await?;
+                // The call paid for its first batch; each further batch is
+                // a call of the spoke's budget. (A one-batch push costing
+                // one call keeps the retry hint of a refused push honest:
+                // it says when one call fits, and one call is what the
+                // retry needs.)
+                if !pending.is_empty() {
+                    self.hub.guard().limits.spoke_call(spoke.id).await?;
+                }
                 let now = self.hub.now_ms();
                 let batch = Arc::new(Batch::parse(msg, max_points, now.saturating_mul(1_000_000))?);
                 let ledger = self.hub.ledger().clone();
