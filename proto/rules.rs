@@ -40,6 +40,20 @@ pub fn is_metric_ident(s: &str, max: usize) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
+/// Shortest key a spoke may propose (`RegisterRequest.proposed_key`).
+pub const MIN_SPOKE_KEY_CHARS: usize = 32;
+/// Longest key a spoke may propose.
+pub const MAX_SPOKE_KEY_CHARS: usize = 128;
+
+/// A key a spoke proposes for itself: 32 to 128 of `[A-Za-z0-9._~-]` (what
+/// fits in `authorization: Bearer <key>` untouched; 64 hex characters, the
+/// hub's own keys, qualify).
+pub fn is_spoke_key(s: &str) -> bool {
+    (MIN_SPOKE_KEY_CHARS..=MAX_SPOKE_KEY_CHARS).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,5 +73,14 @@ mod tests {
                 && !is_directive_type("")
         );
         assert!(is_metric_ident("orders_total", 128) && !is_metric_ident("9lives", 64));
+        assert!(is_spoke_key(&"ab12".repeat(16)) && is_spoke_key(&"A-_.~z".repeat(6)));
+        for bad in [
+            "",
+            &"a".repeat(31),
+            &"a".repeat(129),
+            &format!("{} x", "a".repeat(40)),
+        ] {
+            assert!(!is_spoke_key(bad), "{bad}");
+        }
     }
 }

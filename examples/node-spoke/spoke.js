@@ -1,7 +1,9 @@
 #!/usr/bin/env node
 // A hub spoke in Node.js, written from proto/hub/v1/*.proto alone.
 //
-// It registers with the enrollment token and keeps its key, holds the
+// It registers with the enrollment token and a key of its own making (kept
+// before the call, so a retry after a lost reply proposes the same key and is
+// answered as the first call), keeps the key the reply carries, holds the
 // WatchDirectives stream open, runs the `echo` and `sum` directive types and
 // acks each one over one AckStream (unary Ack on a hub without it),
 // heartbeats at the interval the hub sets, pushes one metric batch (and
@@ -124,8 +126,9 @@ class Backoff {
 
 /**
  * What survives a restart, in the state directory: the spoke key (spoke.key,
- * mode 0600), the outcome of every directive it finished (outcomes.jsonl) and
- * the metric batch not yet sent (metrics-batch.json).
+ * mode 0600; until the hub confirmed it, the key proposed at enrollment is
+ * enrollment.key), the outcome of every directive it finished
+ * (outcomes.jsonl) and the metric batch not yet sent (metrics-batch.json).
  */
 class State {
   constructor(dir) {
@@ -148,6 +151,20 @@ class State {
 
   saveKey(key) {
     writeDurably(path.join(this.dir, 'spoke.key'), `${key}\n`, 'w', 0o600);
+    fs.rmSync(path.join(this.dir, 'enrollment.key'), { force: true });
+  }
+
+  /**
+   * The key to propose at enrollment: the one kept from an earlier attempt
+   * (its reply may have been lost after the hub stored it), else a new one
+   * (32 random bytes as hex), kept before it is ever sent.
+   */
+  proposedKey() {
+    const file = path.join(this.dir, 'enrollment.key');
+    if (fs.existsSync(file)) return fs.readFileSync(file, 'utf8').trim();
+    const key = crypto.randomBytes(32).toString('hex');
+    writeDurably(file, `${key}\n`, 'w', 0o600);
+    return key;
   }
 
   /** Remembers an outcome before it is acked, so a redelivery is answered from here and never runs the work twice. */
@@ -418,10 +435,12 @@ class Spoke {
 
   /**
    * With the stored key if there is one (updates our registration), else with
-   * the enrollment token (creates the spoke, returns its key once).
+   * the enrollment token and the key we propose (creates the spoke; a retry
+   * with the same key after a lost reply is answered as the first call was).
    */
   async register(client) {
     let token = this.state.key();
+    const proposedKey = token ? '' : this.state.proposedKey();
     if (!token) {
       try {
         token = fs.readFileSync(this.options.enrollmentTokenFile, 'utf8').trim();
@@ -436,7 +455,10 @@ class Spoke {
       labels: { lang: 'node' },
       capabilities: Object.keys(HANDLERS).map((type) => ({ directiveType: type, version: '1' })),
       version: VERSION,
+      proposedKey,
     }, metadata);
+    // The reply's key, whatever we proposed: an older hub ignores the
+    // proposal and makes its own.
     if (reply.spokeKey) this.state.saveKey(reply.spokeKey);
     log('INFO', `registered as ${reply.spoke.name} (id ${reply.spoke.id})`);
     this.report('registered', { spoke_id: reply.spoke.id, new: Boolean(reply.spokeKey) });

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """A hub spoke in Python, written from proto/hub/v1/*.proto alone.
 
-It registers with the enrollment token and keeps its key, holds the
+It registers with the enrollment token and a key of its own making (kept
+before the call, so a retry after a lost reply proposes the same key and is
+answered as the first call), keeps the key the reply carries, holds the
 WatchDirectives stream open, runs the `echo` and `sum` directive types and
 acks each one over one AckStream (unary Ack on a hub without it),
 heartbeats at the interval the hub sets, pushes one metric batch (and
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import signal
 import sys
 import time
@@ -142,8 +145,10 @@ class Backoff:
 
 class State:
     """What survives a restart, in the state directory: the spoke key
-    (spoke.key, mode 0600), the outcome of every directive it finished
-    (outcomes.jsonl) and the metric batch not yet sent (metrics-batch.json)."""
+    (spoke.key, mode 0600; until the hub confirmed it, the key proposed at
+    enrollment is enrollment.key), the outcome of every directive it
+    finished (outcomes.jsonl) and the metric batch not yet sent
+    (metrics-batch.json)."""
 
     def __init__(self, directory):
         self.dir = Path(directory)
@@ -160,9 +165,24 @@ class State:
         return path.read_text().strip() if path.exists() else None
 
     def save_key(self, key):
-        fd = os.open(self.dir / "spoke.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._write_secret("spoke.key", key)
+        (self.dir / "enrollment.key").unlink(missing_ok=True)
+
+    def proposed_key(self):
+        """The key to propose at enrollment: the one kept from an earlier
+        attempt (its reply may have been lost after the hub stored it), else
+        a new one (32 random bytes as hex), kept before it is ever sent."""
+        path = self.dir / "enrollment.key"
+        if path.exists():
+            return path.read_text().strip()
+        key = secrets.token_hex(32)
+        self._write_secret("enrollment.key", key)
+        return key
+
+    def _write_secret(self, name, value):
+        fd = os.open(self.dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(key + "\n")
+            f.write(value + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -361,7 +381,9 @@ class Spoke:
 
     async def register(self, stub):
         """With the stored key if there is one (updates our registration),
-        else with the enrollment token (creates the spoke, returns its key once)."""
+        else with the enrollment token and the key we propose (creates the
+        spoke; a retry with the same key after a lost reply is answered as
+        the first call was)."""
         key = self.state.key()
         try:
             token = key or Path(self.args.enrollment_token_file).read_text().strip()
@@ -372,9 +394,12 @@ class Spoke:
             labels={"lang": "python"},
             capabilities=[types_pb2.Capability(directive_type=t, version="1") for t in HANDLERS],
             version=VERSION,
+            proposed_key="" if key else self.state.proposed_key(),
         )
         reply = await stub.Register(request, metadata=[("authorization", f"Bearer {token}")], timeout=10)
         if reply.spoke_key:
+            # The reply's key, whatever we proposed: an older hub ignores the
+            # proposal and makes its own.
             self.state.save_key(reply.spoke_key)
         log.info("registered as %s (id %s)", reply.spoke.name, reply.spoke.id)
         self.report("registered", spoke_id=reply.spoke.id, new=bool(reply.spoke_key))

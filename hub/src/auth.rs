@@ -3,6 +3,8 @@
 //!
 //! Keys and tokens are 256 random bits, so a plain SHA-256 is a sound storage
 //! hash (no password stretching needed) and lets a key be found by its hash.
+//! A key a spoke proposes for itself at enrollment is held to the same: the
+//! contract asks for at least 128 random bits, and the hub checks its form.
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -29,6 +31,56 @@ fn to_hex(bytes: &[u8]) -> String {
             let _ = write!(s, "{b:02x}");
             s
         })
+}
+
+/// Whether two storage hashes are equal, compared in constant time.
+pub fn hashes_match(a: &str, b: &str) -> bool {
+    a.as_bytes().ct_eq(b.as_bytes()).into()
+}
+
+/// The key a spoke proposed for itself (`RegisterRequest.proposed_key`),
+/// checked, with its storage hash. Its `Debug` shows neither.
+pub struct ProposedKey {
+    key: String,
+    hash: String,
+}
+
+impl ProposedKey {
+    /// Checks the field: empty is no proposal; anything else must have the
+    /// contract's form, or INVALID_ARGUMENT names `proposed_key`.
+    pub fn parse(key: String) -> Result<Option<Self>> {
+        if key.is_empty() {
+            return Ok(None);
+        }
+        if !hub_proto::rules::is_spoke_key(&key) {
+            return Err(Error::invalid(
+                "proposed_key",
+                format!(
+                    "must be {} to {} characters of A-Z, a-z, 0-9, '-', '_', '.', '~'",
+                    hub_proto::rules::MIN_SPOKE_KEY_CHARS,
+                    hub_proto::rules::MAX_SPOKE_KEY_CHARS
+                ),
+            ));
+        }
+        let hash = hash_secret(&key);
+        Ok(Some(Self { key, hash }))
+    }
+
+    /// The key itself, for the reply.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Its storage hash.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+}
+
+impl std::fmt::Debug for ProposedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProposedKey(..)")
+    }
 }
 
 /// A configured token (admin or enrollment), kept only as its hash.
@@ -94,6 +146,30 @@ mod tests {
         assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
         assert_eq!(hash_secret(&a), hash_secret(&a));
         assert_ne!(hash_secret(&a), hash_secret(&b));
+    }
+
+    #[test]
+    fn a_proposed_key_is_checked_and_hidden() {
+        assert!(ProposedKey::parse(String::new()).unwrap().is_none());
+        let key = generate_secret();
+        let proposed = ProposedKey::parse(key.clone()).unwrap().unwrap();
+        assert_eq!(
+            (proposed.key(), proposed.hash()),
+            (&*key, &*hash_secret(&key))
+        );
+        assert!(!format!("{proposed:?}").contains(&key));
+        assert!(hashes_match(proposed.hash(), &hash_secret(&key)));
+        assert!(!hashes_match(
+            proposed.hash(),
+            &hash_secret(&generate_secret())
+        ));
+        for bad in ["short", &"k".repeat(129), &format!("{}\n", "k".repeat(40))] {
+            let e = ProposedKey::parse(bad.to_owned()).unwrap_err();
+            assert!(
+                matches!(&e, Error::InvalidArgument { field, .. } if field == "proposed_key"),
+                "{e:?}"
+            );
+        }
     }
 
     #[test]

@@ -138,6 +138,14 @@ pub struct ServeArgs {
     /// Serve the HTTP port (admin page, /metrics, /healthz, /readyz) over TLS with --tls-cert and --tls-key [default: on when they are given].
     #[arg(long, env = "HUB_HTTP_TLS", value_enum)]
     pub http_tls: Option<Switch>,
+    /// Endpoints spokes should use from now on, told in every hint (e.g. https://hub-b.example:7443,https://hub-c.example:7443): spokes keep them and dial them from their next connection on, falling back to their configured endpoints if none answers [default: no hint].
+    #[arg(
+        long,
+        env = "HUB_SPOKE_ENDPOINTS",
+        value_name = "URL[,URL...]",
+        value_delimiter = ','
+    )]
+    pub spoke_endpoints: Vec<String>,
     /// Connection caps, idle timeout and rate limits.
     #[command(flatten)]
     pub guard: GuardArgs,
@@ -294,6 +302,7 @@ impl Config {
             (Some(Switch::Off), _) => false,
             (_, identity) => identity,
         };
+        let spoke_endpoints = spoke_endpoints(args.spoke_endpoints)?;
 
         let data_dir = &global.data_dir;
         create_private_dir(data_dir).map_err(|source| ConfigError::Io {
@@ -352,6 +361,7 @@ impl Config {
             tls_client_auth,
             http_tls,
             guard,
+            spoke_endpoints,
             ..Settings::default()
         };
         Ok(Self {
@@ -451,6 +461,78 @@ fn check_durations(args: &ServeArgs) -> Result<(), ConfigError> {
         if value > max {
             return Err(invalid(option, format!("must be at most {max_text}")));
         }
+    }
+    Ok(())
+}
+
+const SPOKE_ENDPOINTS: &str = "--spoke-endpoints (HUB_SPOKE_ENDPOINTS)";
+/// Most endpoints in the hint, and longest URL: the contract's bounds
+/// (`HubHints.endpoints`), since the hint goes out in every Register reply.
+const MAX_SPOKE_ENDPOINTS: usize = 16;
+const MAX_SPOKE_ENDPOINT_CHARS: usize = 1024;
+
+/// Checks the endpoints spokes are told to move to: each an `http://` or
+/// `https://` URL with a host and nothing after the port, all of one scheme
+/// (spoke-client refuses a mix, which would carry keys in clear), none
+/// twice, a bounded number.
+fn spoke_endpoints(urls: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    // `HUB_SPOKE_ENDPOINTS=` (set but empty) means no hint, as unset does.
+    if let [only] = urls.as_slice()
+        && only.trim().is_empty()
+    {
+        return Ok(Vec::new());
+    }
+    if urls.len() > MAX_SPOKE_ENDPOINTS {
+        return Err(invalid(
+            SPOKE_ENDPOINTS,
+            format!("at most {MAX_SPOKE_ENDPOINTS} endpoints"),
+        ));
+    }
+    let mut checked: Vec<String> = Vec::with_capacity(urls.len());
+    for url in urls {
+        let url = url.trim().to_owned();
+        check_spoke_endpoint(&url).map_err(|reason| invalid(SPOKE_ENDPOINTS, reason))?;
+        if checked.contains(&url) {
+            return Err(invalid(SPOKE_ENDPOINTS, format!("{url} given twice")));
+        }
+        checked.push(url);
+    }
+    let https = checked.iter().filter(|u| u.starts_with("https://")).count();
+    if https != 0 && https != checked.len() {
+        return Err(invalid(
+            SPOKE_ENDPOINTS,
+            "mixed http:// and https:// endpoints: spokes would send their keys in clear \
+             to the http:// ones; use one scheme",
+        ));
+    }
+    Ok(checked)
+}
+
+/// One endpoint of `--spoke-endpoints`; answers why it is unusable.
+fn check_spoke_endpoint(url: &str) -> Result<(), String> {
+    if url.is_empty() {
+        return Err("an empty endpoint (a stray comma?)".into());
+    }
+    if url.chars().count() > MAX_SPOKE_ENDPOINT_CHARS {
+        return Err(format!(
+            "an endpoint longer than {MAX_SPOKE_ENDPOINT_CHARS} characters"
+        ));
+    }
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: not a URL ({e})"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(format!("{url}: must start with http:// or https://"));
+    }
+    let authority = uri
+        .authority()
+        .filter(|a| !a.host().is_empty())
+        .ok_or_else(|| format!("{url}: no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!("{url}: no user name or password in the URL"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!(
+            "{url}: nothing after the host and port (a gRPC endpoint has no path)"
+        ));
     }
     Ok(())
 }
@@ -733,6 +815,75 @@ mod tests {
         );
         let parse = Cli::try_parse_from(["hub", "serve", "--listen", "nowhere"]).unwrap_err();
         assert!(parse.to_string().contains("--listen"), "{parse}");
+    }
+
+    #[test]
+    fn spoke_endpoints_are_checked_and_errors_name_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            load(dir.path(), &[])
+                .unwrap()
+                .settings
+                .spoke_endpoints
+                .is_empty()
+        );
+        let config = load(
+            dir.path(),
+            &[
+                "--spoke-endpoints",
+                "https://hub-b.example:7443, https://hub-c.example",
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            config.settings.spoke_endpoints,
+            ["https://hub-b.example:7443", "https://hub-c.example"]
+        );
+        let none = load(dir.path(), &["--spoke-endpoints", ""]).unwrap();
+        assert!(none.settings.spoke_endpoints.is_empty());
+        let refused = [
+            (
+                "ftp://hub-b.example:21",
+                "must start with http:// or https://",
+            ),
+            ("hub-b.example:7443", "must start with http:// or https://"),
+            ("https://", "not a URL"),
+            (
+                "https://hub-b.example:7443/hub",
+                "nothing after the host and port",
+            ),
+            (
+                "https://hub-b.example?x=1",
+                "nothing after the host and port",
+            ),
+            ("https://user:pw@hub-b.example", "no user name or password"),
+            ("https://hub b.example", "not a URL"),
+            ("https://hub-b.example,", "an empty endpoint"),
+            (
+                "https://a.example,http://b.example",
+                "mixed http:// and https://",
+            ),
+            ("http://a.example,http://a.example", "given twice"),
+        ];
+        for (value, why) in refused {
+            let err = load(dir.path(), &["--spoke-endpoints", value])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("--spoke-endpoints (HUB_SPOKE_ENDPOINTS): "),
+                "{value}: {err}"
+            );
+            assert!(err.contains(why), "{value}: {err}");
+        }
+        let many = (0..17)
+            .map(|i| format!("http://hub-{i}.example"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let err = load(dir.path(), &["--spoke-endpoints", &many]).unwrap_err();
+        assert!(err.to_string().contains("at most 16"), "{err}");
+        let long = format!("https://{}.example", "h".repeat(1024));
+        let err = load(dir.path(), &["--spoke-endpoints", &long]).unwrap_err();
+        assert!(err.to_string().contains("longer than 1024"), "{err}");
     }
 
     /// A certificate for 127.0.0.1 and its key, self-signed.

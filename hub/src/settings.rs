@@ -56,6 +56,10 @@ pub struct Settings {
     /// Serve the HTTP port over TLS with `tls`'s identity too (needs `tls`;
     /// `hub serve` turns it on with a certificate unless `--http-tls off`).
     pub http_tls: bool,
+    /// The endpoints spokes are told to use from now on (`HubHints.endpoints`,
+    /// in every hint the hub sends); empty: no hint. `config` checks them;
+    /// tests set them directly.
+    pub spoke_endpoints: Vec<String>,
 }
 
 impl Default for Settings {
@@ -84,6 +88,7 @@ impl Default for Settings {
             tls: None,
             tls_client_auth: None,
             http_tls: false,
+            spoke_endpoints: Vec::new(),
         }
     }
 }

@@ -127,11 +127,25 @@ impl TestHub {
 
     /// Starts a stopped hub again on the same port and data directory.
     pub async fn start_again(&mut self) {
+        self.start_again_on(self.addr, self.settings.clone()).await;
+    }
+
+    /// Starts a stopped hub again on the same data directory, at `addr`
+    /// (another address plays a hub that moved; port 0: any free port) and
+    /// with `settings`.
+    pub async fn start_again_on(&mut self, addr: SocketAddr, settings: Settings) {
         assert!(self.task.is_none(), "stop the hub first");
         let tmp = self.tmp.take();
         let dir = self.dir.clone();
-        *self = Self::start_in(&dir, self.settings.clone(), self.addr).await;
+        *self = Self::start_in(&dir, settings, addr).await;
         self.tmp = tmp;
+    }
+
+    /// Starts a stopped hub again on the same port and data directory with
+    /// other `settings` (an operator changed its limits).
+    pub async fn start_again_with(&mut self, settings: Settings) {
+        self.settings = settings;
+        self.start_again().await;
     }
 
     /// Stops the hub and starts it again on the same port and data dir.

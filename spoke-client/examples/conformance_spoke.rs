@@ -23,8 +23,9 @@
 //! (where `--crash-before-ack` exits), and each redelivery answered from the
 //! record; the demo batch goes out with [`Client::push_batch`], which takes
 //! the caller's batch id. Exit status: 0 on SIGTERM or SIGINT and after
-//! `--exit-after N`; 2 when the hub refuses the spoke (e.g. UNAUTHENTICATED)
-//! or the options are wrong; 3 for `--crash-before-ack`.
+//! `--exit-after N`; 2 when the hub refuses the spoke (a wrong enrollment
+//! token at once; a refused key, which the client waits to be replaced, when
+//! stopped meanwhile) or the options are wrong; 3 for `--crash-before-ack`.
 //!
 //! [`ClientBuilder::on_event`]: spoke_client::ClientBuilder::on_event
 

@@ -12,15 +12,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClientBuilder, Config};
 use crate::directives::Directives;
+use crate::endpoints::Endpoints;
 use crate::error::{Error, Result};
 use crate::event::Observer;
 use crate::flush::{FlushReport, FlushRequest, Flusher};
 use crate::handler::BoxHandler;
+use crate::keys::{self, Keys};
 use crate::link::Link;
 use crate::metrics::{Buffer, Limits, Point};
 use crate::reconnect::Machine;
 use crate::session::{Connector, Shared};
-use crate::status::{SpokeStatus, Status, Tracker};
+use crate::status::{KeyState, SpokeStatus, Status, Tracker};
 use crate::store::Store;
 use crate::wire::now_ms;
 
@@ -89,6 +91,10 @@ impl Client {
     ) -> Result<Self> {
         let dir = config.state_dir.clone().expect("validated");
         let store = Store::open(&dir).await?;
+        // A key the operator left in the state directory comes first: it may
+        // be all a spoke without an enrollment token has.
+        let keys = Keys::new(&dir);
+        keys.take_file(&store, &config.name).await?;
         let registration = store.registration().await?;
         if let Some(reg) = &registration {
             if reg.name != config.name {
@@ -109,6 +115,12 @@ impl Client {
             ));
         }
         let status = Tracker::default();
+        let endpoints = Endpoints::new(
+            config.endpoints.clone(),
+            config.endpoint_fallback_after,
+            status.clone(),
+        );
+        endpoints.load(&store).await?;
         let link = Link::new(config.call_timeout);
         let wanted = Arc::new(Notify::new());
         let limits = Limits {
@@ -137,6 +149,8 @@ impl Client {
             registration: Arc::new(Mutex::new(registration)),
             observer,
             beat_now: Arc::new(Notify::new()),
+            endpoints,
+            keys,
         };
         Ok(Self {
             inner: Arc::new(Inner {
@@ -157,11 +171,19 @@ impl Client {
     }
 
     /// Runs the spoke until [`Client::shutdown`] is called or a fatal error
-    /// (a revoked key, a refused registration) stops it: registration, the
-    /// directive stream with reconnection and failover, heartbeats, handlers
-    /// and metric flushing. On shutdown it stops taking directives, lets
-    /// running handlers finish within the grace period (then cancels them),
-    /// flushes metrics one last time and closes the stream. Call it once.
+    /// (a refused registration or enrollment token) stops it: registration,
+    /// the directive stream with reconnection and failover, heartbeats,
+    /// handlers and metric flushing. On shutdown it stops taking directives,
+    /// lets running handlers finish within the grace period (then cancels
+    /// them), flushes metrics one last time and closes the stream. Call it
+    /// once.
+    ///
+    /// A spoke key the hub refuses (revoked, or replaced by `hub
+    /// rotate-key`) does not end `run`: the client stops connecting,
+    /// [`Status::key`] says [`KeyState::Refused`] with the hub's message,
+    /// and it waits for a new key ([`Client::install_key`], or the `new-key`
+    /// file: see [`keys`](crate::keys)), then connects at once. Shut down
+    /// while waiting, `run` returns [`Error::Unauthenticated`].
     pub async fn run(&self) -> Result<()> {
         let requests = self
             .inner
@@ -210,8 +232,9 @@ impl Client {
         let machine = Machine::new(
             Connector {
                 shared: shared.clone(),
+                tried: 0,
             },
-            config.endpoints.clone(),
+            shared.endpoints.clone(),
             config.backoff.clone(),
             shared.status.clone(),
         );
@@ -219,7 +242,12 @@ impl Client {
         // taken, while acks and the last flush still use the connection.
         let outcome = tokio::select! {
             fatal = machine.run() => Err(fatal),
-            () = self.inner.shutdown.cancelled() => Ok(()),
+            () = self.inner.shutdown.cancelled() => match shared.status.snapshot().key {
+                // Stopped while waiting for a new key: the spoke was not
+                // working, and the caller should hear why.
+                KeyState::Refused { message } => Err(Error::Unauthenticated { message }),
+                _ => Ok(()),
+            },
         };
         let grace = if outcome.is_ok() {
             config.shutdown_grace
@@ -329,6 +357,27 @@ impl Client {
     /// What the client is doing now.
     pub fn status(&self) -> Status {
         self.inner.shared.status.snapshot()
+    }
+
+    /// Installs a new key for this spoke, as `hub rotate-key NAME` printed
+    /// it: kept in the state directory at once (it replaces the old key for
+    /// good), used by the next connection, and a client waiting after the
+    /// hub refused its key connects with it at once. A connection open now
+    /// keeps going (the rotation ends it anyway). Works whether or not
+    /// [`Client::run`] is running. The other way to hand over a key, without
+    /// code, is the `new-key` file in the state directory (see
+    /// [`keys`](crate::keys)). Fails with [`Error::Config`] (field `key`)
+    /// for a string that cannot be a key.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: spoke_client::Client) -> Result<(), spoke_client::Error> {
+    /// // The operator ran `hub rotate-key billing` and passed the key on.
+    /// let key = std::fs::read_to_string("/run/secrets/billing-key").unwrap();
+    /// client.install_key(key).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn install_key(&self, key: impl Into<String>) -> Result<()> {
+        keys::install(&self.inner.shared, &key.into()).await
     }
 
     /// Sets the status every heartbeat reports (OK until set), with a

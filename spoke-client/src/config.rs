@@ -61,7 +61,8 @@ pub(crate) struct Config {
     pub enrollment_token: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub concurrency: usize,
-    pub max_in_flight: u32,
+    /// The window asked of the hub; `None`: as many as `concurrency`.
+    pub max_in_flight: Option<u32>,
     pub max_buffered_points: u64,
     pub flush_at_points: u64,
     pub max_batch_points: u32,
@@ -71,6 +72,7 @@ pub(crate) struct Config {
     pub connect_timeout: Duration,
     pub backoff: Backoff,
     pub tls: Tls,
+    pub endpoint_fallback_after: Duration,
 }
 
 impl ClientBuilder {
@@ -84,7 +86,7 @@ impl ClientBuilder {
                 enrollment_token: None,
                 state_dir: None,
                 concurrency: 8,
-                max_in_flight: 0,
+                max_in_flight: None,
                 max_buffered_points: 100_000,
                 flush_at_points: 1_000,
                 max_batch_points: 1_000,
@@ -94,6 +96,7 @@ impl ClientBuilder {
                 connect_timeout: Duration::from_secs(5),
                 backoff: Backoff::grpc_default(),
                 tls: Tls::default(),
+                endpoint_fallback_after: Duration::from_secs(120),
             },
             handlers: Vec::new(),
             observer: None,
@@ -108,6 +111,29 @@ impl ClientBuilder {
     /// which would send the key in clear to the `http://` ones).
     pub fn endpoint(mut self, url: impl Into<String>) -> Self {
         self.config.endpoints.push(url.into());
+        self
+    }
+
+    /// How long the endpoints the hub told the client to use (a hint, see
+    /// [`Status::endpoints`](crate::Status)) may fail to answer before the
+    /// client falls back to the configured ones (default 2 min). The
+    /// fallback runs the same way the other way round, so the hinted
+    /// endpoints are tried again after the configured ones failed as long.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), spoke_client::Error> {
+    /// use std::time::Duration;
+    ///
+    /// let client = spoke_client::Client::builder("billing")
+    ///     .endpoint("https://hub-a.internal:50051")
+    ///     .endpoint_fallback_after(Duration::from_secs(300))
+    ///     .state_dir("/var/lib/billing/spoke")
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn endpoint_fallback_after(mut self, after: Duration) -> Self {
+        self.config.endpoint_fallback_after = after;
         self
     }
 
@@ -200,15 +226,41 @@ impl ClientBuilder {
         self
     }
 
-    /// Most handlers running at once (default 8).
+    /// Most handlers running at once (default 8). Unless
+    /// [`max_in_flight`](Self::max_in_flight) says otherwise, it is also the
+    /// window asked of the hub, so the hub delivers no more directives than
+    /// can run at once and the rest wait at the hub, their ack deadlines
+    /// not started.
     pub fn concurrency(mut self, handlers: usize) -> Self {
         self.config.concurrency = handlers;
         self
     }
 
-    /// The in-flight window asked of the hub (0, the default: the hub's).
+    /// The in-flight window asked of the hub: how many directives it
+    /// delivers before their acks (default: as many as
+    /// [`concurrency`](Self::concurrency); 0 asks for the hub's default; the
+    /// hub caps it at its maximum).
+    ///
+    /// A window larger than the concurrency prefetches: the directives
+    /// beyond it wait here for a free handler, and the client renews their
+    /// ack deadlines meanwhile (an IN_PROGRESS ack saying they are queued),
+    /// so waiting never costs them an attempt. A smaller window leaves
+    /// handler slots unused: at most that many directives run at once.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), spoke_client::Error> {
+    /// // Two handlers at a time, six more directives ready behind them.
+    /// let client = spoke_client::Client::builder("renderer")
+    ///     .endpoint("http://127.0.0.1:50051")
+    ///     .state_dir("./spoke-state")
+    ///     .concurrency(2)
+    ///     .max_in_flight(8)
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub fn max_in_flight(mut self, directives: u32) -> Self {
-        self.config.max_in_flight = directives;
+        self.config.max_in_flight = Some(directives);
         self
     }
 
@@ -368,6 +420,12 @@ impl ClientBuilder {
 }
 
 impl Config {
+    /// The in-flight window to ask of the hub (0: the hub's default).
+    pub fn window(&self) -> u32 {
+        self.max_in_flight
+            .unwrap_or_else(|| u32::try_from(self.concurrency).unwrap_or(u32::MAX))
+    }
+
     fn validated(mut self) -> Result<Self> {
         if self.endpoints.is_empty() {
             return Err(Error::config(
@@ -408,6 +466,7 @@ impl Config {
             ("flush_interval", self.flush_interval),
             ("call_timeout", self.call_timeout),
             ("connect_timeout", self.connect_timeout),
+            ("endpoint_fallback_after", self.endpoint_fallback_after),
         ] {
             if d.is_zero() {
                 return Err(Error::config(field, "must be positive"));
@@ -425,7 +484,9 @@ fn positive(field: &'static str, n: u64) -> Result<()> {
     Ok(())
 }
 
-fn check_endpoint(url: &str) -> Result<()> {
+/// One endpoint: `http://` or `https://` with a host, as tonic parses it
+/// (also the rule for the hub's endpoint hints).
+pub(crate) fn check_endpoint(url: &str) -> Result<()> {
     let rest = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"))
@@ -446,7 +507,7 @@ fn check_endpoint(url: &str) -> Result<()> {
 /// All endpoints `http://` or all `https://`: the key goes to whichever
 /// the client fails over to, so a single plaintext one would carry it in
 /// clear.
-fn check_one_scheme(endpoints: &[String]) -> Result<()> {
+pub(crate) fn check_one_scheme(endpoints: &[String]) -> Result<()> {
     let (https, http): (Vec<&String>, Vec<&String>) = endpoints
         .iter()
         .partition(|url| url.starts_with("https://"));
@@ -570,6 +631,9 @@ mod tests {
         let mut c = base();
         c.flush_interval = Duration::ZERO;
         assert_eq!(field_of(c), "flush_interval");
+        let mut c = base();
+        c.endpoint_fallback_after = Duration::ZERO;
+        assert_eq!(field_of(c), "endpoint_fallback_after");
     }
 
     #[test]
@@ -591,6 +655,20 @@ mod tests {
         let mut c = base();
         c.endpoints = vec!["http://a:1".into(), "http://b:1".into()];
         c.validated().unwrap();
+    }
+
+    #[test]
+    fn the_window_asked_of_the_hub_is_the_concurrency_unless_set() {
+        let mut c = base();
+        c.concurrency = 3;
+        assert_eq!(c.window(), 3);
+        c.max_in_flight = Some(0);
+        assert_eq!(c.window(), 0, "0 asks for the hub's default");
+        c.max_in_flight = Some(12);
+        assert_eq!(c.window(), 12);
+        let mut c = base();
+        c.concurrency = usize::MAX;
+        assert_eq!(c.window(), u32::MAX, "the hub caps it");
     }
 
     #[test]

@@ -30,7 +30,9 @@ pub enum Error {
     },
     /// The hub refused this spoke's credentials. The key was revoked or
     /// rotated, or the state directory belongs to another hub; retrying with
-    /// the same key cannot succeed, so `run` stops.
+    /// the same key cannot succeed. For a spoke key, `run` waits for a new
+    /// one (see [`crate::keys`]) and returns this if shut down meanwhile; a
+    /// refused enrollment token stops `run` with it at once.
     #[error(
         "the hub refused this spoke's credentials ({message}): the key was revoked or rotated, \
          or the state directory was registered with another hub; not retrying"

@@ -44,8 +44,9 @@ pub enum Event {
     Registered {
         /// The spoke's id on the hub.
         spoke_id: String,
-        /// Registered with the enrollment token, and the key the hub issued
-        /// is now kept in the state directory; `false` when the stored key
+        /// Registered with the enrollment token, and the key the reply
+        /// carries (the one this client proposed, or an older hub's own) is
+        /// now kept in the state directory; `false` when the stored key
         /// re-registered the spoke.
         new: bool,
     },

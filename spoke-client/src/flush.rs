@@ -3,6 +3,26 @@
 //! buffer reaches its flush size, when a connection comes up with points
 //! waiting, and when [`Client::flush`](crate::Client::flush) asks; and once
 //! more when the client shuts down.
+//!
+//! One batch never blocks the buffer. A batch is at most the hub's
+//! `max_points_per_batch` hint (and the client's own limit) and about
+//! 1 MiB. The hub's refusals are told apart:
+//! - RESOURCE_EXHAUSTED with `retry-after-ms` metadata is a rate limit: the
+//!   same batch is pushed again after the hinted delay (doubled for each
+//!   refusal in a row, at most a minute), neither cut nor dropped;
+//! - RESOURCE_EXHAUSTED without it is a size refusal (more points than the
+//!   hub's hint, which it may have lowered since the batch was made, or a
+//!   message over its size limit): the batch is cut, by the hint, or else
+//!   by halving the byte bound for the rest of the run. The local store
+//!   knows what the hub may hold under the batch's id from pushes whose
+//!   answer never came, and cuts so that no point is ever pushed twice
+//!   (`spoke-client/src/store/metrics.rs` has the rules); a single point
+//!   refused alone is dropped;
+//! - INVALID_ARGUMENT: the hub finds the batch malformed, and resending
+//!   cannot fix it: it is dropped.
+//!
+//! Dropped points are counted in
+//! [`Status::dropped_points`](crate::Status) and in the flush's report.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -16,7 +36,7 @@ use tonic::Code;
 
 use crate::error::{Error, Result};
 use crate::link::Link;
-use crate::metrics::Buffer;
+use crate::metrics::{Buffer, Close};
 use crate::status::Tracker;
 
 /// What a flush pushed.
@@ -41,6 +61,10 @@ pub struct FlushReport {
     /// Batches the hub already had: an earlier flush reached it but its
     /// answer did not reach the client.
     pub duplicate_batches: u32,
+    /// Points this flush gave up on (also counted in
+    /// [`Status::dropped_points`](crate::Status)): a point too large for
+    /// the hub even alone, a batch the hub found malformed.
+    pub dropped_points: u64,
 }
 
 /// A flush asked for by [`Client::flush`](crate::Client::flush).
@@ -64,6 +88,54 @@ pub(crate) struct Flusher {
     pub grace: Duration,
 }
 
+/// The most bytes (near enough) in one batch, until the hub refuses less.
+const MAX_BATCH_BYTES: u64 = 1 << 20;
+/// The longest a rate-limited push waits before it is tried again,
+/// whatever the hub's hint.
+const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(60);
+/// The metadata entry of the hub's rate-limit refusals: milliseconds until
+/// a retry may succeed.
+const RETRY_AFTER_MS: &str = "retry-after-ms";
+
+/// What the flusher learned about the hub's limits during this run.
+struct Sizing {
+    /// Bytes per batch; halved whenever the hub refuses a batch whose point
+    /// count was within its hint.
+    bytes: u64,
+}
+
+/// How the hub refused a push.
+enum Refusal {
+    /// A rate limit: retry after the delay.
+    RateLimited(Duration),
+    /// Too many points or bytes.
+    TooLarge,
+    /// Malformed; resending cannot help.
+    Invalid,
+    /// Anything else (the connection failed, the hub is busy, ...): the
+    /// batch may have been stored.
+    Unknown,
+}
+
+fn refusal(e: &Error) -> Refusal {
+    let Error::Status(s) = e else {
+        return Refusal::Unknown;
+    };
+    match s.code() {
+        Code::ResourceExhausted => match s
+            .metadata()
+            .get(RETRY_AFTER_MS)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            Some(ms) => Refusal::RateLimited(Duration::from_millis(ms)),
+            None => Refusal::TooLarge,
+        },
+        Code::InvalidArgument => Refusal::Invalid,
+        _ => Refusal::Unknown,
+    }
+}
+
 impl Flusher {
     /// Flushes on every trigger until `stop`, then once more, answering any
     /// request still queued with that last result.
@@ -71,26 +143,32 @@ impl Flusher {
         let mut tick = tokio::time::interval_at(Instant::now() + self.interval, self.interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut connection = self.link.subscribe();
+        let mut sizing = Sizing {
+            bytes: MAX_BATCH_BYTES,
+        };
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
-                _ = tick.tick() => self.background().await,
-                () = self.wanted.notified() => self.background().await,
+                _ = tick.tick() => self.background(&mut sizing, &stop).await,
+                () = self.wanted.notified() => self.background(&mut sizing, &stop).await,
                 changed = connection.changed() => {
                     if changed.is_err() {
                         break;
                     }
                     let up = connection.borrow_and_update().is_some();
                     if up && self.status.snapshot().buffered_points > 0 {
-                        self.background().await;
+                        self.background(&mut sizing, &stop).await;
                     }
                 }
                 Some(req) = requests.recv() => {
-                    let _ = req.reply.send(self.flush().await);
+                    let _ = req.reply.send(self.flush(&mut sizing, &stop).await);
                 }
             }
         }
-        let last = match tokio::time::timeout(self.grace, self.flush()).await {
+        // The last flush may wait out a rate limit within the grace period.
+        let never = CancellationToken::new();
+        let last = self.flush(&mut sizing, &never);
+        let last = match tokio::time::timeout(self.grace, last).await {
             Ok(result) => result,
             Err(_) => Err(Error::NotConnected),
         };
@@ -107,58 +185,129 @@ impl Flusher {
     }
 
     /// A flush nobody waits for: only worth trying while connected.
-    async fn background(&self) {
+    async fn background(&self, sizing: &mut Sizing, stop: &CancellationToken) {
         if self.link.current().is_some()
-            && let Err(e) = self.flush().await
+            && let Err(e) = self.flush(sizing, stop).await
         {
             tracing::debug!(error = %e, "metric flush failed; retrying later with the same batch");
         }
     }
 
-    /// Pushes batches until the buffer is empty (or as many as it held when
-    /// the flush began, so a busy recorder cannot keep a flush going).
-    pub async fn flush(&self) -> Result<FlushReport> {
+    /// The most points per batch: the client's limit, or the hub's hint if
+    /// lower.
+    fn max_points(&self) -> u32 {
+        match self.hub_max_batch.load(Ordering::Relaxed) {
+            0 => self.max_batch,
+            hub => hub.min(self.max_batch),
+        }
+    }
+
+    /// Pushes batches until the buffer is empty (or as many points as it
+    /// held when the flush began, and a batch more, so a busy recorder
+    /// cannot keep a flush going). A rate-limited push waits for the hub's
+    /// delay, unless `interrupt` fires first.
+    async fn flush(
+        &self,
+        sizing: &mut Sizing,
+        interrupt: &CancellationToken,
+    ) -> Result<FlushReport> {
         if self.link.current().is_none() {
             return Err(Error::NotConnected);
         }
-        let max = match self.hub_max_batch.load(Ordering::Relaxed) {
-            0 => self.max_batch,
-            hub => hub.min(self.max_batch),
-        };
-        let budget = self.status.snapshot().buffered_points / u64::from(max) + 2;
+        let mut left = self.status.snapshot().buffered_points + u64::from(self.max_points());
         let mut report = FlushReport::default();
-        for _ in 0..budget {
-            let Some(batch) = self.buffer.take(max).await? else {
+        // Rate-limit refusals in a row: each waits twice as long as the
+        // hint (a push may cost the hub's budget more than the one call the
+        // hint is for, and it must not lose that race forever).
+        let mut limited = 0u32;
+        while left > 0 {
+            let max = self.max_points();
+            let Some(mut batch) = self.buffer.take(max, sizing.bytes).await? else {
                 break;
             };
-            let points = batch.points.len() as u64;
+            let sent = batch.points.len() as u64;
             let request = proto::PushMetricsRequest {
                 batch_id: batch.batch_id.clone(),
-                points: batch.points,
+                points: std::mem::take(&mut batch.points),
             };
-            match self.link.push(request).await {
+            let e = match self.link.push(request).await {
                 Ok(answer) => {
-                    self.buffer.done(batch.batch_id).await?;
+                    let duplicate = answer.status == proto::BatchStatus::Duplicate as i32;
+                    let how = if duplicate {
+                        Close::Duplicate
+                    } else {
+                        Close::Accepted
+                    };
+                    let unknown = self.buffer.close(batch, how).await?;
+                    if unknown > 0 {
+                        tracing::warn!(batch_id = %answer.batch_id, dropped = unknown, "two pushes of this batch went unanswered: points the hub may hold were dropped rather than sent twice");
+                    }
                     tally(&mut report, &answer);
+                    report.dropped_points += unknown;
                     let rejected = answer.rejected.len() as u64;
                     for r in &answer.rejected {
                         tracing::warn!(batch_id = %answer.batch_id, index = r.index, reason = %r.reason, "hub rejected a metric point");
                     }
                     self.status.update(|s| s.rejected_points += rejected);
+                    left = left.saturating_sub(sent);
+                    limited = 0;
+                    continue;
                 }
-                Err(Error::Status(s)) if s.code() == Code::InvalidArgument => {
+                Err(e) => e,
+            };
+            self.status.update(|s| s.failed_pushes += 1);
+            self.status.error(&e);
+            match refusal(&e) {
+                Refusal::RateLimited(hint) => {
+                    let after = hint
+                        .saturating_mul(1 << limited.min(16))
+                        .min(MAX_RATE_LIMIT_WAIT);
+                    limited += 1;
+                    tracing::debug!(batch_id = %batch.batch_id, ?after, "metric push rate limited; pushing the same batch again after the hub's delay");
+                    self.buffer.close(batch, Close::Refused).await?;
+                    tokio::select! {
+                        () = tokio::time::sleep(after) => {}
+                        () = interrupt.cancelled() => return Err(e),
+                    }
+                }
+                Refusal::TooLarge if sent <= 1 => {
+                    // Alone and still too large: it can never be pushed.
+                    tracing::error!(batch_id = %batch.batch_id, error = %e, "hub refused a single metric point as too large; dropping it");
+                    let dropped = self
+                        .buffer
+                        .close(batch, Close::Abandoned { whole: false })
+                        .await?;
+                    report.dropped_points += dropped;
+                    left = left.saturating_sub(sent);
+                }
+                Refusal::TooLarge => {
+                    if sent <= u64::from(max) {
+                        // Within the hint, so the message was too large.
+                        sizing.bytes = sizing.bytes.min(batch.bytes / 2).max(1);
+                    }
+                    tracing::info!(batch_id = %batch.batch_id, points = sent, max_points = max, max_bytes = sizing.bytes, "hub refused a metric batch for size; cutting it");
+                    let how = if batch.may_be_held() {
+                        // The hub may hold it from an unanswered push: the
+                        // next take sends a prefix under the same id, which
+                        // tells.
+                        Close::Refused
+                    } else {
+                        Close::Released
+                    };
+                    self.buffer.close(batch, how).await?;
+                }
+                Refusal::Invalid => {
                     // Resending cannot fix a batch the hub finds malformed;
                     // drop it rather than block the buffer behind it.
-                    tracing::error!(batch_id = %batch.batch_id, error = %s, "hub refused a metric batch; dropping it");
-                    self.buffer.done(batch.batch_id).await?;
-                    self.status.update(|st| st.dropped_points += points);
-                    self.status.error(&s);
+                    tracing::error!(batch_id = %batch.batch_id, error = %e, "hub refused a metric batch; dropping it");
+                    let dropped = self
+                        .buffer
+                        .close(batch, Close::Abandoned { whole: true })
+                        .await?;
+                    report.dropped_points += dropped;
+                    left = left.saturating_sub(sent);
                 }
-                Err(e) => {
-                    self.status.update(|s| s.failed_pushes += 1);
-                    self.status.error(&e);
-                    return Err(e);
-                }
+                Refusal::Unknown => return Err(e),
             }
         }
         Ok(report)

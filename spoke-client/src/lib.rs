@@ -6,6 +6,13 @@
 //! reconnection, backoff and failover, heartbeats, acks and metric flushing
 //! are the library's job.
 //!
+//! Enrollment is safe to retry: the client proposes its own key and keeps
+//! it before the first `Register`, so a lost reply never locks it out of
+//! its name. After `hub rotate-key`, hand the spoke its new key with
+//! [`Client::install_key`] or the `new-key` file in the state directory; a
+//! refused key (rotated or revoked) leaves the client waiting for one, with
+//! [`KeyState::Refused`] in [`Client::status`]. See [`keys`].
+//!
 //! ```no_run
 //! use spoke_client::{Client, Context};
 //!
@@ -33,8 +40,12 @@
 //! - [`config`]: the builder and its validation;
 //! - [`client`]: the handle and `run`, which wires the rest together;
 //! - [`reconnect`]: the reconnect state machine and [`classify`];
-//!   [`backoff`]: its delays;
+//!   [`backoff`]: its delays; `endpoints`: the configured endpoints or the
+//!   ones the hub told the spoke to use, and the fallback between them;
 //! - `session`: one connection — register, stream, heartbeats (`heartbeat`);
+//! - [`keys`]: the key proposed at enrollment (safe to retry), and a new
+//!   key after `hub rotate-key` ([`Client::install_key`] or the `new-key`
+//!   file in the state directory);
 //! - `directives`: dedup, bounded concurrency, outcomes and acks;
 //!   [`handler`]: typed handlers and their [`Context`];
 //! - [`metrics`]: the buffer actor; [`flush`]: the task that pushes it;
@@ -53,11 +64,13 @@ pub mod backoff;
 pub mod client;
 pub mod config;
 mod directives;
+mod endpoints;
 pub mod error;
 pub mod event;
 pub mod flush;
 pub mod handler;
 mod heartbeat;
+pub mod keys;
 mod link;
 pub mod metrics;
 pub mod reconnect;
@@ -77,4 +90,4 @@ pub use handler::Context;
 pub use hub_proto as proto;
 pub use metrics::Point;
 pub use reconnect::{Disposition, classify};
-pub use status::{SpokeStatus, Status};
+pub use status::{KeyState, SpokeStatus, Status};

@@ -18,7 +18,9 @@
 //!
 //! Every point not kept is counted in
 //! [`Status::dropped_points`](crate::Status) (or `rejected_points` for a
-//! value that is not finite).
+//! value that is not finite); that includes a point too large for the hub
+//! even alone, which [`flush`](crate::flush) gives up on rather than let it
+//! block the points behind it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -117,14 +119,33 @@ enum Command {
     Record(Point),
     Take {
         max: u32,
+        max_bytes: u64,
         reply: oneshot::Sender<Result<Option<PendingBatch>>>,
     },
-    Done {
-        batch_id: String,
-        reply: oneshot::Sender<Result<()>>,
+    /// The hub answered for a batch, or refused it, or it is given up.
+    Close {
+        batch: PendingBatch,
+        how: Close,
+        reply: oneshot::Sender<Result<u64>>,
     },
     /// Points were written beside the actor (with a directive's outcome).
     Settle,
+}
+
+/// What became of a pushed batch (see [`Store`]'s batch methods).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Close {
+    /// The hub stored it now.
+    Accepted,
+    /// The hub had it already.
+    Duplicate,
+    /// The hub refused it for sure; it stays, to be pushed again.
+    Refused,
+    /// The hub refused it for sure and holds none of it: its points are
+    /// batched anew.
+    Released,
+    /// Given up: what it sent (or, `whole`, all of it) is dropped.
+    Abandoned { whole: bool },
 }
 
 /// Handle to the buffer actor; cheap to clone.
@@ -219,16 +240,23 @@ impl Buffer {
     }
 
     /// The batch to push next, if any (see [`Store::take_batch`]).
-    pub async fn take(&self, max: u32) -> Result<Option<PendingBatch>> {
+    pub async fn take(&self, max: u32, max_bytes: u64) -> Result<Option<PendingBatch>> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Take { max, reply }).await?;
+        self.send(Command::Take {
+            max,
+            max_bytes,
+            reply,
+        })
+        .await?;
         answer.await.map_err(|_| Error::NotRunning)?
     }
 
-    /// The hub answered for `batch_id`: forget its points.
-    pub async fn done(&self, batch_id: String) -> Result<()> {
+    /// Records what became of `batch` (its points need not be kept);
+    /// answers how many points that dropped, already counted in
+    /// [`Status::dropped_points`](crate::Status).
+    pub async fn close(&self, batch: PendingBatch, how: Close) -> Result<u64> {
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Done { batch_id, reply }).await?;
+        self.send(Command::Close { batch, how, reply }).await?;
         answer.await.map_err(|_| Error::NotRunning)?
     }
 
@@ -282,13 +310,27 @@ impl Actor {
     async fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Record(_) => unreachable!("records are written in groups by run"),
-            Command::Take { max, reply } => {
-                let _ = reply.send(self.store.take_batch(max).await);
+            Command::Take {
+                max,
+                max_bytes,
+                reply,
+            } => {
+                let _ = reply.send(self.store.take_batch(max, max_bytes).await);
             }
-            Command::Done { batch_id, reply } => {
-                let done = self.store.delete_batch(&batch_id).await.map(drop);
+            Command::Close { batch, how, reply } => {
+                let store = &self.store;
+                let closed = match how {
+                    Close::Accepted => store.answered(&batch, false).await,
+                    Close::Duplicate => store.answered(&batch, true).await,
+                    Close::Refused => store.refused(&batch).await.map(|()| 0),
+                    Close::Released => store.release(&batch).await.map(|()| 0),
+                    Close::Abandoned { whole } => store.abandon(&batch, whole).await,
+                };
+                if let Ok(dropped) = closed {
+                    self.status.update(|s| s.dropped_points += dropped);
+                }
                 self.settle().await;
-                let _ = reply.send(done);
+                let _ = reply.send(closed);
             }
             Command::Settle => self.settle().await,
         }
@@ -340,14 +382,14 @@ mod tests {
             buffer.record(Point::new("statistics", "n", f64::from(i)));
         }
         // A take is answered after every earlier record was written.
-        let batch = buffer.take(100).await.unwrap().unwrap();
+        let batch = buffer.take(100, u64::MAX).await.unwrap().unwrap();
         let values: Vec<f64> = batch.points.iter().map(|p| p.value).collect();
         assert_eq!(values, vec![3.0, 4.0, 5.0, 6.0, 7.0]);
         let s = status.snapshot();
         assert_eq!((s.buffered_points, s.dropped_points), (5, 3));
         // The size threshold was reached: the flusher was woken.
         wanted.notified().await;
-        buffer.done(batch.batch_id).await.unwrap();
+        buffer.close(batch, Close::Accepted).await.unwrap();
         assert_eq!(status.snapshot().buffered_points, 0);
     }
 }

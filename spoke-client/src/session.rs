@@ -1,5 +1,6 @@
 //! One connection to one hub: dial, register (first start: with the
-//! enrollment token, keeping the issued key; later: with the stored key),
+//! enrollment token and the key this spoke proposes, kept before the call,
+//! then keeping the key the reply carries; later: with the stored key),
 //! open `WatchDirectives`, then serve the stream — directives, cancels,
 //! keepalives, hints — with heartbeats alongside, until it ends.
 
@@ -15,12 +16,14 @@ use tonic::transport::Channel;
 
 use crate::config::Config;
 use crate::directives::Directives;
+use crate::endpoints::Endpoints;
 use crate::error::{Error, Result, causes};
 use crate::event::{self, Event, Observer};
 use crate::heartbeat;
+use crate::keys::{self, Keys};
 use crate::link::{self, Link};
 use crate::reconnect::{Dial, StreamEnd, Watch};
-use crate::status::Tracker;
+use crate::status::{KeyState, Tracker};
 use crate::store::{Registration, Store};
 use crate::wire::{duration, now_ms};
 
@@ -47,11 +50,18 @@ pub(crate) struct Shared {
     pub observer: Option<Observer>,
     /// Sends a heartbeat now (the application changed its status).
     pub beat_now: Arc<Notify>,
+    /// The configured endpoints and the hub's hint.
+    pub endpoints: Endpoints,
+    /// Installed keys, waited for after the hub refused the key.
+    pub keys: Keys,
 }
 
 /// Dials endpoints for the reconnect machine.
 pub(crate) struct Connector {
     pub shared: Shared,
+    /// The key generation the latest attempt used: a refusal is about that
+    /// key, and any newer one is worth trying.
+    pub tried: u64,
 }
 
 /// An open directive stream and what serving it needs.
@@ -66,9 +76,26 @@ impl Dial for Connector {
     type Stream = Session;
 
     fn open(&mut self, endpoint: &str) -> impl Future<Output = Result<Session>> + Send {
+        // Read before the registration is: a key installed after this is
+        // newer than the one this attempt uses.
+        self.tried = self.shared.keys.generation();
         let shared = self.shared.clone();
         let endpoint = endpoint.to_owned();
         async move { open(shared, endpoint).await }
+    }
+
+    fn holds_key(&self) -> bool {
+        self.shared
+            .registration
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    fn new_key(&mut self) -> impl Future<Output = Result<()>> + Send {
+        let shared = self.shared.clone();
+        let tried = self.tried;
+        async move { keys::wait_for_new(&shared, tried).await }
     }
 }
 
@@ -91,6 +118,12 @@ async fn open(shared: Shared, url: String) -> Result<Session> {
     let (key, hints) = registering
         .await
         .map_err(|e| Status::internal(format!("registration task: {e}")))??;
+    if let Some(hints) = &hints {
+        shared
+            .endpoints
+            .offer(&hints.endpoints, &shared.store)
+            .await;
+    }
     let rpc = link::rpc(channel, &key)?;
     let stream = rpc
         .clone()
@@ -131,15 +164,19 @@ async fn register(shared: Shared, channel: Channel) -> Result<(String, Option<pr
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    let secret = match &known {
-        Some(reg) => reg.spoke_key.clone(),
-        None => config.enrollment_token.clone().ok_or_else(|| {
-            Error::config(
-                "enrollment_token",
-                "required on the first start: the state directory holds no key yet",
-            )
-        })?,
+    let (secret, proposed_key) = match &known {
+        Some(reg) => (reg.spoke_key.clone(), String::new()),
+        None => {
+            let token = config.enrollment_token.clone().ok_or_else(|| {
+                Error::config(
+                    "enrollment_token",
+                    "required on the first start: the state directory holds no key yet",
+                )
+            })?;
+            (token, proposed_key(&shared).await?)
+        }
     };
+    let enrolling = known.is_none();
     let request = proto::RegisterRequest {
         name: config.name.clone(),
         labels: config.labels.clone().into_iter().collect(),
@@ -152,7 +189,8 @@ async fn register(shared: Shared, channel: Channel) -> Result<(String, Option<pr
             })
             .collect(),
         version: config.version.clone(),
-        max_in_flight: config.max_in_flight,
+        max_in_flight: config.window(),
+        proposed_key,
     };
     let mut call = tonic::Request::new(request);
     call.set_timeout(config.call_timeout);
@@ -160,13 +198,28 @@ async fn register(shared: Shared, channel: Channel) -> Result<(String, Option<pr
         .register(call)
         .await?
         .into_inner();
-    let new = known.is_none();
     let spoke_id = reply
         .spoke
         .as_ref()
         .map(|s| s.id.clone())
         .unwrap_or_default();
     let key = match known {
+        // An installed key: in a state directory that never registered,
+        // or for a spoke registered anew under this name, the reply tells
+        // its spoke id.
+        Some(reg) if !spoke_id.is_empty() && reg.spoke_id != spoke_id => {
+            let reg = Registration {
+                spoke_id: spoke_id.clone(),
+                ..reg
+            };
+            shared.store.save_registration(&reg, now_ms()).await?;
+            let key = reg.spoke_key.clone();
+            *shared
+                .registration
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(reg);
+            key
+        }
         Some(reg) => reg.spoke_key,
         None => {
             let spoke = reply.spoke.unwrap_or_default();
@@ -175,12 +228,14 @@ async fn register(shared: Shared, channel: Channel) -> Result<(String, Option<pr
                     "the hub registered the spoke but sent no key".into(),
                 ));
             }
+            // The reply's key, whatever was proposed: an older hub ignores
+            // the proposal and sends its own.
             let reg = Registration {
                 name: spoke.name,
                 spoke_id: spoke.id,
                 spoke_key: reply.spoke_key,
             };
-            shared.store.save_registration(&reg, now_ms()).await?;
+            let reg = shared.store.enrolled(&reg, now_ms()).await?;
             tracing::info!(spoke_id = %reg.spoke_id, "registered with the hub; key kept in the state directory");
             let key = reg.spoke_key.clone();
             *shared
@@ -190,6 +245,7 @@ async fn register(shared: Shared, channel: Channel) -> Result<(String, Option<pr
             key
         }
     };
+    shared.status.update(|s| s.key = KeyState::Accepted);
     if let Some(hints) = &reply.hints {
         shared
             .hub_max_batch
@@ -197,9 +253,25 @@ async fn register(shared: Shared, channel: Channel) -> Result<(String, Option<pr
     }
     event::tell(
         shared.observer.as_ref(),
-        Event::Registered { spoke_id, new },
+        Event::Registered {
+            spoke_id,
+            new: enrolling,
+        },
     );
     Ok((key, reply.hints))
+}
+
+/// The key to propose at enrollment: the one kept from an earlier attempt
+/// (its reply may have been lost after the hub stored it), else a new one,
+/// kept before it is ever sent.
+async fn proposed_key(shared: &Shared) -> Result<String> {
+    let name = &shared.config.name;
+    if let Some(key) = shared.store.proposed_key(name).await? {
+        return Ok(key);
+    }
+    let key = keys::new_key();
+    shared.store.propose_key(name, &key, now_ms()).await?;
+    Ok(key)
 }
 
 /// How long a silent stream is trusted: a few keepalive intervals,
@@ -284,6 +356,10 @@ impl Session {
             }
             Message::Keepalive(_) => None,
             Message::Hints(h) => {
+                self.shared
+                    .endpoints
+                    .offer(&h.endpoints, &self.shared.store)
+                    .await;
                 if let Some(k) = duration(h.keepalive_interval.as_ref()) {
                     self.keepalive = k;
                 }

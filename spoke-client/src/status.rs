@@ -23,6 +23,12 @@ pub struct Status {
     pub connected: bool,
     /// The endpoint of the current (or last) connection.
     pub endpoint: Option<String>,
+    /// The endpoints the client dials now, in order: the configured ones,
+    /// or the ones the hub told it to use from now on (kept in the state
+    /// directory; see [`ClientBuilder::endpoint_fallback_after`](crate::ClientBuilder::endpoint_fallback_after)).
+    pub endpoints: Vec<String>,
+    /// Whether [`endpoints`](Self::endpoints) came from the hub's hint.
+    pub endpoints_from_hub: bool,
     /// When the hub last answered a heartbeat.
     pub last_heartbeat: Option<SystemTime>,
     /// Directives received and waiting for a free handler slot.
@@ -35,9 +41,13 @@ pub struct Status {
     pub failed_pushes: u64,
     /// Points dropped since the client started: the buffer overflowed (the
     /// oldest go first), the channel to the buffer was full, the hub
-    /// refused a whole batch as invalid, or a run ended without an outcome
-    /// recorded (interrupted by shutdown, it runs again and records its
-    /// points again).
+    /// refused a whole batch as invalid, the hub refused a point as too
+    /// large even alone (it would block every point behind it), a batch
+    /// had to be cut after two pushes of it went unanswered and the hub
+    /// may or may not hold some of its points (dropped rather than ever
+    /// counted twice), or a run ended without an outcome recorded
+    /// (interrupted by shutdown, it runs again and records its points
+    /// again). The log says which, at WARN or ERROR.
     pub dropped_points: u64,
     /// Points refused one by one as invalid since the client started: by
     /// the hub (each with a reason in the log), or at record time for a
@@ -45,11 +55,48 @@ pub struct Status {
     pub rejected_points: u64,
     /// The latest error, if any, for display.
     pub last_error: Option<String>,
+    /// Whether the hub takes this spoke's key. [`KeyState::Refused`] is
+    /// where a revoked or rotated key ends: the client stops connecting
+    /// and waits for a new key.
+    pub key: KeyState,
     /// What the application reports in heartbeats, set with
     /// [`Client::set_status`](crate::Client::set_status).
     pub spoke_status: SpokeStatus,
     /// The message reported with it.
     pub status_message: String,
+}
+
+/// Whether the hub takes this spoke's key, in [`Status::key`].
+///
+/// ```no_run
+/// # fn demo(client: spoke_client::Client) {
+/// use spoke_client::KeyState;
+///
+/// if let KeyState::Refused { message } = client.status().key {
+///     eprintln!("the hub refused our key ({message}): run `hub rotate-key` and install the new one");
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyState {
+    /// No hub has answered with this key yet: before the first
+    /// registration of a run, and after a new key was installed.
+    #[default]
+    Pending,
+    /// The hub accepted the key at the latest registration.
+    Accepted,
+    /// The hub refused the key (UNAUTHENTICATED: it was revoked or rotated,
+    /// or the state directory belongs to another hub). Terminal for this
+    /// key: the client does not connect again until a new one is installed
+    /// with [`Client::install_key`](crate::Client::install_key) or the
+    /// `new-key` file in the state directory (after `hub rotate-key`). A
+    /// revoked key never works again: the client stays here until it is
+    /// shut down or given a key.
+    Refused {
+        /// The hub's message, e.g. "spoke key revoked".
+        message: String,
+    },
 }
 
 /// How the application says it is doing, reported to the hub in every

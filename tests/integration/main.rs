@@ -9,6 +9,7 @@ mod batched;
 mod cli;
 mod data_dir;
 mod delivery;
+mod enrollment;
 mod events;
 mod hardening;
 mod http;

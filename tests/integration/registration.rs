@@ -38,6 +38,7 @@ async fn register_issues_a_key_once_and_re_register_needs_it() {
         }],
         version: "1.1.0".into(),
         max_in_flight: 4,
+        ..Default::default()
     };
     let res = client
         .register(authed(update, &spoke.key))

@@ -97,6 +97,7 @@ impl TestHub {
                 .collect(),
             version: "1.0.0".into(),
             max_in_flight: window,
+            ..Default::default()
         };
         let res = self
             .spoke_client()

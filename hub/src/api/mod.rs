@@ -232,6 +232,7 @@ impl Hub {
             retry_after: None,
             max_in_flight,
             max_points_per_batch: s.max_points_per_batch,
+            endpoints: s.spoke_endpoints.clone(),
         }
     }
 

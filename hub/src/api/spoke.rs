@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use std::sync::Arc;
 
 use super::{Caller, Hub, acks};
-use crate::auth::{bearer, generate_secret, hash_secret};
+use crate::auth::{ProposedKey, bearer, generate_secret, hash_secret};
 use crate::directives::{Ack, AckOutcome, DirectiveRecord};
 use crate::error::{Error, Result};
 use crate::ledger::{self, Delivery, End as StreamEnd, Step, Subscription};
@@ -67,18 +67,33 @@ impl SpokeService for SpokeApi {
             hub.guard().limits.spoke_call(spoke.id).await?;
         }
         let settings = hub.settings();
-        let reg = Registration::parse(
-            request.into_inner(),
-            settings.default_in_flight,
-            settings.max_in_flight,
-        )?;
+        let mut request = request.into_inner();
+        let proposed = std::mem::take(&mut request.proposed_key);
+        let reg = Registration::parse(request, settings.default_in_flight, settings.max_in_flight)?;
         let (spoke, spoke_key) = match existing {
             None => {
+                let proposed = ProposedKey::parse(proposed)?;
+                if let Some(p) = &proposed
+                    && hub.inner.enrollment_token.matches(p.key())
+                {
+                    // Anyone holding the token could then act as this spoke.
+                    return Err(
+                        Error::invalid("proposed_key", "must not be the enrollment token").into(),
+                    );
+                }
                 hub.guard().limits.enrollment(peer).await?;
-                let key = generate_secret();
-                let (spoke, done) = hub
-                    .ledger()
-                    .register(reg, hash_secret(&key), hub.now_ms())?;
+                // A proposed key makes a retry of this call recognisable
+                // (the ledger answers it as the first); a key of our own
+                // is shown once.
+                let (key, key_hash) = match proposed {
+                    Some(p) => (p.key().to_owned(), p.hash().to_owned()),
+                    None => {
+                        let key = generate_secret();
+                        let hash = hash_secret(&key);
+                        (key, hash)
+                    }
+                };
+                let (spoke, done) = hub.ledger().register(reg, key_hash, hub.now_ms())?;
                 ledger::committed(done).await?;
                 tracing::info!(spoke_id = %spoke.id, spoke = %spoke.name, "spoke registered");
                 (spoke, key)
@@ -395,6 +410,13 @@ async fn run_stream(
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    // Where spokes should go from now on travels on the stream too (not only
+    // in Register's reply), for spokes that learn their hints there.
+    if !hub.settings().spoke_endpoints.is_empty()
+        && !send(tx, Message::Hints(hub.hints(spoke.max_in_flight))).await
+    {
+        return Ok(End::Quiet);
+    }
     // The stream is registered before the backlog is taken, so a directive
     // published from here on either is in the backlog or wakes us below.
     let backlog = hub.ledger().backlog(subscription, hub.now_ms());

@@ -115,6 +115,59 @@ impl State {
         self.spoke_event(id, Kind::SpokeHealthChanged, details, now_ms);
     }
 
+    /// Replaces spoke `id`'s labels, capabilities, version and window,
+    /// logging an update event if any changed; the spoke counts as seen.
+    /// Answers the record and whether anything changed.
+    fn update_registration(
+        &mut self,
+        id: Uuid,
+        reg: Registration,
+        now_ms: i64,
+    ) -> Result<(SpokeRecord, bool)> {
+        let spoke = self.spoke_mut(id)?;
+        let same = spoke.info.labels == reg.labels
+            && spoke.info.capabilities == reg.capabilities
+            && spoke.info.max_in_flight == reg.max_in_flight
+            && spoke.live.version == reg.version;
+        let mut changed = Vec::new();
+        if !same {
+            let old = &spoke.info;
+            for (what, differs) in [
+                ("labels", old.labels != reg.labels),
+                ("capabilities", old.capabilities != reg.capabilities),
+                ("max_in_flight", old.max_in_flight != reg.max_in_flight),
+                ("version", spoke.live.version != reg.version),
+            ] {
+                if differs {
+                    changed.push(what);
+                }
+            }
+            spoke.info = Arc::new(SpokeInfo::new(
+                id,
+                old.name.clone(),
+                old.key_hash.clone(),
+                reg.labels,
+                reg.capabilities,
+                reg.max_in_flight,
+                old.registered_at,
+                old.revoked_at,
+            ));
+            spoke.live.version = reg.version;
+            // A wider window may let more directives out.
+            spoke.wake();
+        }
+        self.seen(id, now_ms);
+        if !same {
+            self.spoke_event(id, Kind::SpokeUpdated, json!({"changed": changed}), now_ms);
+        }
+        let record = self
+            .spokes
+            .get(&id)
+            .map(Spoke::record)
+            .ok_or_else(|| Error::NotFound(format!("spoke {id} not found")))?;
+        Ok((record, !same))
+    }
+
     /// Logs an event about a spoke whose row changed.
     fn spoke_event(&mut self, id: Uuid, kind: Kind, details: serde_json::Value, now_ms: i64) {
         self.log.changes.push(Change::Event {
@@ -167,8 +220,14 @@ impl Ledger {
         counts.into_iter().map(|(h, n)| (h.to_owned(), n)).collect()
     }
 
-    /// Creates a spoke, ONLINE and seen now; ALREADY_EXISTS when the name is
-    /// taken. The record is answered once the commit holds it.
+    /// Creates a spoke with the key hashing to `key_hash`, ONLINE and seen
+    /// now. A name taken by a spoke whose current key (not revoked) hashes
+    /// to `key_hash` is the same enrollment retried with the key the spoke
+    /// proposed: it is re-registered as [`Ledger::reregister`] does.
+    /// Otherwise a taken name, or a key another spoke holds, is
+    /// ALREADY_EXISTS. The record is answered once the commit holds it
+    /// (for a retry: the commit after everything logged so far, so the first
+    /// call's creation is stored before the key is handed out again).
     pub fn register(
         &self,
         reg: Registration,
@@ -177,11 +236,23 @@ impl Ledger {
     ) -> Result<(SpokeRecord, Committed)> {
         let mut state = self.lock();
         state.writable()?;
-        if state.by_name.contains_key(&reg.name) {
+        if let Some(&id) = state.by_name.get(&reg.name) {
+            let spoke = state.spoke_mut(id)?;
+            if spoke.info.revoked_at.is_none()
+                && crate::auth::hashes_match(&spoke.info.key_hash, &key_hash)
+            {
+                let (record, _) = state.update_registration(id, reg, now_ms)?;
+                return Ok((record, self.commit_soon(state)));
+            }
             return Err(Error::AlreadyExists(format!(
                 "a spoke named {:?} exists; re-register with its key",
                 reg.name
             )));
+        }
+        if state.by_key.contains_key(&key_hash) {
+            return Err(Error::AlreadyExists(
+                "proposed_key: another spoke holds this key; propose a new one".into(),
+            ));
         }
         let id = Uuid::now_v7();
         let info = SpokeInfo::new(
@@ -220,48 +291,8 @@ impl Ledger {
     ) -> Result<(SpokeRecord, Option<Committed>)> {
         let mut state = self.lock();
         state.writable()?;
-        let spoke = state.spoke_mut(id)?;
-        let same = spoke.info.labels == reg.labels
-            && spoke.info.capabilities == reg.capabilities
-            && spoke.info.max_in_flight == reg.max_in_flight
-            && spoke.live.version == reg.version;
-        let mut changed = Vec::new();
-        if !same {
-            let old = &spoke.info;
-            for (what, differs) in [
-                ("labels", old.labels != reg.labels),
-                ("capabilities", old.capabilities != reg.capabilities),
-                ("max_in_flight", old.max_in_flight != reg.max_in_flight),
-                ("version", spoke.live.version != reg.version),
-            ] {
-                if differs {
-                    changed.push(what);
-                }
-            }
-            spoke.info = Arc::new(SpokeInfo::new(
-                id,
-                old.name.clone(),
-                old.key_hash.clone(),
-                reg.labels,
-                reg.capabilities,
-                reg.max_in_flight,
-                old.registered_at,
-                old.revoked_at,
-            ));
-            spoke.live.version = reg.version;
-            // A wider window may let more directives out.
-            spoke.wake();
-        }
-        state.seen(id, now_ms);
-        if !same {
-            state.spoke_event(id, Kind::SpokeUpdated, json!({"changed": changed}), now_ms);
-        }
-        let record = state
-            .spokes
-            .get(&id)
-            .map(Spoke::record)
-            .ok_or_else(|| Error::NotFound(format!("spoke {id} not found")))?;
-        let rx = (!same).then(|| self.commit_soon(state));
+        let (record, changed) = state.update_registration(id, reg, now_ms)?;
+        let rx = changed.then(|| self.commit_soon(state));
         Ok((record, rx))
     }
 
@@ -365,6 +396,16 @@ impl Ledger {
         state.by_key.remove(&spoke.info.key_hash);
         state.by_name.remove(&spoke.info.name);
         state.dirty.remove(&id);
+        // The row stays for its history, its key hash does not: the store
+        // keeps key hashes unique, and a key a spoke proposed must be free
+        // again once its spoke is gone (a spoke still retrying the
+        // enrollment that made it enrolls anew, not into a failed commit).
+        let mut info = SpokeInfo::clone(&spoke.info);
+        info.key_hash = format!("deleted:{id}");
+        state
+            .log
+            .changes
+            .push(Change::Spoke(Arc::new(info), spoke.live.clone()));
         state.log.changes.push(Change::Event {
             event: NewEvent::spoke(
                 Kind::SpokeDeleted,

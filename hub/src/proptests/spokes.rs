@@ -40,7 +40,7 @@ prop_compose! {
         if let Some(n) = many {
             capabilities.extend((0..n).map(|i| capability(format!("t{i}"), String::new())));
         }
-        proto::RegisterRequest { name, labels, capabilities, version, max_in_flight }
+        proto::RegisterRequest { name, labels, capabilities, version, max_in_flight, ..Default::default() }
     }
 }
 
@@ -59,7 +59,7 @@ prop_compose! {
             .into_iter()
             .map(|t| capability(t, "1".into()))
             .collect();
-        proto::RegisterRequest { name, labels, capabilities, version, max_in_flight }
+        proto::RegisterRequest { name, labels, capabilities, version, max_in_flight, ..Default::default() }
     }
 }
 

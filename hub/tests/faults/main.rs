@@ -179,9 +179,10 @@ async fn faulty_connections_lose_and_repeat_nothing() {
     )
     .await;
     let proxy = FaultProxy::start(hub.addr(), seed).await;
-    // Enrollment happens before any fault: a lost first Register reply
-    // strands a spoke for good (issue 12, item 3), a known defect this
-    // suite is not about.
+    // Enrollment happens before the faults, so every spoke is known when
+    // the load starts. (A lost first Register reply no longer strands a
+    // spoke: it retries with the key it proposed; spoke-client's
+    // `enrollment` tests cover that.)
     let fleet = Fleet::start("proxy", SPOKES, &proxy.url(), &run.path()).await;
     let load = Load::start(&proxy.url(), fleet.names(), seed);
 

@@ -1,8 +1,10 @@
 //! Directives received from the hub: deduplication by id (a claim in this
 //! process, then the local record), bounded concurrency, running handlers
-//! (a panic is caught and acked FAILED), recording outcomes (with the
-//! points the run recorded) before acking, acking a recorded outcome again
-//! on every redelivery, cancellation, and the drain at shutdown.
+//! (a panic is caught and acked FAILED), renewing ack deadlines from
+//! receipt on (so a directive waiting for a free handler loses no attempt),
+//! recording outcomes (with the points the run recorded) before acking,
+//! acking a recorded outcome again on every redelivery, cancellation, and
+//! the drain at shutdown.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -33,6 +35,9 @@ const DEFAULT_ACK_DEADLINE: Duration = Duration::from_secs(30);
 const MIN_RENEWAL: Duration = Duration::from_millis(250);
 /// Recorded outcomes resent at once after a reconnect.
 const RESENDS_AT_ONCE: usize = 64;
+/// The progress message of a directive waiting for a free handler slot,
+/// which operators see while its deadline is renewed.
+const QUEUED: &str = "queued: waiting for a free handler slot";
 
 /// Testing only: awaited with a directive's id after its handler returned
 /// and before its outcome is recorded.
@@ -314,10 +319,17 @@ impl Directives {
                 Outcome::rejected(format!("no handler for directive type {:?}", d.r#type));
             return Some((outcome, Vec::new()));
         };
+        // Renewed from now on, waiting for a slot included: the window the
+        // hub was asked for may exceed the concurrency, and waiting must not
+        // cost an attempt.
+        let running = OnceLock::new();
+        let lease = keep_leased(&self.inner.link, &d.id, &running, d.ack_deadline.as_ref());
+        tokio::pin!(lease);
         let permit = tokio::select! {
             biased;
             () = cancel.token.cancelled() => None,
             permit = self.inner.slots.clone().acquire_owned() => permit.ok(),
+            never = &mut lease => match never {},
         };
         status.update(|s| s.pending_directives -= 1);
         let _permit = permit?;
@@ -342,13 +354,13 @@ impl Directives {
             self.inner.link.clone(),
             self.inner.buffer.clone(),
         );
-        let lease = keep_leased(ctx.clone(), d.ack_deadline.as_ref());
+        let _ = running.set(ctx.clone());
         // Both the call and the future it returns may panic.
         let run = std::panic::catch_unwind(AssertUnwindSafe(|| handler(payload, ctx.clone())));
         let outcome = match run {
             Ok(fut) => tokio::select! {
                 outcome = AssertUnwindSafe(fut).catch_unwind() => outcome,
-                never = lease => match never {},
+                never = &mut lease => match never {},
             },
             Err(panic) => Err(panic),
         };
@@ -450,15 +462,35 @@ impl Directives {
     }
 }
 
-/// While a handler runs, renews its ack deadline at half the deadline, so
-/// a long run is not delivered again nor failed as exhausted. A short run
-/// sends nothing extra.
-async fn keep_leased(ctx: Context, deadline: Option<&pbjson_types::Duration>) -> Infallible {
+/// From its receipt until its handler returns, renews a directive's ack
+/// deadline at half the deadline, so that neither a long run nor a wait for
+/// a free handler slot gets it delivered again or failed as exhausted.
+/// While it waits (`running` unset) the renewal says it is queued; once
+/// its handler runs, it repeats the run's latest progress. A directive
+/// that starts and ends quickly sends nothing extra.
+async fn keep_leased(
+    link: &Link,
+    id: &str,
+    running: &OnceLock<Context>,
+    deadline: Option<&pbjson_types::Duration>,
+) -> Infallible {
     let every = duration(deadline).unwrap_or(DEFAULT_ACK_DEADLINE) / 2;
     loop {
         tokio::time::sleep(every.max(MIN_RENEWAL)).await;
-        if let Err(e) = ctx.renew().await {
-            tracing::debug!(directive_id = %ctx.id(), error = %e, "could not renew the ack deadline");
+        let renewed = match running.get() {
+            Some(ctx) => ctx.renew().await,
+            None => {
+                let ack = proto::AckRequest {
+                    directive_id: id.to_owned(),
+                    outcome: proto::AckOutcome::InProgress.into(),
+                    progress_message: QUEUED.to_owned(),
+                    ..Default::default()
+                };
+                link.ack(ack).await.map(drop)
+            }
+        };
+        if let Err(e) = renewed {
+            tracing::debug!(directive_id = %id, error = %e, "could not renew the ack deadline");
         }
     }
 }

@@ -1,10 +1,13 @@
 //! The local state: one SQLite file, `spoke.db`, in the state directory.
-//! Only this module touches sqlx. It holds the registration and key, every
-//! received directive with its status, and the outbound metric buffer, so a
-//! restarted spoke loses nothing. Migrations live in
+//! Only this module touches sqlx. It holds the registration and key (and,
+//! until the hub confirms it, the key proposed at enrollment), every
+//! received directive with its status, the outbound metric buffer and the
+//! hub's endpoint hint, so a restarted spoke loses nothing. Migrations live in
 //! `spoke-client/migrations/` and are embedded and applied at open.
 
 mod directives;
+mod endpoints;
+mod enrollment;
 mod metrics;
 
 use std::path::Path;
@@ -14,6 +17,7 @@ use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
 pub(crate) use directives::LocalStatus;
+pub(crate) use endpoints::EndpointHint;
 pub(crate) use metrics::PendingBatch;
 
 use crate::error::{Error, Result};

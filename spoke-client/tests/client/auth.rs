@@ -1,11 +1,12 @@
 //! Keys and failover: the key is kept and reused, a key the hub refuses
-//! stops the client with a clear error instead of retrying forever, and an
-//! unreachable endpoint is skipped.
+//! stops the client in a clear terminal status instead of retrying forever
+//! (it waits for a new key, see `keys.rs`), and an unreachable endpoint is
+//! skipped.
 
 use std::time::Duration;
 
 use serde_json::Value;
-use spoke_client::{Client, Error};
+use spoke_client::{Client, Error, KeyState};
 use tonic::Code;
 
 use crate::support::*;
@@ -23,7 +24,7 @@ async fn register_once(hub: &TestHub, name: &str, dir: &std::path::Path) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_stored_key_is_reused_and_a_key_the_hub_refuses_is_fatal() {
+async fn the_stored_key_is_reused_and_a_key_the_hub_refuses_stops_the_client() {
     let hub = TestHub::start().await;
     let state = tempfile::tempdir().unwrap();
     register_once(&hub, "billing", state.path()).await;
@@ -40,21 +41,35 @@ async fn the_stored_key_is_reused_and_a_key_the_hub_refuses_is_fatal() {
     again.shutdown();
     running.await.unwrap().unwrap();
 
-    // Another hub has never seen that key: as good as revoked.
+    // Another hub has never seen that key: as good as revoked. The client
+    // stops trying it and waits for a new key until it is shut down.
     let other = TestHub::start().await;
     let client = spoke("billing", &other.url(), state.path())
         .build()
         .await
         .unwrap();
-    let err = run(&client)
-        .await
-        .unwrap()
-        .expect_err("a refused key stops run");
-    assert!(matches!(err, Error::Unauthenticated { .. }), "{err:?}");
-    assert!(err.to_string().contains("not retrying"), "{err}");
-    let status = client.status();
+    let running = run(&client);
+    let status = eventually("the key refused", || async {
+        let s = client.status();
+        matches!(s.key, KeyState::Refused { .. }).then_some(s)
+    })
+    .await;
+    assert_eq!(
+        status.key,
+        KeyState::Refused {
+            message: "unknown enrollment token or spoke key".into()
+        }
+    );
     assert!(!status.connected);
     assert!(status.last_error.unwrap().contains("credentials"));
+    assert!(!running.is_finished(), "run waits for a new key");
+    client.shutdown();
+    let err = running
+        .await
+        .unwrap()
+        .expect_err("run ends with the reason");
+    assert!(matches!(err, Error::Unauthenticated { .. }), "{err:?}");
+    assert!(err.to_string().contains("not retrying"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,7 +109,7 @@ async fn the_observer_hears_each_registration_new_then_with_the_stored_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revoked_key_stops_the_running_client() {
+async fn a_revoked_key_stops_the_running_client_in_a_terminal_status() {
     let hub = TestHub::start().await;
     let state = tempfile::tempdir().unwrap();
     let client = spoke("billing", &hub.url(), state.path())
@@ -104,8 +119,23 @@ async fn a_revoked_key_stops_the_running_client() {
         .unwrap();
     let running = run(&client);
     hub.wait_connected("billing").await;
+    assert_eq!(client.status().key, KeyState::Accepted);
     hub.revoke("billing").await.expect("RevokeSpoke");
-    let err = running.await.unwrap().expect_err("a revoked key stops run");
+    let status = eventually("the key refused", || async {
+        let s = client.status();
+        matches!(s.key, KeyState::Refused { .. }).then_some(s)
+    })
+    .await;
+    assert_eq!(
+        status.key,
+        KeyState::Refused {
+            message: "spoke key revoked".into()
+        }
+    );
+    assert!(!status.connected);
+    assert!(!running.is_finished(), "run waits for a new key");
+    client.shutdown();
+    let err = running.await.unwrap().expect_err("stopped without a key");
     assert!(matches!(err, Error::Unauthenticated { .. }), "{err:?}");
 }
 

@@ -138,6 +138,7 @@ impl Shared {
             retry_after: None,
             max_in_flight,
             max_points_per_batch: 1000,
+            endpoints: Vec::new(),
         }
     }
 }
