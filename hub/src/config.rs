@@ -57,9 +57,15 @@ pub struct ServeArgs {
     /// HTTP listen address (health, readiness, admin page).
     #[arg(long, env = "HUB_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     pub http_listen: SocketAddr,
-    /// Database URL [default: sqlite://<data-dir>/hub.db].
-    #[arg(long, env = "DATABASE_URL")]
+    /// Database URL: sqlite:<file>, or postgres://user:password@host:port/database (one hub per PostgreSQL database for now) [default: sqlite://<data-dir>/hub.db].
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// Connections that read the database (queries, the admin page); the hub writes on one more of its own.
+    #[arg(long, env = "HUB_DATABASE_POOL_SIZE", default_value_t = 8)]
+    pub database_pool_size: u32,
+    /// How long connecting to PostgreSQL (or waiting for a reading connection) may take before a call is answered UNAVAILABLE.
+    #[arg(long, env = "HUB_DATABASE_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub database_connect_timeout: Duration,
     /// Enrollment token for registering new spokes [default: generated into <data-dir>/enrollment.token].
     #[arg(long, env = "HUB_ENROLLMENT_TOKEN", hide_env_values = true)]
     pub enrollment_token: Option<String>,
@@ -211,6 +217,10 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// Database URL.
     pub database_url: String,
+    /// Reading connections to the database.
+    pub database_pool_size: u32,
+    /// Longest wait for a database connection.
+    pub database_connect_timeout: Duration,
     /// Admin token (never logged).
     pub admin_token: String,
     /// Where the admin token came from.
@@ -228,6 +238,17 @@ pub struct Config {
 }
 
 const MIN_TOKEN_LEN: usize = 16;
+
+impl Config {
+    /// How `hub serve` opens the store.
+    pub fn store_options(&self) -> crate::store::Options {
+        crate::store::Options {
+            durability: self.durability,
+            pool_size: self.database_pool_size,
+            connect_timeout: self.database_connect_timeout,
+        }
+    }
+}
 
 impl Config {
     /// Validates the options, creates the data directory, and reads or
@@ -311,15 +332,21 @@ impl Config {
             source,
         })?;
         let database_url = match args.database_url {
-            Some(url) if url.starts_with("sqlite:") => url,
+            Some(url) if url.starts_with("sqlite:") || crate::store::is_postgres_url(&url) => url,
             Some(_) => {
                 return Err(invalid(
                     "--database-url (DATABASE_URL)",
-                    "must be a sqlite: URL in this build",
+                    "must be a sqlite:, postgres:// or postgresql:// URL",
                 ));
             }
             None => format!("sqlite://{}", data_dir.join("hub.db").display()),
         };
+        if !(1..=1024).contains(&args.database_pool_size) {
+            return Err(invalid(
+                "--database-pool-size (HUB_DATABASE_POOL_SIZE)",
+                "must be between 1 and 1024",
+            ));
+        }
         let (admin_token, admin_token_source) = secret(
             global.admin_token.clone(),
             data_dir,
@@ -369,6 +396,8 @@ impl Config {
             listen: args.listen,
             http_listen: args.http_listen,
             database_url,
+            database_pool_size: args.database_pool_size,
+            database_connect_timeout: args.database_connect_timeout,
             admin_token,
             admin_token_source,
             enrollment_token,
@@ -422,6 +451,11 @@ fn check_durations(args: &ServeArgs) -> Result<(), ConfigError> {
             args.http2_keepalive_timeout,
             Interval,
             "--http2-keepalive-timeout (HUB_HTTP2_KEEPALIVE_TIMEOUT)",
+        ),
+        (
+            args.database_connect_timeout,
+            Interval,
+            "--database-connect-timeout (HUB_DATABASE_CONNECT_TIMEOUT)",
         ),
         (
             args.shutdown_grace,
@@ -787,6 +821,37 @@ mod tests {
     }
 
     #[test]
+    fn postgres_urls_and_pool_options_reach_the_store_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let defaults = load(dir.path(), &[]).unwrap().store_options();
+        assert_eq!(defaults, crate::store::Options::default());
+        for url in [
+            "postgres://hub:secret@db.internal:5432/fleet",
+            "postgresql://hub@db.internal/fleet?sslmode=require",
+        ] {
+            let config = load(
+                dir.path(),
+                &[
+                    "--database-url",
+                    url,
+                    "--database-pool-size",
+                    "3",
+                    "--database-connect-timeout",
+                    "750ms",
+                    "--sync",
+                    "normal",
+                ],
+            )
+            .unwrap();
+            assert_eq!(config.database_url, url);
+            let options = config.store_options();
+            assert_eq!(options.pool_size, 3);
+            assert_eq!(options.connect_timeout, Duration::from_millis(750));
+            assert_eq!(options.durability, Durability::Normal);
+        }
+    }
+
+    #[test]
     fn sync_is_full_unless_told_normal() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(load(dir.path(), &[]).unwrap().durability, Durability::Full);
@@ -811,6 +876,18 @@ mod tests {
         let err = load(dir.path(), &["--database-url", "mysql://x"]).unwrap_err();
         assert!(
             err.to_string().starts_with("--database-url (DATABASE_URL)"),
+            "{err}"
+        );
+        let err = load(dir.path(), &["--database-pool-size", "0"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--database-pool-size (HUB_DATABASE_POOL_SIZE)"),
+            "{err}"
+        );
+        let err = load(dir.path(), &["--database-connect-timeout", "0s"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--database-connect-timeout (HUB_DATABASE_CONNECT_TIMEOUT)"),
             "{err}"
         );
         let parse = Cli::try_parse_from(["hub", "serve", "--listen", "nowhere"]).unwrap_err();

@@ -155,10 +155,35 @@ fn transient(primary: i32) -> Option<&'static str> {
 fn sqlx_transient(err: &sqlx::Error) -> Option<&'static str> {
     match err {
         sqlx::Error::PoolTimedOut => Some("the hub's database is busy; retry shortly"),
+        // A lost or refused connection (PostgreSQL over the network).
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolClosed => {
+            Some("the hub's database is unreachable; retry shortly")
+        }
         sqlx::Error::Database(db) => {
+            if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                return postgres_transient(pg.code());
+            }
             let code: i32 = db.code()?.parse().ok()?;
             transient(code & 0xff)
         }
+        _ => None,
+    }
+}
+
+/// What a caller may retry on PostgreSQL, by SQLSTATE: the connection was
+/// lost or the server is shutting down or starting, it is out of
+/// resources, a lock or serialization conflict, a standby that takes no
+/// writes (a failover), or a failing disk.
+fn postgres_transient(sqlstate: &str) -> Option<&'static str> {
+    match sqlstate {
+        s if s.starts_with("08") => Some("the hub's database is unreachable; retry shortly"),
+        "57P01" | "57P02" | "57P03" => Some("the hub's database is unreachable; retry shortly"),
+        s if s.starts_with("53") => Some(
+            "the hub's database is out of resources (disk, memory or connections); retry later",
+        ),
+        "40001" | "40P01" | "55P03" => Some("the hub's database is locked; retry shortly"),
+        "25006" => Some("the hub's database takes no writes now (a standby); retry later"),
+        "58000" | "58030" => Some("the hub cannot write to its database (disk full or failing)"),
         _ => None,
     }
 }

@@ -53,7 +53,7 @@ pub mod shutdown;
 pub mod spokes;
 pub mod store;
 pub mod telemetry;
-#[cfg(feature = "testing")]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod timers;
 pub mod tls;

@@ -67,7 +67,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(lock) = &lock {
         tracing::debug!(file = %lock.path().display(), "holding the database's process lock");
     }
-    let store = hub::Store::open(&config.database_url, config.durability)
+    let store = hub::Store::open_with(&config.database_url, config.store_options())
         .await
         .with_context(|| {
             format!(

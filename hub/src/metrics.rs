@@ -48,6 +48,13 @@ impl Batch {
         if req.batch_id.is_empty() || req.batch_id.chars().count() > 128 {
             return Err(Error::invalid("batch_id", "must be 1 to 128 characters"));
         }
+        // PostgreSQL cannot store a NUL in text, so neither backend takes it.
+        if req.batch_id.contains('\0') {
+            return Err(Error::invalid(
+                "batch_id",
+                "must not contain NUL characters",
+            ));
+        }
         if req.points.is_empty() {
             return Err(Error::invalid("points", "a batch needs at least one point"));
         }
@@ -82,6 +89,9 @@ fn validate(p: proto::MetricPoint, now_ns: i64) -> Result<Point, String> {
     }
     if p.unit.chars().count() > 32 {
         return Err("unit: at most 32 characters".to_owned());
+    }
+    if p.unit.contains('\0') {
+        return Err("unit: must not contain NUL characters".to_owned());
     }
     if p.labels.len() > 16 {
         return Err("labels: at most 16 labels".to_owned());
@@ -162,6 +172,26 @@ mod tests {
             .map(|(i, r)| (*i, r.split(':').next().unwrap()))
             .collect();
         assert_eq!(reasons, vec![(1, "value"), (2, "name"), (3, "time")]);
+    }
+
+    #[test]
+    fn a_nul_character_refuses_the_batch_id_or_the_point_with_that_unit() {
+        let mut odd = point("odd", 1.0);
+        odd.unit = "m\0s".into();
+        let req = proto::PushMetricsRequest {
+            batch_id: "b1".into(),
+            points: vec![point("ok", 1.0), odd],
+        };
+        let batch = Batch::parse(req.clone(), 100, NOW).unwrap();
+        assert_eq!(batch.points.len(), 1);
+        assert_eq!(batch.rejected[0].0, 1);
+        assert!(batch.rejected[0].1.starts_with("unit:"));
+        let req = proto::PushMetricsRequest {
+            batch_id: "b\0-1".into(),
+            ..req
+        };
+        let e = Batch::parse(req, 100, NOW).unwrap_err();
+        assert!(e.to_string().starts_with("batch_id:"), "{e}");
     }
 
     #[test]

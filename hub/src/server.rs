@@ -77,6 +77,7 @@ pub async fn run(
     let ledger = Ledger::load(store.clone(), Default::default()).await?;
     let writer = store.writer()?;
     let committer = ledger::spawn_committer(ledger.clone(), writer).map_err(RunError::Committer)?;
+    let _closes_the_ledger = CloseOnDrop(ledger.clone());
     let hub = Hub::new(
         ledger.clone(),
         settings.clone(),
@@ -189,6 +190,18 @@ pub async fn run(
     committer.join().await;
     store.close().await;
     result
+}
+
+/// Asks the committer to write what is left and stop when [`run`] ends,
+/// also when its future is dropped before the end (a test hub dropped
+/// without being stopped): the committer's thread would otherwise go on,
+/// holding the database's connections.
+struct CloseOnDrop(Ledger);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 /// Serves the HTTP routes on `listener` until `shutdown`; handlers see

@@ -410,10 +410,14 @@ pub fn check_directive_type(t: &str, field: &str) -> Result<()> {
     }
 }
 
-/// Checks a free-text field's length in characters.
+/// Checks a free-text field: its length in characters, and no NUL
+/// character (PostgreSQL cannot store one in text, so neither backend
+/// takes it).
 pub fn check_len(s: &str, max: usize, field: &str) -> Result<()> {
     if s.chars().count() > max {
         Err(Error::invalid(field, format!("at most {max} characters")))
+    } else if s.contains('\0') {
+        Err(Error::invalid(field, "must not contain NUL characters"))
     } else {
         Ok(())
     }
@@ -422,6 +426,16 @@ pub fn check_len(s: &str, max: usize, field: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_text_with_a_nul_character_is_refused_naming_the_field() {
+        check_len("all good \u{1}", 64, "status_message").unwrap();
+        let e = check_len("a\0b", 64, "status_message").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "status_message: must not contain NUL characters"
+        );
+    }
 
     #[test]
     fn window_is_granted_within_the_hub_maximum() {

@@ -1,8 +1,15 @@
 //! Test support (cargo feature `testing`): the real hub in this process on
-//! 127.0.0.1 with a fresh SQLite file, the one harness the workspace's
+//! 127.0.0.1 with a fresh database, the one harness the workspace's
 //! integration tests share. Listeners are bound before the server task
 //! starts, so clients can connect at once; stopping re-raises a panic of the
-//! server task; a restart keeps the port and the data directory.
+//! server task; a restart keeps the port, the data directory and the
+//! database.
+//!
+//! The database is a fresh SQLite file in the data directory, or, when the
+//! environment says `HUB_TEST_DATABASE=postgres`, a fresh database on the
+//! PostgreSQL server at `HUB_TEST_POSTGRES_URL` (`tests/run.sh` runs the
+//! suites both ways). This module is test support, not the hub: it is the
+//! one place of the library that reads the environment.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,6 +33,7 @@ pub struct TestHub {
     /// The HTTP address (health, metrics, admin page).
     pub http_addr: SocketAddr,
     dir: PathBuf,
+    database_url: String,
     settings: Settings,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), RunError>>>,
@@ -50,13 +58,13 @@ impl TestHub {
     pub async fn start_with(settings: Settings) -> Self {
         let tmp = tempfile::tempdir().expect("a temp dir");
         let any = "127.0.0.1:0".parse().expect("an address");
-        let mut hub = Self::start_in(tmp.path(), settings, any).await;
+        let url = test_database(tmp.path()).await;
+        let mut hub = Self::start_in(tmp.path(), url, settings, any).await;
         hub.tmp = Some(tmp);
         hub
     }
 
-    async fn start_in(dir: &Path, settings: Settings, addr: SocketAddr) -> Self {
-        let url = format!("sqlite://{}", dir.join("hub.db").display());
+    async fn start_in(dir: &Path, url: String, settings: Settings, addr: SocketAddr) -> Self {
         let store = Store::open(&url, crate::store::Durability::Full)
             .await
             .expect("open the store");
@@ -83,6 +91,7 @@ impl TestHub {
             addr,
             http_addr,
             dir: dir.to_path_buf(),
+            database_url: url,
             settings,
             stop: Some(stop),
             task: Some(task),
@@ -93,6 +102,26 @@ impl TestHub {
     /// The hub's data directory (its database is `hub.db` there).
     pub fn data_dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The hub's database (an `sqlite:` or a `postgres:` URL).
+    pub fn database_url(&self) -> &str {
+        &self.database_url
+    }
+
+    /// Cuts the hub's PostgreSQL database off (every session on it ends and
+    /// no new one is let in: to the hub, the database is gone), or lets it
+    /// back. Panics on SQLite, which cannot go away.
+    pub async fn set_database_reachable(&self, reachable: bool) {
+        assert!(on_postgres(), "a PostgreSQL matter: skip it on SQLite");
+        let server = std::env::var("HUB_TEST_POSTGRES_URL").expect("HUB_TEST_POSTGRES_URL");
+        crate::store::set_postgres_database_reachable_for_test(
+            &server,
+            &self.database_url,
+            reachable,
+        )
+        .await
+        .expect("change whether the test database takes connections");
     }
 
     /// The settings the hub runs with.
@@ -137,7 +166,8 @@ impl TestHub {
         assert!(self.task.is_none(), "stop the hub first");
         let tmp = self.tmp.take();
         let dir = self.dir.clone();
-        *self = Self::start_in(&dir, settings, addr).await;
+        let url = self.database_url.clone();
+        *self = Self::start_in(&dir, url, settings, addr).await;
         self.tmp = tmp;
     }
 
@@ -161,6 +191,41 @@ impl Drop for TestHub {
             let _ = stop.send(());
         }
     }
+}
+
+/// Whether the test hubs run on PostgreSQL (`HUB_TEST_DATABASE=postgres`)
+/// rather than SQLite.
+pub fn on_postgres() -> bool {
+    match std::env::var("HUB_TEST_DATABASE").as_deref() {
+        Ok("postgres") => true,
+        Ok("sqlite") | Ok("") | Err(_) => false,
+        Ok(other) => panic!("HUB_TEST_DATABASE={other}: expected sqlite or postgres"),
+    }
+}
+
+/// For a test about SQLite itself: on PostgreSQL, says it is skipped and
+/// why, and returns `true` (the test returns at once).
+pub fn skip_on_postgres(why: &str) -> bool {
+    let skip = on_postgres();
+    if skip {
+        eprintln!("skipped on PostgreSQL: {why}");
+    }
+    skip
+}
+
+/// A fresh database for a test: `hub.db` in `dir`, or a new database on
+/// the PostgreSQL server at `HUB_TEST_POSTGRES_URL` (see the module's doc).
+pub async fn test_database(dir: &Path) -> String {
+    if !on_postgres() {
+        return format!("sqlite://{}", dir.join("hub.db").display());
+    }
+    let server = std::env::var("HUB_TEST_POSTGRES_URL").expect(
+        "HUB_TEST_DATABASE=postgres needs HUB_TEST_POSTGRES_URL \
+         (source tests/lib/postgres.sh; pg_start)",
+    );
+    crate::store::create_postgres_database_for_test(&server)
+        .await
+        .expect("create a test database on HUB_TEST_POSTGRES_URL")
 }
 
 /// Adds `authorization: Bearer <token>` to a request.

@@ -464,3 +464,73 @@ async fn list_spokes_refuses_a_page_token_it_did_not_issue() {
     assert_eq!(names, ["a1", "b2", "c3"]);
     assert!(second.next_page_token.is_empty());
 }
+
+/// A NUL character in free text is refused, naming the field, on both
+/// backends: PostgreSQL cannot store one in text, and taken it would fail
+/// the commit of every call that shared its batch.
+#[tokio::test]
+async fn a_nul_character_in_free_text_is_refused_and_changes_nothing() {
+    let hub = TestHub::start().await;
+    let mut spoke = hub.register("nul", &["t"], &[]).await;
+    let d = hub.send("nul", "t", json!({})).await;
+    let before = snapshot(&hub).await;
+    let mut admin = hub.admin().await;
+
+    let heartbeat = proto::HeartbeatRequest {
+        status: proto::SpokeStatus::Ok.into(),
+        status_message: "fine\0really".into(),
+        ..Default::default()
+    };
+    assert_code(
+        spoke.client.heartbeat(spoke.req(heartbeat)).await,
+        Code::InvalidArgument,
+        "status_message",
+    );
+    let mut keyed = create_for("nul", "t", json!({}));
+    keyed.idempotency_key = "k\0".into();
+    assert_code(
+        admin.create_directive(authed(keyed, ADMIN_TOKEN)).await,
+        Code::InvalidArgument,
+        "idempotency_key",
+    );
+    let failed = proto::AckRequest {
+        directive_id: d.id.clone(),
+        outcome: proto::AckOutcome::Failed.into(),
+        error: "disk\0full".into(),
+        ..Default::default()
+    };
+    assert_code(
+        spoke.client.ack(spoke.req(failed)).await,
+        Code::InvalidArgument,
+        "error",
+    );
+    let cancel = proto::CancelDirectiveRequest {
+        directive_id: d.id.clone(),
+        reason: "\0".into(),
+    };
+    assert_code(
+        admin.cancel_directive(authed(cancel, ADMIN_TOKEN)).await,
+        Code::InvalidArgument,
+        "reason",
+    );
+    let batch = proto::PushMetricsRequest {
+        batch_id: "b\0".into(),
+        points: vec![point("statistics", "orders", 1.0)],
+    };
+    assert_code(
+        push(&mut spoke, vec![batch]).await,
+        Code::InvalidArgument,
+        "batch_id",
+    );
+    assert_eq!(snapshot(&hub).await, before);
+
+    // The hub goes on writing.
+    let ok = proto::HeartbeatRequest {
+        status: proto::SpokeStatus::Ok.into(),
+        status_message: "fine".into(),
+        ..Default::default()
+    };
+    spoke.client.heartbeat(spoke.req(ok)).await.unwrap();
+    hub.send("nul", "t", json!({})).await;
+    assert_eq!(hub.all_directives().await.len(), 2);
+}

@@ -63,6 +63,9 @@ fn of_type(events: &[proto::Event], kind: proto::EventType) -> Vec<&proto::Event
 
 #[tokio::test]
 async fn a_create_whose_caller_gives_up_is_delivered_once_its_commit_lands() {
+    if hub::testing::skip_on_postgres("holds SQLite's write lock from another connection") {
+        return;
+    }
     let hub = TestHub::start().await;
     let mut spoke = hub.register("idle", &["t"], &[]).await;
     let mut stream = spoke.watch().await;
@@ -104,6 +107,9 @@ async fn a_large_fan_out_is_confirmed_without_payloads_and_stores_its_payload_on
         struct_json(one.payload.as_ref().unwrap()),
         json!({"blob": blob})
     );
+    if hub::testing::skip_on_postgres("the rest reads hub.db with SQLite") {
+        return;
+    }
     let db = rusqlite::Connection::open(hub.data_dir().join("hub.db")).unwrap();
     let (groups, inline): (i64, i64) = db
         .query_row(
@@ -362,6 +368,9 @@ async fn a_requeue_and_a_changed_registration_write_events() {
 
 #[tokio::test]
 async fn a_locked_database_answers_unavailable_and_readyz_says_so() {
+    if hub::testing::skip_on_postgres("holds SQLite's write lock from another connection") {
+        return;
+    }
     let hub = TestHub::start().await;
     hub.register("r", &["t"], &[]).await;
     let ready = http(hub.http_addr, "GET", "/readyz", &[], "").await;
@@ -387,6 +396,49 @@ async fn a_locked_database_answers_unavailable_and_readyz_says_so() {
     })
     .await;
     hub.send("r", "t", json!({})).await;
+}
+
+/// PostgreSQL's counterpart of the locked database: the server goes away
+/// (every session ends, none is let in) and comes back.
+#[tokio::test]
+async fn a_lost_postgres_database_answers_unavailable_and_the_hub_recovers_when_it_returns() {
+    if !hub::testing::on_postgres() {
+        eprintln!("skipped on SQLite: a PostgreSQL server going away");
+        return;
+    }
+    let hub = TestHub::start().await;
+    hub.register("r", &["t"], &[]).await;
+    let ready = http(hub.http_addr, "GET", "/readyz", &[], "").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+
+    hub.set_database_reachable(false).await;
+    let res = hub
+        .admin()
+        .await
+        .create_directive(authed(create_for("r", "t", json!({})), ADMIN_TOKEN))
+        .await;
+    assert_code(res, Code::Unavailable, "");
+    let ready = http(hub.http_addr, "GET", "/readyz", &[], "").await;
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    let res = hub
+        .admin()
+        .await
+        .list_directives(authed(proto::ListDirectivesRequest::default(), ADMIN_TOKEN))
+        .await;
+    assert_code(res, Code::Unavailable, "");
+
+    hub.set_database_reachable(true).await;
+    eventually("the hub to take writes again", || async {
+        let ready = http(hub.http_addr, "GET", "/readyz", &[], "").await;
+        ready.starts_with("HTTP/1.1 200").then_some(())
+    })
+    .await;
+    hub.send("r", "t", json!({})).await;
+    assert_eq!(
+        hub.all_directives().await.len(),
+        1,
+        "the failed create left nothing"
+    );
 }
 
 #[tokio::test]

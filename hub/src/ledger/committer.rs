@@ -66,7 +66,7 @@ pub async fn run_committer(ledger: Ledger, mut writer: Writer) {
         // A stopping hub writes what it decided and leaves purges for the
         // next start.
         let stopping = *closing.borrow_and_update();
-        let purged = !stopping && purge_step(&ledger, &mut writer);
+        let purged = !stopping && purge_step(&ledger, &mut writer).await;
         if committed || purged {
             continue;
         }
@@ -88,7 +88,7 @@ pub(super) async fn commit_next(ledger: &Ledger, writer: &mut Writer) -> bool {
         return false;
     };
     let started = std::time::Instant::now();
-    let result = writer.commit(&batch.changes);
+    let result = writer.commit(&batch.changes).await;
     let telemetry = ledger.telemetry();
     match result {
         Ok(done) => {
@@ -115,7 +115,7 @@ pub(super) async fn commit_next(ledger: &Ledger, writer: &mut Writer) -> bool {
                 mem::take(&mut state.log)
             };
             fail(later.waiters);
-            rebuild(ledger).await;
+            rebuild(ledger, writer).await;
         }
     }
     true
@@ -123,14 +123,14 @@ pub(super) async fn commit_next(ledger: &Ledger, writer: &mut Writer) -> bool {
 
 /// Runs one step of every purge asked for; answers the finished ones.
 /// `false` when there was none.
-fn purge_step(ledger: &Ledger, writer: &mut Writer) -> bool {
+async fn purge_step(ledger: &Ledger, writer: &mut Writer) -> bool {
     let jobs = mem::take(&mut ledger.lock().purges);
     if jobs.is_empty() {
         return false;
     }
     let mut unfinished = Vec::new();
     for mut job in jobs {
-        match writer.purge_step(&job.cutoffs) {
+        match writer.purge_step(&job.cutoffs).await {
             Ok((step, more)) => {
                 ledger.lock().forget_finals(&step);
                 job.purged.add(step);
@@ -149,10 +149,12 @@ fn purge_step(ledger: &Ledger, writer: &mut Writer) -> bool {
     true
 }
 
-/// Reads the ledger back from the store, retrying until it can.
-async fn rebuild(ledger: &Ledger) {
+/// Reads the ledger back from the store (through the writer: on
+/// PostgreSQL its own connection, made again if the database was lost),
+/// retrying until it can.
+async fn rebuild(ledger: &Ledger, writer: &mut Writer) {
     loop {
-        match ledger.store().snapshot().await {
+        match writer.snapshot().await {
             Ok(snapshot) => {
                 let mut state = ledger.lock();
                 // Whatever was decided against the lost state goes too.

@@ -1,5 +1,6 @@
-//! The ledger against a real SQLite file: what waits for a commit, what a
-//! commit holds, and what a failed commit leaves behind.
+//! The ledger against a real database (SQLite, or PostgreSQL with
+//! `HUB_TEST_DATABASE=postgres`): what waits for a commit, what a commit
+//! holds, and what a failed commit leaves behind.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use crate::store::{Durability, Store, StoredBatch};
 const NOW: i64 = 1_800_000_000_000;
 
 async fn open(dir: &tempfile::TempDir) -> Ledger {
-    let url = format!("sqlite://{}", dir.path().join("hub.db").display());
+    let url = crate::testing::test_database(dir.path()).await;
     let store = Store::open(&url, Durability::Full).await.unwrap();
     Ledger::load(store, Default::default()).await.unwrap()
 }
@@ -197,13 +198,7 @@ async fn a_failed_commit_answers_unavailable_and_the_ledger_returns_to_what_is_s
     let dir = tempfile::tempdir().unwrap();
     let ledger = open(&dir).await;
     let spoke = spoke(&ledger, "a").await;
-    ledger
-        .store()
-        .execute_for_test(
-            "CREATE TRIGGER refuse_boom BEFORE INSERT ON directives WHEN NEW.type = 'boom' \
-             BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
-        )
-        .await;
+    ledger.store().refuse_directive_type_for_test("boom").await;
     let (boom, boom_done) = created(ledger.create(&job("a", "boom", None), NOW).unwrap());
     let (fine, fine_done) = created(ledger.create(&job("a", "job", None), NOW).unwrap());
     // The commit fails; the ledger is rebuilt before commit_next returns.

@@ -1,45 +1,56 @@
 //! Storage: the log the hub's in-memory ledger is rebuilt from, and the
 //! place operators' queries read.
 //!
-//! Only this module touches sqlx and rusqlite. The embedded default is
-//! SQLite in WAL mode with one writing connection ([`Writer`], owned by
-//! the committer's thread: SQLite serialises writers anyway, and one
-//! connection avoids lock-upgrade failures), a small pool of readers, and a
-//! maintenance connection (migrations at open, WAL checkpoints). Migrations
-//! are embedded from `migrations/sqlite`.
+//! Only this module touches sqlx and rusqlite. One interface at the level
+//! of the domain ([`Store`] for reads, [`Writer`] for the group commit and
+//! retention), two backends, each in its own folder with its own SQL and
+//! its own migrations:
+//!
+//! - `sqlite/` (the default, `sqlite://…`): WAL mode, one writing
+//!   connection (rusqlite, owned by the committer's thread: SQLite
+//!   serialises writers anyway, and one connection avoids lock-upgrade
+//!   failures), a small pool of readers, and a maintenance connection
+//!   (migrations at open, WAL checkpoints). Migrations from
+//!   `migrations/sqlite`.
+//! - `postgres/` (`postgres://…`): one dedicated writing connection, a
+//!   pool of readers, and a connection that holds the database's hub lock
+//!   for the store's life (one hub per database until replicas are
+//!   supported). Migrations from `migrations/postgres`, run under sqlx's
+//!   advisory lock, so hubs starting at once migrate once.
 //!
 //! Writes arrive as [`Change`]s decided by the ledger and are committed in
-//! groups ([`Store::commit`]): one transaction and one sync for everything
-//! gathered since the last commit, with multi-row statements. Events get
-//! their sequence numbers here, in commit order; after commit the highest
-//! committed sequence is published, which is what WatchEvents waits on.
+//! groups ([`Writer::commit`]): one transaction and one sync for everything
+//! gathered since the last commit, with multi-row statements on PostgreSQL.
+//! Events get their sequence numbers at commit, in commit order; after
+//! commit the highest committed sequence is published, which is what
+//! WatchEvents waits on. A sequence is never used twice, even after
+//! retention deleted its event.
 
-mod commit;
-mod directives;
-mod events;
-mod files;
-mod load;
-mod metrics;
+mod batch;
+mod changes;
+mod filters;
+mod postgres;
+mod queries;
+mod records;
 mod retention;
+mod snapshot;
+mod sqlite;
 #[cfg(test)]
 mod tests;
+mod writer;
 
-use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use tokio::sync::watch;
 
-pub use commit::{Change, Committed, DirectiveUpdate, Writer};
-pub use directives::DirectiveFilter;
-pub use files::ProcessLock;
-pub use load::{IdempotencyRow, OutstandingRow, Snapshot};
-pub use metrics::{MetricFilter, StoredBatch};
+pub use changes::{Change, Committed, DirectiveUpdate, StoredBatch};
+pub use filters::{DirectiveFilter, MetricFilter};
 pub use retention::{Cutoffs, Purged};
+pub use snapshot::{IdempotencyRow, OutstandingRow, Snapshot};
+pub use sqlite::ProcessLock;
+pub use writer::Writer;
 
 use crate::error::{Error, Result};
 
@@ -47,110 +58,139 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Durability {
     /// Every commit is synced to disk before anyone is answered: it survives
-    /// power loss.
+    /// power loss. (On PostgreSQL: the server's `synchronous_commit`, `on`
+    /// unless its operator changed it.)
     #[default]
     Full,
     /// Commits reach the operating system before anyone is answered and are
     /// synced at checkpoints: they survive a killed hub, and an OS crash or
-    /// power loss may lose the last moments.
+    /// power loss may lose the last moments. (On PostgreSQL: the writer's
+    /// session runs with `synchronous_commit = off`.)
     Normal,
+}
+
+/// How the store connects (`hub serve --sync`, `--database-pool-size`,
+/// `--database-connect-timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Durability of commits.
+    pub durability: Durability,
+    /// Connections that read (operators' queries, the admin page).
+    pub pool_size: u32,
+    /// How long connecting to the database (or waiting for a reader) may
+    /// take before the call is answered UNAVAILABLE.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Full,
+            pool_size: 8,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
 }
 
 /// Handle to the hub's database; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
-    /// The database file (the [`Writer`] opens it too).
-    path: PathBuf,
-    durability: Durability,
-    reader: SqlitePool,
-    /// Runs migrations, and WAL checkpoints beside the writer, so a commit
-    /// never waits for one (the writer's automatic checkpoints are off).
-    maintenance: SqlitePool,
-    /// Changes committed so far, and as of the last checkpoint.
-    committed_changes: Arc<AtomicU64>,
-    checkpointed: Arc<AtomicU64>,
-    /// The highest event sequence committed so far.
-    committed_events: Arc<watch::Sender<i64>>,
-    /// The sequence the next event gets. Only the committer (one task)
-    /// advances it.
-    next_seq: Arc<AtomicI64>,
+    backend: Backend,
+    events: Arc<Sequence>,
 }
 
-/// Migrations for the SQLite backend, embedded in the binary.
-static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+#[derive(Clone, Debug)]
+enum Backend {
+    Sqlite(sqlite::Db),
+    Postgres(postgres::Db),
+}
+
+/// The event sequence: what the next event gets, and what is committed.
+#[derive(Debug)]
+struct Sequence {
+    /// The highest event sequence committed so far.
+    committed: watch::Sender<i64>,
+    /// The sequence the next event gets. Only the committer (one task)
+    /// advances it, after a commit succeeded.
+    next: AtomicI64,
+}
+
+/// Whether `url` names a PostgreSQL database.
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
 
 impl Store {
-    /// Makes this process the only hub serving from the database at `url`
-    /// until the returned lock is dropped (or the process ends): a second
-    /// hub on the same SQLite database refuses to start with
+    /// Makes this process the only hub serving from the SQLite database at
+    /// `url` until the returned lock is dropped (or the process ends): a
+    /// second hub on the same SQLite database refuses to start with
     /// FAILED_PRECONDITION naming the lock. `None` for a database without a
-    /// file (in memory).
+    /// file (in memory) and for PostgreSQL, whose lock [`Store::open`]
+    /// takes in the database itself.
     pub fn lock_for_process(url: &str) -> Result<Option<ProcessLock>> {
         if !url.starts_with("sqlite:") {
             return Ok(None);
         }
-        let options = SqliteConnectOptions::from_str(url)
-            .map_err(|e| Error::invalid("database_url", e.to_string()))?;
-        ProcessLock::take(options.get_filename()).map_err(Error::FailedPrecondition)
+        sqlite::lock_for_process(url)
     }
 
-    /// Opens (creating if needed) the database at `url` and applies pending
-    /// migrations. Only `sqlite:` URLs are supported so far.
+    /// Opens (creating if needed) the database at `url` with default pool
+    /// size and timeouts and applies pending migrations.
     pub async fn open(url: &str, durability: Durability) -> Result<Self> {
-        if !url.starts_with("sqlite:") {
+        let options = Options {
+            durability,
+            ..Options::default()
+        };
+        Self::open_with(url, options).await
+    }
+
+    /// Opens the database at `url` (`sqlite:…`, `postgres://…` or
+    /// `postgresql://…`) and applies pending migrations. On PostgreSQL it
+    /// fails with FAILED_PRECONDITION while another hub serves from the same
+    /// database.
+    pub async fn open_with(url: &str, options: Options) -> Result<Self> {
+        let (backend, last) = if url.starts_with("sqlite:") {
+            let (db, last) = sqlite::Db::open(url, options).await?;
+            (Backend::Sqlite(db), last)
+        } else if is_postgres_url(url) {
+            let (db, last) = postgres::Db::open(url, options).await?;
+            (Backend::Postgres(db), last)
+        } else {
             return Err(Error::invalid(
                 "database_url",
-                "only sqlite: URLs are supported by this build",
+                "must be a sqlite:, postgres:// or postgresql:// URL",
             ));
-        }
-        let synchronous = match durability {
-            Durability::Full => SqliteSynchronous::Full,
-            Durability::Normal => SqliteSynchronous::Normal,
         };
-        let options = SqliteConnectOptions::from_str(url)
-            .map_err(|e| Error::invalid("database_url", e.to_string()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(synchronous)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        let path = options.get_filename().to_path_buf();
-        files::make_private(&path);
-        let maintenance = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options.clone())
-            .await?;
-        SQLITE_MIGRATIONS
-            .run(&maintenance)
-            .await
-            .map_err(|e| Error::Database(e.into()))?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options.read_only(true))
-            .await?;
-        // AUTOINCREMENT remembers the highest sequence ever used, even after
-        // retention deleted those events: a sequence is never reused.
-        let last: i64 = sqlx::query_scalar(
-            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0), \
-             COALESCE((SELECT MAX(seq) FROM events), 0))",
-        )
-        .fetch_one(&maintenance)
-        .await?;
         Ok(Self {
-            path,
-            durability,
-            reader,
-            maintenance,
-            committed_changes: Arc::default(),
-            checkpointed: Arc::default(),
-            committed_events: Arc::new(watch::Sender::new(last)),
-            next_seq: Arc::new(AtomicI64::new(last + 1)),
+            backend,
+            events: Arc::new(Sequence {
+                committed: watch::Sender::new(last),
+                next: AtomicI64::new(last + 1),
+            }),
         })
     }
 
-    /// Publishes `last` as the highest committed event sequence.
-    fn publish_events(&self, last: i64) {
-        self.committed_events.send_if_modified(|seq| {
+    /// Follows the highest committed event sequence: every event up to it is
+    /// readable.
+    pub fn committed_events(&self) -> watch::Receiver<i64> {
+        self.events.committed.subscribe()
+    }
+
+    /// The highest committed event sequence now.
+    pub fn last_event(&self) -> i64 {
+        *self.events.committed.borrow()
+    }
+
+    fn next_seq(&self) -> i64 {
+        self.events.next.load(Ordering::Relaxed)
+    }
+
+    /// A commit succeeded: the next event gets `next`, and everything
+    /// before it is committed.
+    fn events_committed(&self, next: i64) {
+        self.events.next.store(next, Ordering::Relaxed);
+        let last = next - 1;
+        self.events.committed.send_if_modified(|seq| {
             let newer = last > *seq;
             if newer {
                 *seq = last;
@@ -159,92 +199,87 @@ impl Store {
         });
     }
 
-    /// Follows the highest committed event sequence: every event up to it is
-    /// readable.
-    pub fn committed_events(&self) -> watch::Receiver<i64> {
-        self.committed_events.subscribe()
-    }
-
-    /// The highest committed event sequence now.
-    pub fn last_event(&self) -> i64 {
-        *self.committed_events.borrow()
-    }
-
-    fn take_seq(&self) -> i64 {
-        self.next_seq.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Changes committed since the last checkpoint.
+    /// Changes committed since the last checkpoint (always 0 on PostgreSQL,
+    /// which checkpoints by itself).
     pub fn changes_since_checkpoint(&self) -> u64 {
-        self.committed_changes
-            .load(Ordering::Relaxed)
-            .saturating_sub(self.checkpointed.load(Ordering::Relaxed))
+        match &self.backend {
+            Backend::Sqlite(db) => db.changes_since_checkpoint(),
+            Backend::Postgres(_) => 0,
+        }
     }
 
-    /// Copies committed pages from the WAL into the database file without
-    /// waiting for readers or the writer (PASSIVE); the writer starts the
-    /// WAL over once all of it is copied. A checkpoint syncs the database
-    /// file, so the hub runs few: see `timers::run_checkpointer`.
+    /// Copies committed pages from SQLite's WAL into the database file
+    /// without waiting for readers or the writer (PASSIVE); the writer
+    /// starts the WAL over once all of it is copied. A checkpoint syncs the
+    /// database file, so the hub runs few: see `timers::run_checkpointer`.
+    /// Nothing to do on PostgreSQL.
     pub async fn checkpoint(&self) -> Result<()> {
-        let changes = self.committed_changes.load(Ordering::Relaxed);
-        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&self.maintenance)
-            .await?;
-        self.checkpointed.store(changes, Ordering::Relaxed);
-        Ok(())
+        match &self.backend {
+            Backend::Sqlite(db) => db.checkpoint().await,
+            Backend::Postgres(_) => Ok(()),
+        }
     }
 
-    /// Opens the one connection that writes (for the committer).
+    /// The one connection that writes (for the committer).
     pub fn writer(&self) -> Result<Writer> {
-        Writer::open(&self.path, self.durability, self.clone())
+        Writer::open(self)
     }
 
     /// Whether the database answers and every embedded migration is applied.
     pub async fn ready(&self) -> Result<bool> {
-        let applied: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
-                .fetch_one(&self.reader)
-                .await?;
-        Ok(applied as usize == SQLITE_MIGRATIONS.iter().count())
-    }
-
-    /// Whether a write could start now: takes the write lock and lets it
-    /// go at once, within `wait` (another process holding the database
-    /// locked makes this fail).
-    pub async fn can_write(&self, wait: Duration) -> Result<bool> {
-        let probe = async {
-            let mut conn = self.maintenance.acquire().await?;
-            sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
-            sqlx::query("ROLLBACK").execute(&mut *conn).await?;
-            Ok::<_, Error>(())
-        };
-        match tokio::time::timeout(wait, probe).await {
-            Ok(Ok(())) => Ok(true),
-            Ok(Err(Error::Database(sqlx::Error::Database(e))))
-                if e.code()
-                    .and_then(|c| c.parse::<i32>().ok())
-                    .map(|c| c & 0xff)
-                    == Some(5) =>
-            {
-                Ok(false)
-            }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Ok(false),
+        match &self.backend {
+            Backend::Sqlite(db) => db.ready().await,
+            Backend::Postgres(db) => db.ready().await,
         }
     }
 
-    /// Runs `sql` on the writer connection: tests inject faults with it.
-    #[cfg(test)]
-    pub(crate) async fn execute_for_test(&self, sql: &'static str) {
-        sqlx::query(sql)
-            .execute(&self.maintenance)
-            .await
-            .expect("test SQL runs");
+    /// Whether a write could start now, within `wait`: on SQLite, the write
+    /// lock is free (another process holding the database locked makes
+    /// this fail); on PostgreSQL, the server answers and is not a read-only
+    /// standby.
+    pub async fn can_write(&self, wait: Duration) -> Result<bool> {
+        match &self.backend {
+            Backend::Sqlite(db) => db.can_write(wait).await,
+            Backend::Postgres(db) => db.can_write(wait).await,
+        }
     }
 
-    /// Closes both pools, waiting for in-flight statements to finish.
-    pub async fn close(&self) {
-        self.reader.close().await;
-        self.maintenance.close().await;
+    /// Makes every commit that inserts a directive of `directive_type`
+    /// fail (a trigger): tests inject faults with it.
+    #[cfg(test)]
+    pub(crate) async fn refuse_directive_type_for_test(&self, directive_type: &str) {
+        match &self.backend {
+            Backend::Sqlite(db) => db.refuse_directive_type(directive_type).await,
+            Backend::Postgres(db) => db.refuse_directive_type(directive_type).await,
+        }
     }
+
+    /// Closes the connections, waiting for in-flight statements to finish;
+    /// on PostgreSQL this lets another hub open the database.
+    pub async fn close(&self) {
+        match &self.backend {
+            Backend::Sqlite(db) => db.close().await,
+            Backend::Postgres(db) => db.close().await,
+        }
+    }
+}
+
+/// Creates an empty database on the PostgreSQL server at `server_url` (any
+/// database there that the user may connect to) and returns its URL: each
+/// test hub gets its own. Test support only.
+#[cfg(any(test, feature = "testing"))]
+pub async fn create_postgres_database_for_test(server_url: &str) -> Result<String> {
+    postgres::create_database_for_test(server_url).await
+}
+
+/// Cuts the PostgreSQL database at `db_url` off (no new connections, and
+/// every session on it ended: to the hub, the database is gone), or lets
+/// connections in again; `server_url` is a superuser's. Test support only.
+#[cfg(any(test, feature = "testing"))]
+pub async fn set_postgres_database_reachable_for_test(
+    server_url: &str,
+    db_url: &str,
+    reachable: bool,
+) -> Result<()> {
+    postgres::set_reachable_for_test(server_url, db_url, reachable).await
 }

@@ -1,40 +1,14 @@
-//! Metric rows: storing a batch exactly once (inside a group commit, on the
-//! writer), and querying points.
+//! Metric rows on SQLite: storing a batch exactly once (inside a group
+//! commit, on the writer), and querying points.
 
 use hub_proto::v1 as proto;
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{QueryBuilder, Sqlite};
 use uuid::Uuid;
 
-use super::Store;
-use crate::error::{Error, Result};
+use super::super::{MetricFilter, StoredBatch, records};
+use super::Db;
+use crate::error::Result;
 use crate::metrics::Batch;
-use crate::wire::timestamp_ns;
-
-/// What storing a batch did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoredBatch {
-    /// Stored now, with this many points.
-    Accepted(u32),
-    /// Stored before, with this many points; nothing stored now.
-    Duplicate(u32),
-}
-
-/// Filters of a metric query.
-#[derive(Debug, Clone, Default)]
-pub struct MetricFilter {
-    /// Only this spoke.
-    pub spoke_id: Option<Uuid>,
-    /// Only this domain.
-    pub domain: Option<String>,
-    /// Only this name.
-    pub name: Option<String>,
-    /// Only points at or after this time, Unix ns.
-    pub start_ns: Option<i64>,
-    /// Only points before this time, Unix ns.
-    pub end_ns: Option<i64>,
-    /// Only rows after this row id (the page token).
-    pub after_row: Option<i64>,
-}
 
 /// Stores a batch's valid points in the commit's transaction, unless the
 /// spoke already stored a batch with this id.
@@ -85,10 +59,10 @@ pub(super) fn store_batch(
     Ok(StoredBatch::Accepted(batch.points.len() as u32))
 }
 
-impl Store {
+impl Db {
     /// Points matching `filter`, oldest first (by arrival), with their row
     /// ids for paging.
-    pub async fn query_points(
+    pub(in crate::store) async fn query_points(
         &self,
         filter: &MetricFilter,
         limit: u32,
@@ -117,28 +91,6 @@ impl Store {
         }
         q.push(" ORDER BY p.id LIMIT ").push_bind(i64::from(limit));
         let rows = q.build().fetch_all(&self.reader).await?;
-        rows.iter()
-            .map(|r| {
-                let labels: String = r.try_get("labels")?;
-                let point = proto::MetricPoint {
-                    domain: r.try_get("domain")?,
-                    name: r.try_get("name")?,
-                    value: r.try_get("value")?,
-                    unit: r.try_get("unit")?,
-                    labels: serde_json::from_str(&labels)
-                        .map_err(|e| Error::Corrupt(format!("labels: {e}")))?,
-                    time: Some(timestamp_ns(r.try_get("time_ns")?)),
-                };
-                Ok((
-                    r.try_get("id")?,
-                    proto::StoredMetricPoint {
-                        spoke_id: r.try_get("spoke_id")?,
-                        spoke_name: r.try_get("spoke_name")?,
-                        batch_id: r.try_get("batch_id")?,
-                        point: Some(point),
-                    },
-                ))
-            })
-            .collect()
+        rows.iter().map(records::point).collect()
     }
 }

@@ -1,29 +1,17 @@
-//! Event rows, read back by sequence for WatchEvents. (They are written by
+//! Event rows on SQLite, read back by sequence for WatchEvents. (They are written by
 //! the group commit, in the transaction of the change they record.)
 
-use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{QueryBuilder, Sqlite};
 
-use super::Store;
+use super::super::records;
+use super::Db;
 use crate::error::Result;
-use crate::events::{EventFilter, EventRecord, Kind};
+use crate::events::{EventFilter, EventRecord};
 
-fn event_from_row(row: &SqliteRow) -> Result<EventRecord> {
-    let kind: String = row.try_get("type")?;
-    Ok(EventRecord {
-        seq: row.try_get("seq")?,
-        kind: Kind::parse(&kind)?,
-        time: row.try_get("time")?,
-        spoke_id: row.try_get("spoke_id")?,
-        directive_id: row.try_get("directive_id")?,
-        details: row.try_get("details")?,
-    })
-}
-
-impl Store {
+impl Db {
     /// Events matching `filter` with `after < seq <= upto`, oldest first, at
     /// most `limit`.
-    pub async fn events_between(
+    pub(in crate::store) async fn events_between(
         &self,
         after: i64,
         upto: i64,
@@ -47,24 +35,24 @@ impl Store {
         }
         q.push(" ORDER BY seq LIMIT ").push_bind(i64::from(limit));
         let rows = q.build().fetch_all(&self.reader).await?;
-        rows.iter().map(event_from_row).collect()
+        rows.iter().map(records::event).collect()
     }
 }
 
-impl Store {
+impl Db {
     /// The latest `limit` events, newest first.
-    pub async fn recent_events(&self, limit: u32) -> Result<Vec<EventRecord>> {
+    pub(in crate::store) async fn recent_events(&self, limit: u32) -> Result<Vec<EventRecord>> {
         let rows = sqlx::query(
             "SELECT seq, type, time, spoke_id, directive_id, details FROM events ORDER BY seq DESC LIMIT $1",
         )
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
-        rows.iter().map(event_from_row).collect()
+        rows.iter().map(records::event).collect()
     }
 
     /// The oldest stored event's sequence, if any is stored.
-    pub async fn oldest_event(&self) -> Result<Option<i64>> {
+    pub(in crate::store) async fn oldest_event(&self) -> Result<Option<i64>> {
         let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(seq) FROM events")
             .fetch_one(&self.reader)
             .await?;

@@ -1,0 +1,61 @@
+//! The snapshot the ledger is rebuilt from, read from PostgreSQL on one
+//! connection (a reader's at start, the writer's after a failed commit).
+
+use sqlx::{PgConnection, Row};
+
+use super::super::{Snapshot, records};
+use crate::directives::State;
+use crate::error::Result;
+
+/// Reads everything the ledger starts from, as committed.
+pub(super) async fn snapshot(conn: &mut PgConnection) -> Result<Snapshot> {
+    let spokes = sqlx::query(
+        "SELECT id, name, key_hash, labels, capabilities, version, max_in_flight, \
+         registered_at, revoked_at, last_heartbeat_at, last_seen_at, status, status_message, \
+         reported_in_flight, reported_buffered_points, reported_failed_pushes, health \
+         FROM spokes WHERE deleted_at IS NULL",
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(records::spoke)
+    .collect::<Result<_>>()?;
+    let outstanding = sqlx::query(
+        "SELECT id, spoke_id, type, priority, max_attempts, created_at, expires_at, \
+         ack_deadline_ms, group_id, idempotency_key, coalesce_key, state, attempts, updated_at, \
+         ack_due_at, progress, progress_message FROM directives \
+         WHERE state IN ('PENDING', 'DELIVERED', 'IN_PROGRESS')",
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(records::outstanding)
+    .collect::<Result<_>>()?;
+    let idempotency = sqlx::query(
+        "SELECT key, group_id, fingerprint, created_at FROM idempotency_keys \
+         ORDER BY created_at",
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(records::idempotency)
+    .collect::<Result<_>>()?;
+    let finals = sqlx::query(
+        "SELECT state, COUNT(*) AS n FROM directives \
+         WHERE state NOT IN ('PENDING', 'DELIVERED', 'IN_PROGRESS') GROUP BY state",
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(|row| {
+        let state: String = row.try_get("state")?;
+        Ok((State::parse(&state)?, row.try_get("n")?))
+    })
+    .collect::<Result<_>>()?;
+    Ok(Snapshot {
+        spokes,
+        outstanding,
+        idempotency,
+        finals,
+    })
+}
