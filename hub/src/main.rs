@@ -72,7 +72,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| {
             format!(
                 "opening the database (--database-url / DATABASE_URL: {})",
-                redact(&config.database_url)
+                hub::store::redacted_url(&config.database_url)
             )
         })?;
     let grpc = TcpListener::bind(config.listen)
@@ -88,7 +88,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         })?;
     let grpc_addr = grpc.local_addr()?;
     let tls = config.settings.tls.is_some();
-    tracing::info!(grpc = %grpc_addr, tls, http = %http.local_addr()?, database = %redact(&config.database_url), "hub listening");
+    tracing::info!(grpc = %grpc_addr, tls, http = %http.local_addr()?, database = %hub::store::redacted_url(&config.database_url), "hub listening");
     // Lets the CLI on this machine find the hub without flags (and know it
     // speaks TLS).
     let addr_file = config.data_dir.join("grpc.addr");
@@ -151,15 +151,6 @@ async fn shutdown_signal() {
 }
 
 /// A database URL without its password, for logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***{}", &url[..scheme], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

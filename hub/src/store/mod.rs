@@ -120,6 +120,23 @@ pub fn is_postgres_url(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
+/// `url` as logs and errors may show it: without the user and password
+/// (`postgres://***@host/db`) and without the query, which may carry a
+/// password or a key file (`?***`).
+pub fn redacted_url(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, _)) => (base, "?***"),
+        None => (url, ""),
+    };
+    let base = match (base.find("://"), base.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &base[..scheme], &base[at..])
+        }
+        _ => base.to_owned(),
+    };
+    format!("{base}{query}")
+}
+
 impl Store {
     /// Makes this process the only hub serving from the SQLite database at
     /// `url` until the returned lock is dropped (or the process ends): a

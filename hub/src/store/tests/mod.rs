@@ -137,3 +137,20 @@ async fn events(store: &Store) -> Vec<EventRecord> {
         .await
         .unwrap()
 }
+
+#[test]
+fn urls_are_logged_without_credentials_or_query() {
+    use super::redacted_url;
+    assert_eq!(
+        redacted_url("postgres://hub:s3cret@db.internal:5432/fleet"),
+        "postgres://***@db.internal:5432/fleet"
+    );
+    assert_eq!(
+        redacted_url("postgresql://db.internal/fleet?user=hub&password=s3cret"),
+        "postgresql://db.internal/fleet?***"
+    );
+    assert_eq!(
+        redacted_url("sqlite:///var/lib/hub/hub.db"),
+        "sqlite:///var/lib/hub/hub.db"
+    );
+}
