@@ -101,19 +101,7 @@ pub(super) struct MetricsRow<'a> {
     pub batch: &'a Arc<Batch>,
     pub at: i64,
     /// Its event's place in `Rows::events`.
-    pub event: usize,
-}
-
-impl MetricsRow<'_> {
-    /// Its event's details if it is stored now.
-    pub fn accepted_details(&self) -> String {
-        serde_json::json!({
-            "batch_id": self.batch.batch_id,
-            "accepted": self.batch.points.len(),
-            "rejected": self.batch.rejected.len(),
-        })
-        .to_string()
-    }
+    event: usize,
 }
 
 /// The rows of one batch, merged per row.
@@ -267,7 +255,14 @@ impl<'a> Rows<'a> {
         let mut skipped = Vec::new();
         for (m, outcome) in self.metrics.iter().zip(&outcomes) {
             match outcome {
-                StoredBatch::Accepted(_) => self.events[m.event].details = m.accepted_details(),
+                StoredBatch::Accepted(_) => {
+                    self.events[m.event].details = serde_json::json!({
+                        "batch_id": m.batch.batch_id,
+                        "accepted": m.batch.points.len(),
+                        "rejected": m.batch.rejected.len(),
+                    })
+                    .to_string();
+                }
                 StoredBatch::Duplicate(_) => skipped.push(m.event),
             }
         }

@@ -1,165 +1,166 @@
-//! Metric rows on PostgreSQL: a commit's batches as the group statement
-//! stores them, exactly once (inside the one statement of the group
-//! commit), and querying points.
+//! Metric rows on PostgreSQL: storing a commit's batches exactly once
+//! (inside the group commit, on the writer, one statement for the batch
+//! records and one for all their points), and querying points.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use hub_proto::v1 as proto;
-use sqlx::postgres::PgArguments;
-use sqlx::{PgConnection, Postgres, QueryBuilder};
+use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use super::super::batch::MetricsRow;
 use super::super::{MetricFilter, StoredBatch, records};
 use super::Db;
-use super::commit::add;
 use crate::error::{Error, Result};
 
-/// A commit's metric batches as the group statement takes them. Repeats
-/// within the commit are settled here (only the first of each (spoke,
-/// batch id) is tried); the statement tries the rest with one `ON
-/// CONFLICT DO NOTHING` insert and stores the points of only the batches
-/// it inserted.
-pub(super) struct Batches<'r, 'a> {
-    metrics: &'r [MetricsRow<'a>],
-    /// For each batch, the first in this commit with its (spoke, batch id).
-    first: Vec<usize>,
-    /// The batches tried, in commit order.
-    tried: Vec<usize>,
-}
-
-impl<'r, 'a> Batches<'r, 'a> {
-    pub fn new(metrics: &'r [MetricsRow<'a>]) -> Self {
-        let mut seen: HashMap<(Uuid, &str), usize> = HashMap::new();
-        let mut tried = Vec::new();
-        let first = metrics
+/// Decides every metric batch of a commit, in order, exactly as one
+/// statement per batch would: the first batch with a (spoke, batch id) not
+/// stored before is stored, every other one is a duplicate of what was
+/// stored (by an earlier commit, or earlier in this one).
+pub(super) async fn store_batches(
+    conn: &mut PgConnection,
+    metrics: &[MetricsRow<'_>],
+) -> Result<Vec<StoredBatch>> {
+    if metrics.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut first: HashMap<(Uuid, &str), usize> = HashMap::new();
+    for (i, m) in metrics.iter().enumerate() {
+        first
+            .entry((m.spoke_id, m.batch.batch_id.as_str()))
+            .or_insert(i);
+    }
+    let tried: Vec<&MetricsRow> = metrics
+        .iter()
+        .enumerate()
+        .filter(|(i, m)| first[&(m.spoke_id, m.batch.batch_id.as_str())] == *i)
+        .map(|(_, m)| m)
+        .collect();
+    let inserted: HashSet<(Uuid, String)> = sqlx::query(
+        "INSERT INTO metric_batches (spoke_id, batch_id, accepted, rejected, received_at) \
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[]) \
+         ON CONFLICT (spoke_id, batch_id) DO NOTHING RETURNING spoke_id, batch_id",
+    )
+    .bind(tried.iter().map(|m| m.spoke_id).collect::<Vec<_>>())
+    .bind(
+        tried
             .iter()
-            .enumerate()
-            .map(|(i, m)| {
-                *seen
-                    .entry((m.spoke_id, m.batch.batch_id.as_str()))
-                    .or_insert_with(|| {
-                        tried.push(i);
-                        i
-                    })
-            })
-            .collect();
-        Self {
-            metrics,
-            first,
-            tried,
-        }
-    }
-
-    /// The place (from 1) of batch `i` among those tried, if it is tried:
-    /// its event is written only if the statement stores it.
-    pub fn ordinal(&self, i: usize) -> Option<i64> {
-        self.tried.binary_search(&i).ok().map(|k| k as i64 + 1)
-    }
-
-    /// Binds the tried batches (5 arrays) and all their points (7 arrays,
-    /// each point naming its batch's ordinal).
-    pub fn bind(&self, args: &mut PgArguments) -> Result<()> {
-        let tried: Vec<&MetricsRow> = self.tried.iter().map(|&i| &self.metrics[i]).collect();
-        add(args, tried.iter().map(|m| m.spoke_id).collect::<Vec<_>>())?;
-        add(
-            args,
-            tried
+            .map(|m| m.batch.batch_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        tried
+            .iter()
+            .map(|m| m.batch.points.len() as i64)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        tried
+            .iter()
+            .map(|m| m.batch.rejected.len() as i64)
+            .collect::<Vec<_>>(),
+    )
+    .bind(tried.iter().map(|m| m.at).collect::<Vec<_>>())
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get("spoke_id")?, r.try_get("batch_id")?)))
+    .collect::<Result<_>>()?;
+    let key = |m: &MetricsRow| (m.spoke_id, m.batch.batch_id.clone());
+    // Stored by an earlier commit: what was accepted then.
+    let earlier: Vec<&MetricsRow> = tried
+        .iter()
+        .copied()
+        .filter(|m| !inserted.contains(&key(m)))
+        .collect();
+    let mut stored_before: HashMap<(Uuid, String), i64> = HashMap::new();
+    if !earlier.is_empty() {
+        let rows = sqlx::query(
+            "SELECT b.spoke_id, b.batch_id, b.accepted FROM metric_batches b \
+             JOIN UNNEST($1::uuid[], $2::text[]) AS u (spoke_id, batch_id) \
+             ON b.spoke_id = u.spoke_id AND b.batch_id = u.batch_id",
+        )
+        .bind(earlier.iter().map(|m| m.spoke_id).collect::<Vec<_>>())
+        .bind(
+            earlier
                 .iter()
                 .map(|m| m.batch.batch_id.as_str())
                 .collect::<Vec<_>>(),
-        )?;
-        add(
-            args,
-            tried
-                .iter()
-                .map(|m| m.batch.points.len() as i64)
-                .collect::<Vec<_>>(),
-        )?;
-        add(
-            args,
-            tried
-                .iter()
-                .map(|m| m.batch.rejected.len() as i64)
-                .collect::<Vec<_>>(),
-        )?;
-        add(args, tried.iter().map(|m| m.at).collect::<Vec<_>>())?;
-        let (mut batch, mut domain, mut name, mut value) = (vec![], vec![], vec![], vec![]);
-        let (mut unit, mut labels, mut time) = (vec![], vec![], vec![]);
-        for (k, m) in tried.iter().enumerate() {
-            for p in &m.batch.points {
-                batch.push(k as i64 + 1);
-                domain.push(p.domain.as_str());
-                name.push(p.name.as_str());
-                value.push(p.value);
-                unit.push(p.unit.as_str());
-                labels.push(serde_json::to_string(&p.labels).unwrap_or_else(|_| "{}".to_owned()));
-                time.push(p.time_ns);
-            }
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        for r in rows {
+            stored_before.insert(
+                (r.try_get("spoke_id")?, r.try_get("batch_id")?),
+                r.try_get("accepted")?,
+            );
         }
-        add(args, batch)?;
-        add(args, domain)?;
-        add(args, name)?;
-        add(args, value)?;
-        add(args, unit)?;
-        add(args, labels)?;
-        add(args, time)
     }
-
-    /// Every batch's outcome, in order, from what the statement says of
-    /// the tried ones: `stored` whether it inserted each, `before` what an
-    /// earlier commit accepted for it, as the statement's snapshot saw it.
-    /// A batch neither inserted nor seen was committed by another writer
-    /// while the statement ran: it is read again now.
-    pub async fn decide(
-        &self,
-        conn: &mut PgConnection,
-        stored: &[bool],
-        before: &[Option<i64>],
-    ) -> Result<Vec<StoredBatch>> {
-        if stored.len() != self.tried.len() || before.len() != self.tried.len() {
-            return Err(Error::Corrupt(
-                "the commit answered for other metric batches than it was given".into(),
-            ));
-        }
-        let mut accepted_before = HashMap::new();
-        for (k, &i) in self.tried.iter().enumerate() {
-            if stored[k] {
-                continue;
+    let mut outcomes = Vec::with_capacity(metrics.len());
+    for (i, m) in metrics.iter().enumerate() {
+        let k = key(m);
+        let outcome = if inserted.contains(&k) {
+            let f = first[&(m.spoke_id, m.batch.batch_id.as_str())];
+            let accepted = metrics[f].batch.points.len() as u32;
+            if f == i {
+                StoredBatch::Accepted(accepted)
+            } else {
+                StoredBatch::Duplicate(accepted)
             }
-            let accepted = match before[k] {
-                Some(accepted) => accepted,
-                None => stored_accepted(conn, &self.metrics[i]).await?,
-            };
-            accepted_before.insert(i, accepted);
-        }
-        let mut outcomes = Vec::with_capacity(self.metrics.len());
-        for (i, &f) in self.first.iter().enumerate() {
-            let outcome = match accepted_before.get(&f) {
-                Some(&accepted) => StoredBatch::Duplicate(accepted as u32),
-                None => {
-                    let accepted = self.metrics[f].batch.points.len() as u32;
-                    if f == i {
-                        StoredBatch::Accepted(accepted)
-                    } else {
-                        StoredBatch::Duplicate(accepted)
-                    }
-                }
-            };
-            outcomes.push(outcome);
-        }
-        Ok(outcomes)
+        } else {
+            let accepted = stored_before
+                .get(&k)
+                .ok_or_else(|| Error::Corrupt("a metric batch neither new nor stored".into()))?;
+            StoredBatch::Duplicate(*accepted as u32)
+        };
+        outcomes.push(outcome);
     }
+    insert_points(conn, metrics, &outcomes).await?;
+    Ok(outcomes)
 }
 
-/// What the stored batch with `m`'s (spoke, batch id) accepted.
-async fn stored_accepted(conn: &mut PgConnection, m: &MetricsRow<'_>) -> Result<i64> {
-    sqlx::query_scalar("SELECT accepted FROM metric_batches WHERE spoke_id = $1 AND batch_id = $2")
-        .bind(m.spoke_id)
-        .bind(m.batch.batch_id.as_str())
-        .fetch_optional(conn)
-        .await?
-        .ok_or_else(|| Error::Corrupt("a metric batch neither new nor stored".into()))
+/// Inserts the points of the batches stored now, in one statement.
+async fn insert_points(
+    conn: &mut PgConnection,
+    metrics: &[MetricsRow<'_>],
+    outcomes: &[StoredBatch],
+) -> Result<()> {
+    let (mut spoke, mut batch, mut domain, mut name) = (vec![], vec![], vec![], vec![]);
+    let (mut value, mut unit, mut labels, mut time) = (vec![], vec![], vec![], vec![]);
+    for (m, outcome) in metrics.iter().zip(outcomes) {
+        if !matches!(outcome, StoredBatch::Accepted(_)) {
+            continue;
+        }
+        for p in &m.batch.points {
+            spoke.push(m.spoke_id);
+            batch.push(m.batch.batch_id.as_str());
+            domain.push(p.domain.as_str());
+            name.push(p.name.as_str());
+            value.push(p.value);
+            unit.push(p.unit.as_str());
+            labels.push(serde_json::to_string(&p.labels).unwrap_or_else(|_| "{}".to_owned()));
+            time.push(p.time_ns);
+        }
+    }
+    if spoke.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO metric_points (spoke_id, batch_id, domain, name, value, unit, labels, \
+         time_ns) SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], \
+         $5::float8[], $6::text[], $7::text[], $8::bigint[])",
+    )
+    .bind(spoke)
+    .bind(batch)
+    .bind(domain)
+    .bind(name)
+    .bind(value)
+    .bind(unit)
+    .bind(labels)
+    .bind(time)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 impl Db {
