@@ -6,6 +6,7 @@
 //! tell which component and which window broke.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use hub_proto::v1 as proto;
@@ -75,30 +76,9 @@ pub async fn settle_and_check(hub_url: &str, mut fleet: Fleet, load: Load, seed:
     let load = load.finish().await;
     fleet.stop_ticking().await;
     let mut failures = Vec::new();
-    let channel = Channel::from_shared(hub_url.to_owned())
-        .unwrap()
-        .connect()
-        .await
-        .expect("reach the hub after the faults");
-    let mut admin = AdminServiceClient::new(channel);
-
-    wait_quiet(&mut admin, &mut failures).await;
-    // Outcomes whose ack reply a fault swallowed are acked again after the
-    // spoke reconnects; wait for that before reading the records.
-    let settled = fleet::try_eventually(Duration::from_secs(30), || async {
-        let unsettled = fleet.spokes.iter().any(|spoke| {
-            local_state(&spoke.state_dir)
-                .values()
-                .any(|l| l.status != "ACKED" && l.status != "CLOSED")
-        });
-        (!unsettled).then_some(())
-    })
-    .await;
-    if settled.is_none() {
-        failures.push(
-            "[spoke state] some outcomes were still unacked 30 s after the hub was quiet".into(),
-        );
-    }
+    let mut admin = wait_quiet(hub_url, &mut failures).await;
+    let dirs: Vec<&Path> = fleet.spokes.iter().map(|s| s.state_dir.as_path()).collect();
+    wait_settled(&dirs, &mut failures).await;
     let journal = fleet.journal.clone();
     let stopped = fleet.flush_and_stop(&mut failures).await;
     let view = HubView {
@@ -131,9 +111,15 @@ pub async fn settle_and_check(hub_url: &str, mut fleet: Fleet, load: Load, seed:
     Verdict { summary, failures }
 }
 
-/// Waits up to 60 s until every directive is final on the hub; names the
-/// ones that are not.
-pub async fn wait_quiet(admin: &mut AdminServiceClient<Channel>, failures: &mut Vec<String>) {
+/// Connects to the hub as the operator and waits up to 60 s until every
+/// directive is final; names the ones that are not. Answers the client.
+pub async fn wait_quiet(hub_url: &str, failures: &mut Vec<String>) -> AdminServiceClient<Channel> {
+    let channel = Channel::from_shared(hub_url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .expect("reach the hub after the faults");
+    let mut admin = AdminServiceClient::new(channel);
     let quiet = fleet::try_eventually(Duration::from_secs(60), || {
         let mut admin = admin.clone();
         async move {
@@ -144,7 +130,7 @@ pub async fn wait_quiet(admin: &mut AdminServiceClient<Channel>, failures: &mut 
     .await;
     if quiet.is_none() {
         let mut kind = Kind::new(failures, "not final 60 s after the faults");
-        for d in directives(admin)
+        for d in directives(&mut admin)
             .await
             .iter()
             .filter(|d| !is_final(d.state))
@@ -157,6 +143,27 @@ pub async fn wait_quiet(admin: &mut AdminServiceClient<Channel>, failures: &mut 
                 d.attempt
             ));
         }
+    }
+    admin
+}
+
+/// Outcomes whose ack reply a fault swallowed are acked again after the
+/// spoke reconnects: waits up to 30 s until every record in the spokes'
+/// state directories is ACKED or CLOSED.
+pub async fn wait_settled(state_dirs: &[&Path], failures: &mut Vec<String>) {
+    let settled = fleet::try_eventually(Duration::from_secs(30), || async {
+        let unsettled = state_dirs.iter().any(|dir| {
+            local_state(dir)
+                .values()
+                .any(|l| l.status != "ACKED" && l.status != "CLOSED")
+        });
+        (!unsettled).then_some(())
+    })
+    .await;
+    if settled.is_none() {
+        failures.push(
+            "[spoke state] some outcomes were still unacked 30 s after the hub was quiet".into(),
+        );
     }
 }
 

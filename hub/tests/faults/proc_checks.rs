@@ -12,14 +12,12 @@
 //!   stopped gracefully is stored.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Duration;
+use std::path::Path;
 
 use hub_proto::v1 as proto;
-use hub_proto::v1::admin_service_client::AdminServiceClient;
 use proto::DirectiveState;
-use tonic::transport::Channel;
 
-use crate::checks::{Kind, Verdict, check_creates, check_directives, wait_quiet};
+use crate::checks::{Kind, Verdict, check_creates, check_directives, wait_quiet, wait_settled};
 use crate::fleet::{self, Journal};
 use crate::load::Load;
 use crate::procs::{SpokeJournal, SpokeProcs};
@@ -30,27 +28,9 @@ use crate::view::{HubView, completions, directives, json_of, local_state, points
 pub async fn settle_and_check(hub_url: &str, procs: SpokeProcs, load: Load, seed: u64) -> Verdict {
     let load = load.finish().await;
     let mut failures = Vec::new();
-    let channel = Channel::from_shared(hub_url.to_owned())
-        .unwrap()
-        .connect()
-        .await
-        .expect("reach the hub after the faults");
-    let mut admin = AdminServiceClient::new(channel);
-    wait_quiet(&mut admin, &mut failures).await;
-    let settled = fleet::try_eventually(Duration::from_secs(30), || async {
-        let unsettled = procs.spokes.iter().any(|spoke| {
-            local_state(&spoke.state_dir)
-                .values()
-                .any(|l| l.status != "ACKED" && l.status != "CLOSED")
-        });
-        (!unsettled).then_some(())
-    })
-    .await;
-    if settled.is_none() {
-        failures.push(
-            "[spoke state] some outcomes were still unacked 30 s after the hub was quiet".into(),
-        );
-    }
+    let mut admin = wait_quiet(hub_url, &mut failures).await;
+    let dirs: Vec<&Path> = procs.spokes.iter().map(|s| s.state_dir.as_path()).collect();
+    wait_settled(&dirs, &mut failures).await;
     let kills = procs.kills;
     let stopped = procs.stop(&mut failures).await;
     let view = HubView {

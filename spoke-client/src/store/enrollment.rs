@@ -49,19 +49,7 @@ impl Store {
         .bind(now_ms)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM enrollment")
-            .execute(&mut *tx)
-            .await?;
-        let (name, spoke_id, spoke_key): (String, String, String) =
-            sqlx::query_as("SELECT name, spoke_id, spoke_key FROM registration WHERE id = 1")
-                .fetch_one(&mut *tx)
-                .await?;
-        tx.commit().await?;
-        Ok(Registration {
-            name,
-            spoke_id,
-            spoke_key,
-        })
+        forget_proposal_and_read(tx).await
     }
 
     /// Installs `key` as spoke `name`'s key: replaces the stored key, or,
@@ -79,20 +67,28 @@ impl Store {
         .bind(now_ms)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM enrollment")
-            .execute(&mut *tx)
-            .await?;
-        let (name, spoke_id, spoke_key): (String, String, String) =
-            sqlx::query_as("SELECT name, spoke_id, spoke_key FROM registration WHERE id = 1")
-                .fetch_one(&mut *tx)
-                .await?;
-        tx.commit().await?;
-        Ok(Registration {
-            name,
-            spoke_id,
-            spoke_key,
-        })
+        forget_proposal_and_read(tx).await
     }
+}
+
+/// Ends an enrollment or a key install: forgets the proposed key, reads the
+/// registration now stored and commits, all in `tx`.
+async fn forget_proposal_and_read(
+    mut tx: sqlx::Transaction<'_, sqlx::Sqlite>,
+) -> Result<Registration> {
+    sqlx::query("DELETE FROM enrollment")
+        .execute(&mut *tx)
+        .await?;
+    let (name, spoke_id, spoke_key): (String, String, String) =
+        sqlx::query_as("SELECT name, spoke_id, spoke_key FROM registration WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+    tx.commit().await?;
+    Ok(Registration {
+        name,
+        spoke_id,
+        spoke_key,
+    })
 }
 
 #[cfg(test)]
