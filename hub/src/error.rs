@@ -47,6 +47,10 @@ pub enum Error {
     /// The hub cannot serve this now; retrying later may work.
     #[error("{0}")]
     Unavailable(&'static str),
+    /// This replica does not lead (or no longer does): another one serves
+    /// from the same database, and this one writes nothing.
+    #[error("this hub replica does not lead its database; another replica serves, retry there")]
+    NotLeading,
     /// The database failed; details are logged, not sent to the caller.
     #[error("database error")]
     Database(#[source] sqlx::Error),
@@ -114,7 +118,7 @@ impl From<Error> for Status {
                 return status;
             }
             Error::OutOfRange(_) => Code::OutOfRange,
-            Error::ShuttingDown | Error::Unavailable(_) => Code::Unavailable,
+            Error::ShuttingDown | Error::Unavailable(_) | Error::NotLeading => Code::Unavailable,
             Error::Database(source) => {
                 tracing::error!(error = %source, "database error");
                 return match sqlx_transient(source) {

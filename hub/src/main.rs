@@ -9,6 +9,7 @@ use clap::Parser;
 use hub::auth::TokenHash;
 use hub::config::{Cli, Command, Config, LogFormat, SecretSource};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -67,6 +68,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(lock) = &lock {
         tracing::debug!(file = %lock.path().display(), "holding the database's process lock");
     }
+    // SIGINT or SIGTERM, heard by a standby and a serving hub alike.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    loop {
+        match serve_once(&config, stopped.clone()).await {
+            Err(e) if matches!(e.downcast_ref(), Some(hub::RunError::Deposed(_))) => {
+                tracing::warn!(error = %e, "standing by again");
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Opens the database, waits to lead it (a standby binds no port), then
+/// binds and serves until `stopped`, or until another hub leads.
+async fn serve_once(config: &Config, stopped: watch::Receiver<bool>) -> anyhow::Result<()> {
     let store = hub::Store::open_with(&config.database_url, config.store_options())
         .await
         .with_context(|| {
@@ -75,6 +95,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 hub::store::redacted_url(&config.database_url)
             )
         })?;
+    // A standby is not where the CLI finds the hub.
+    let addr_file = config.data_dir.join("grpc.addr");
+    let _ = std::fs::remove_file(&addr_file);
+    tokio::select! {
+        led = store.lead() => led.context("waiting to lead the database")?,
+        () = signalled(stopped.clone()) => {
+            store.close().await;
+            tracing::info!("hub stopped (it was standing by)");
+            return Ok(());
+        }
+    }
     let grpc = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding --listen (HUB_LISTEN) {}", config.listen))?;
@@ -91,7 +122,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(grpc = %grpc_addr, tls, http = %http.local_addr()?, database = %hub::store::redacted_url(&config.database_url), "hub listening");
     // Lets the CLI on this machine find the hub without flags (and know it
     // speaks TLS).
-    let addr_file = config.data_dir.join("grpc.addr");
     let scheme = if tls { "https://" } else { "" };
     std::fs::write(&addr_file, format!("{scheme}{grpc_addr}\n"))
         .with_context(|| format!("writing {}", addr_file.display()))?;
@@ -112,13 +142,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         grpc,
         http,
         store,
-        config.settings,
+        config.settings.clone(),
         secrets,
-        shutdown_signal(),
+        signalled(stopped),
     )
     .await?;
     tracing::info!("hub stopped");
     Ok(())
+}
+
+/// Completes once SIGINT or SIGTERM was received.
+async fn signalled(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|s| *s).await;
 }
 
 /// Raises the soft open-files limit (RLIMIT_NOFILE) to the hard one: the
@@ -150,7 +185,7 @@ async fn shutdown_signal() {
     }
 }
 
-/// A database URL without its password, for logs.
+/// Logs to stderr, as text or JSON lines, filtered by `RUST_LOG`.
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

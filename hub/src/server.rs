@@ -53,6 +53,9 @@ pub enum RunError {
     /// The TLS settings cannot be used.
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    /// Another hub leads the database now; this one stopped serving.
+    #[error("deposed: {0}")]
+    Deposed(String),
 }
 
 /// Serves the hub on already-bound listeners until `signal` completes, then
@@ -74,6 +77,9 @@ pub async fn run(
     }
     let (trigger, shutdown) = shutdown::channel();
     let grace = settings.shutdown_grace;
+    // Standbys wait in `main`, before they bind their ports; this returns
+    // at once there.
+    store.lead().await?;
     let ledger = Ledger::load(store.clone(), Default::default()).await?;
     let writer = store.writer()?;
     let committer = ledger::spawn_committer(ledger.clone(), writer).map_err(RunError::Committer)?;
@@ -152,9 +158,14 @@ pub async fn run(
     let grpc_task = tokio::spawn(grpc_server);
 
     let mut watcher = shutdown.clone();
+    let mut deposed = None;
     tokio::select! {
         () = signal => tracing::info!("shutdown requested; draining"),
         () = watcher.wait() => {}
+        why = store.deposed() => {
+            tracing::error!(%why, "deposed: this hub stops serving; its calls go to the hub that leads now");
+            deposed = Some(why);
+        }
     }
     health
         .set_not_serving::<SpokeServiceServer<SpokeApi>>()
@@ -189,7 +200,10 @@ pub async fn run(
     ledger.close();
     committer.join().await;
     store.close().await;
-    result
+    match deposed {
+        Some(why) => Err(RunError::Deposed(why)),
+        None => result,
+    }
 }
 
 /// Asks the committer to write what is left and stop when [`run`] ends,

@@ -115,6 +115,11 @@ pub(super) async fn commit_next(ledger: &Ledger, writer: &mut Writer) -> bool {
                 mem::take(&mut state.log)
             };
             fail(later.waiters);
+            if matches!(e, Error::NotLeading) {
+                // Another hub leads: this one stays refusing writes until
+                // it stops (the server watches `Store::deposed`).
+                return true;
+            }
             rebuild(ledger, writer).await;
         }
     }

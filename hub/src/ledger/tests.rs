@@ -22,6 +22,7 @@ const NOW: i64 = 1_800_000_000_000;
 async fn open(dir: &tempfile::TempDir) -> Ledger {
     let url = crate::testing::test_database(dir.path()).await;
     let store = Store::open(&url, Durability::Full).await.unwrap();
+    store.lead().await.unwrap();
     Ledger::load(store, Default::default()).await.unwrap()
 }
 

@@ -162,9 +162,8 @@ impl Store {
     }
 
     /// Opens the database at `url` (`sqlite:…`, `postgres://…` or
-    /// `postgresql://…`) and applies pending migrations. On PostgreSQL it
-    /// fails with FAILED_PRECONDITION while another hub serves from the same
-    /// database.
+    /// `postgresql://…`) and applies pending migrations. Before it writes,
+    /// the hub must lead the database ([`Store::lead`]).
     pub async fn open_with(url: &str, options: Options) -> Result<Self> {
         let (backend, last) = if url.starts_with("sqlite:") {
             let (db, last) = sqlite::Db::open(url, options).await?;
@@ -187,6 +186,42 @@ impl Store {
         })
     }
 
+    /// Waits until this hub leads the database; at once on SQLite (one hub
+    /// per file: [`Store::lock_for_process`]) and when it already leads.
+    /// On PostgreSQL, several hubs may open one database: one leads and
+    /// writes, the others wait here (standbys) until its lock is let go
+    /// (it closed its store, or died).
+    pub async fn lead(&self) -> Result<()> {
+        let Backend::Postgres(db) = &self.backend else {
+            return Ok(());
+        };
+        if let Some(last) = db.lead().await? {
+            // The previous leader's commits are all in: go on after them.
+            self.events.next.fetch_max(last + 1, Ordering::Relaxed);
+            self.raise_committed(last);
+        }
+        Ok(())
+    }
+
+    /// Completes, saying why, when this hub finds that another one leads
+    /// the database now (it writes nothing more: every commit fails with
+    /// [`Error::NotLeading`]). Never on SQLite.
+    pub async fn deposed(&self) -> String {
+        match &self.backend {
+            Backend::Sqlite(_) => std::future::pending().await,
+            Backend::Postgres(db) => db.deposed().await,
+        }
+    }
+
+    /// Lets the PostgreSQL leader lock go as a lost connection would, the
+    /// epoch unchanged: tests make another hub lead while this one runs.
+    #[cfg(test)]
+    pub(crate) async fn drop_leader_lock_for_test(&self) {
+        if let Backend::Postgres(db) = &self.backend {
+            db.drop_leader_lock_for_test().await;
+        }
+    }
+
     /// Follows the highest committed event sequence: every event up to it is
     /// readable.
     pub fn committed_events(&self) -> watch::Receiver<i64> {
@@ -206,7 +241,11 @@ impl Store {
     /// before it is committed.
     fn events_committed(&self, next: i64) {
         self.events.next.store(next, Ordering::Relaxed);
-        let last = next - 1;
+        self.raise_committed(next - 1);
+    }
+
+    /// Every event up to `last` is committed (a lower mark changes nothing).
+    fn raise_committed(&self, last: i64) {
         self.events.committed.send_if_modified(|seq| {
             let newer = last > *seq;
             if newer {
@@ -272,7 +311,7 @@ impl Store {
     }
 
     /// Closes the connections, waiting for in-flight statements to finish;
-    /// on PostgreSQL this lets another hub open the database.
+    /// on PostgreSQL this lets a standby lead the database.
     pub async fn close(&self) {
         match &self.backend {
             Backend::Sqlite(db) => db.close().await,

@@ -11,6 +11,7 @@
 //! connection may have landed, and its sequences must not be given again.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
@@ -25,6 +26,8 @@ use crate::error::{Error, Result, causes};
 pub(in crate::store) struct Writer {
     conn: Option<PgConnection>,
     options: Arc<PgConnectOptions>,
+    /// The epoch the hub leads with (0: it does not lead); see `super`.
+    epoch: Arc<AtomicI64>,
     durability: Durability,
     connect_timeout: Duration,
     /// The connection is new: the next commit reads the sequence stored.
@@ -34,12 +37,14 @@ pub(in crate::store) struct Writer {
 impl Writer {
     pub(super) fn new(
         options: Arc<PgConnectOptions>,
+        epoch: Arc<AtomicI64>,
         durability: Durability,
         connect_timeout: Duration,
     ) -> Self {
         Self {
             conn: None,
             options,
+            epoch,
             durability,
             connect_timeout,
             resync: true,
@@ -109,8 +114,19 @@ impl Writer {
 
     async fn try_commit(&mut self, changes: &[Change], first_seq: i64) -> Result<(Committed, i64)> {
         let resync = self.resync;
+        let mine = self.epoch.load(Ordering::Acquire);
+        if mine == 0 {
+            return Err(Error::NotLeading);
+        }
         let conn = self.connection().await?;
         let mut tx = conn.begin().await?;
+        // The fence (see `super`): a hub that no longer leads writes nothing.
+        let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM hub_leader FOR SHARE")
+            .fetch_one(&mut *tx)
+            .await?;
+        if epoch != mine {
+            return Err(Error::NotLeading);
+        }
         let mut first = first_seq;
         if resync {
             let last: i64 = sqlx::query_scalar("SELECT last FROM event_sequence")

@@ -1,14 +1,21 @@
 //! The PostgreSQL backend (`postgres://…`): one dedicated writing
 //! connection ([`Writer`], made on the committer's thread and made again
 //! after a failure), a pool of readers for queries, and a connection that
-//! holds the database's hub lock for the store's life. Migrations are
-//! embedded from `migrations/postgres` and run at open under sqlx's
-//! advisory lock, so hubs starting at once migrate once.
+//! holds the leader lock while this hub leads. Migrations are embedded
+//! from `migrations/postgres` and run at open under sqlx's advisory lock,
+//! so hubs starting at once migrate once.
 //!
-//! One hub per database, until replicas are supported: the hub lock is a
-//! session-level advisory lock, so a second hub on the same database
-//! refuses to start, and the server lets the lock go when its holder
-//! closes the store or dies (its connection ends).
+//! Several hubs may open one database; one leads at a time and the others
+//! stand by ([`Db::lead`]). The leader lock is a session-level advisory
+//! lock, which the server lets go when its holder closes the store or dies
+//! (its connection ends, found within seconds by TCP keepalives). Taking
+//! it raises the epoch in `hub_leader`, and every commit reads that epoch
+//! with `FOR SHARE` in its own transaction and writes only under the epoch
+//! its hub led with: raising the epoch waits for a commit that read it, and
+//! every commit after that fails with [`Error::NotLeading`]. So a hub that
+//! lost its lock without noticing (its lock's connection dropped, the
+//! server restarted) writes nothing once another leads, and the new leader
+//! reads the state after the old leader's last commit.
 
 mod commit;
 mod directives;
@@ -19,6 +26,7 @@ mod retention;
 
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
@@ -29,23 +37,22 @@ use tokio::sync::Mutex;
 pub(super) use commit::Writer;
 
 use super::{Durability, Options, Snapshot};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, causes};
 
 /// Migrations for the PostgreSQL backend, embedded in the binary.
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
 
-/// The hub lock: an advisory lock with two 32-bit keys ("hub!", 1), a key
-/// space apart from the 64-bit key of sqlx's migration lock.
-const HUB_LOCK: (i32, i32) = (0x6875_6221, 1);
+/// The leader lock: an advisory lock with two 32-bit keys ("hub!", 1), a
+/// key space apart from the 64-bit key of sqlx's migration lock.
+const LEADER_LOCK: (i32, i32) = (0x6875_6221, 1);
 
-/// How long a starting hub waits for the hub lock before it refuses: a hub
-/// killed a moment ago holds it until the server notices its connection
-/// is gone.
-const HUB_LOCK_GRACE: Duration = Duration::from_secs(1);
+/// How often a standby tries the leader lock, and a leader checks that it
+/// still leads.
+const LEADER_POLL: Duration = Duration::from_millis(250);
 
-/// What a second hub on the same database is told.
-const ANOTHER_HUB: &str = "another hub is serving from this PostgreSQL database; \
-    running several replicas is not supported yet: stop the other hub first";
+/// The highest event sequence ever given.
+const LAST_SEQUENCE: &str = "SELECT GREATEST((SELECT last FROM event_sequence), \
+     COALESCE((SELECT MAX(seq) FROM events), 0))";
 
 /// What a call is told while the database cannot be reached.
 const UNREACHABLE: &str = "the hub's database is unreachable; retry shortly";
@@ -54,10 +61,13 @@ const UNREACHABLE: &str = "the hub's database is unreachable; retry shortly";
 #[derive(Clone, Debug)]
 pub(super) struct Db {
     reader: PgPool,
-    /// Holds the hub lock; `None` once the store is closed.
+    /// Holds the leader lock while this hub leads; `None` before the
+    /// first try and after a failure (made again at the next).
     lock: Arc<Mutex<Option<PgConnection>>>,
-    /// How the writer connects.
-    writer: Arc<PgConnectOptions>,
+    /// The epoch this hub leads with; 0 while it does not lead.
+    epoch: Arc<AtomicI64>,
+    /// How connections are made.
+    options: Arc<PgConnectOptions>,
     durability: Durability,
     connect_timeout: Duration,
 }
@@ -83,47 +93,34 @@ async fn connect(options: &PgConnectOptions, timeout: Duration) -> Result<PgConn
     }
 }
 
-/// Takes the hub lock on `conn`, waiting [`HUB_LOCK_GRACE`] at most.
-async fn take_hub_lock(conn: &mut PgConnection) -> Result<bool> {
-    let deadline = tokio::time::Instant::now() + HUB_LOCK_GRACE;
-    loop {
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
-            .bind(HUB_LOCK.0)
-            .bind(HUB_LOCK.1)
-            .fetch_one(&mut *conn)
-            .await?;
-        if locked || tokio::time::Instant::now() >= deadline {
-            return Ok(locked);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// A connection for the leader lock. The server's TCP keepalives on it are
+/// short, so the lock of a leader cut off from the server is let go within
+/// seconds rather than the system's default hours.
+async fn lock_connection(options: &PgConnectOptions, timeout: Duration) -> Result<PgConnection> {
+    let mut conn = connect(options, timeout).await?;
+    sqlx::raw_sql(
+        "SET client_min_messages = warning; SET tcp_keepalives_idle = 5; \
+         SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3",
+    )
+    .execute(&mut conn)
+    .await?;
+    Ok(conn)
 }
 
 impl Db {
-    /// Connects to the database at `url`, takes the hub lock and applies
-    /// pending migrations; returns it and the highest event sequence ever
-    /// used.
+    /// Connects to the database at `url` and applies pending migrations;
+    /// returns it and the highest event sequence ever used. It does not
+    /// lead yet ([`Db::lead`]).
     pub(super) async fn open(url: &str, options: Options) -> Result<(Self, i64)> {
         let connect_with = connect_options(url)?;
-        let mut lock = connect(&connect_with, options.connect_timeout).await?;
-        // Migrations' notices ("already exists, skipping") are not news.
-        sqlx::query("SET client_min_messages = warning")
-            .execute(&mut lock)
-            .await?;
-        if !take_hub_lock(&mut lock).await? {
-            let _ = lock.close().await;
-            return Err(Error::FailedPrecondition(ANOTHER_HUB.into()));
-        }
+        let mut conn = lock_connection(&connect_with, options.connect_timeout).await?;
         MIGRATIONS
-            .run(&mut lock)
+            .run(&mut conn)
             .await
             .map_err(|e| Error::Database(e.into()))?;
-        let last: i64 = sqlx::query_scalar(
-            "SELECT GREATEST((SELECT last FROM event_sequence), \
-             COALESCE((SELECT MAX(seq) FROM events), 0))",
-        )
-        .fetch_one(&mut lock)
-        .await?;
+        let last: i64 = sqlx::query_scalar(LAST_SEQUENCE)
+            .fetch_one(&mut conn)
+            .await?;
         let reader = PgPoolOptions::new()
             .max_connections(options.pool_size.max(1))
             .acquire_timeout(options.connect_timeout)
@@ -131,18 +128,131 @@ impl Db {
             .await?;
         let db = Self {
             reader,
-            lock: Arc::new(Mutex::new(Some(lock))),
-            writer: Arc::new(connect_with),
+            lock: Arc::new(Mutex::new(Some(conn))),
+            epoch: Arc::new(AtomicI64::new(0)),
+            options: Arc::new(connect_with),
             durability: options.durability,
             connect_timeout: options.connect_timeout,
         };
         Ok((db, last))
     }
 
+    /// Waits until this hub leads the database: takes the leader lock
+    /// (trying every [`LEADER_POLL`] while another hub holds it) and raises
+    /// the epoch. Returns the highest event sequence stored then (the
+    /// previous leader's last commit is in), or `None` when it already led.
+    pub(super) async fn lead(&self) -> Result<Option<i64>> {
+        if self.epoch.load(Ordering::Acquire) != 0 {
+            return Ok(None);
+        }
+        let mut told = false;
+        loop {
+            let mut slot = self.lock.lock().await;
+            match self.try_lead(&mut slot).await {
+                Ok(Some(last)) => return Ok(Some(last)),
+                Ok(None) if !told => {
+                    tracing::info!(
+                        "standby: another hub leads this database; waiting to take over"
+                    );
+                    told = true;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    *slot = None;
+                    tracing::warn!(error = %causes(&e), "standby: cannot reach PostgreSQL; retrying");
+                }
+            }
+            drop(slot);
+            tokio::time::sleep(LEADER_POLL).await;
+        }
+    }
+
+    async fn try_lead(&self, slot: &mut Option<PgConnection>) -> Result<Option<i64>> {
+        let conn = match slot {
+            Some(conn) => conn,
+            None => slot.insert(lock_connection(&self.options, self.connect_timeout).await?),
+        };
+        if !try_leader_lock(conn).await? {
+            return Ok(None);
+        }
+        // Waits for a commit of the previous leader that read the old
+        // epoch; every later one of its commits fails.
+        let epoch: i64 = sqlx::query_scalar(
+            "UPDATE hub_leader SET epoch = epoch + 1, since = now() RETURNING epoch",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        let last: i64 = sqlx::query_scalar(LAST_SEQUENCE)
+            .fetch_one(&mut *conn)
+            .await?;
+        self.epoch.store(epoch, Ordering::Release);
+        tracing::info!(epoch, "leading: this hub serves from the database");
+        Ok(Some(last))
+    }
+
+    /// Completes when this hub, which leads, finds that it no longer does:
+    /// another hub raised the epoch (this one's leader lock was let go
+    /// without its knowing, e.g. the server restarted). Checks every
+    /// [`LEADER_POLL`]; takes the lock again on a new connection when its
+    /// connection was lost and nobody else led meanwhile. Never completes
+    /// while this hub does not lead.
+    pub(super) async fn deposed(&self) -> String {
+        loop {
+            tokio::time::sleep(LEADER_POLL).await;
+            let mine = self.epoch.load(Ordering::Acquire);
+            if mine == 0 {
+                continue;
+            }
+            let mut slot = self.lock.lock().await;
+            match self.check_lead(&mut slot, mine).await {
+                Ok(Some(epoch)) if epoch != mine => {
+                    self.epoch.store(0, Ordering::Release);
+                    return format!(
+                        "another hub leads the database now (epoch {epoch}, this hub led with {mine})"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    *slot = None;
+                    tracing::warn!(error = %causes(&e), "the leader lock's connection failed; trying again");
+                }
+            }
+        }
+    }
+
+    /// The epoch stored now, through the lock's connection; on a new
+    /// connection, the lock is taken again first (`None` while another
+    /// hub holds it: it is about to raise the epoch, or it is a standby
+    /// that will).
+    async fn check_lead(&self, slot: &mut Option<PgConnection>, mine: i64) -> Result<Option<i64>> {
+        let conn = match slot {
+            Some(conn) => conn,
+            None => {
+                let conn = slot.insert(lock_connection(&self.options, self.connect_timeout).await?);
+                if !try_leader_lock(conn).await? {
+                    tracing::warn!(
+                        epoch = mine,
+                        "another hub holds the leader lock; this hub writes nothing unless its epoch is still the stored one"
+                    );
+                }
+                conn
+            }
+        };
+        let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM hub_leader")
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(Some(epoch))
+    }
+
     /// The one connection that writes; it connects at its first use, on
     /// the committer's thread.
     pub(super) fn writer(&self) -> Writer {
-        Writer::new(self.writer.clone(), self.durability, self.connect_timeout)
+        Writer::new(
+            self.options.clone(),
+            self.epoch.clone(),
+            self.durability,
+            self.connect_timeout,
+        )
     }
 
     /// A reader's connection; UNAVAILABLE when none can be had within the
@@ -198,19 +308,40 @@ impl Db {
             .expect("test SQL runs");
     }
 
-    /// Closes the readers, then lets the hub lock go (at once, so a hub
-    /// started next finds it free) and closes its connection.
+    /// Lets the leader lock go without a word, as a lost connection would
+    /// (the epoch stays): tests make another hub lead while this one runs.
+    #[cfg(test)]
+    pub(super) async fn drop_leader_lock_for_test(&self) {
+        if let Some(conn) = self.lock.lock().await.take() {
+            let _ = conn.close().await;
+        }
+    }
+
+    /// Closes the readers, then lets the leader lock go (at once, so a
+    /// standby takes over now) and closes its connection.
     pub(super) async fn close(&self) {
         self.reader.close().await;
+        self.epoch.store(0, Ordering::Release);
         if let Some(mut lock) = self.lock.lock().await.take() {
             let _ = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
-                .bind(HUB_LOCK.0)
-                .bind(HUB_LOCK.1)
+                .bind(LEADER_LOCK.0)
+                .bind(LEADER_LOCK.1)
                 .execute(&mut lock)
                 .await;
             let _ = lock.close().await;
         }
     }
+}
+
+/// Tries the leader lock on `conn` (a session lock: held until released
+/// or the session ends). Taking it again on the session holding it counts
+/// twice, which [`Db::close`]'s one release and the session's end both undo.
+async fn try_leader_lock(conn: &mut PgConnection) -> Result<bool> {
+    Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+        .bind(LEADER_LOCK.0)
+        .bind(LEADER_LOCK.1)
+        .fetch_one(conn)
+        .await?)
 }
 
 /// See [`super::create_postgres_database_for_test`].

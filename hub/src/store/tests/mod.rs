@@ -61,10 +61,13 @@ macro_rules! on_both_backends {
 }
 use on_both_backends;
 
+/// A store that leads its database, as a serving hub's does.
 async fn open(url: &str) -> Store {
-    Store::open(url, Durability::Full)
+    let store = Store::open(url, Durability::Full)
         .await
-        .expect("open the store")
+        .expect("open the store");
+    store.lead().await.expect("lead the database");
+    store
 }
 
 /// Commits `changes` with a writer of its own.

@@ -1,6 +1,9 @@
-//! PostgreSQL's own matters: one hub per database (the hub lock), and a
+//! PostgreSQL's own matters: one hub leads a database at a time (the
+//! leader lock and the epoch every commit checks), and a
 //! lost database answering UNAVAILABLE until it is back. Each test needs
 //! `HUB_TEST_POSTGRES_URL` and says it skipped without it.
+
+use std::time::Duration;
 
 use sqlx::Connection;
 use tonic::Code;
@@ -18,30 +21,87 @@ async fn reachable(url: &str, yes: bool) {
 }
 
 #[tokio::test]
-async fn a_second_hub_on_the_same_database_refuses_to_start_until_the_first_closes() {
+async fn a_second_hub_on_the_same_database_stands_by_until_the_first_closes() {
     let Some(url) = postgres_url().await else {
         return;
     };
     let first = open(&url).await;
-    let second = Store::open(&url, Durability::Full).await;
-    let Err(refused) = second else {
-        panic!("a second hub opened the same database");
-    };
-    assert!(
-        matches!(&refused, Error::FailedPrecondition(m) if m.contains("another hub is serving")),
-        "{refused:?}"
-    );
-    assert_eq!(
-        tonic::Status::from(refused).code(),
-        Code::FailedPrecondition
-    );
+    let (a, live) = spoke("a", NOW);
+    commit(
+        &first,
+        &[
+            Change::Spoke(a.clone(), live),
+            event(Kind::SpokeRegistered, a.id),
+        ],
+    )
+    .await;
+    let second = Store::open(&url, Durability::Full).await.unwrap();
+    let standby = tokio::spawn({
+        let second = second.clone();
+        async move { second.lead().await }
+    });
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!standby.is_finished(), "a second hub led beside the first");
+    // It writes nothing while it stands by.
+    let refused = second
+        .writer()
+        .unwrap()
+        .commit(&[event(Kind::SpokeUpdated, a.id)])
+        .await
+        .expect_err("a standby wrote");
+    assert!(matches!(refused, Error::NotLeading), "{refused:?}");
+    assert_eq!(tonic::Status::from(refused).code(), Code::Unavailable);
     // Another database on the same server is another fleet.
     let elsewhere = open(&postgres_url().await.unwrap()).await;
     elsewhere.close().await;
 
     first.close().await;
+    tokio::time::timeout(Duration::from_secs(10), standby)
+        .await
+        .expect("the standby leads once the first hub closed")
+        .unwrap()
+        .unwrap();
+    // It goes on after the first hub's events.
+    assert_eq!(second.last_event(), 1);
+    commit(&second, &[event(Kind::SpokeUpdated, a.id)]).await;
+    let seqs: Vec<i64> = events(&second).await.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [1, 2]);
+    second.close().await;
+}
+
+#[tokio::test]
+async fn a_hub_that_lost_its_lead_without_knowing_writes_nothing_more() {
+    let Some(url) = postgres_url().await else {
+        return;
+    };
+    let first = open(&url).await;
+    let mut old_writer = first.writer().unwrap();
+    let (a, live) = spoke("a", NOW);
+    old_writer
+        .commit(&[
+            Change::Spoke(a.clone(), live),
+            event(Kind::SpokeRegistered, a.id),
+        ])
+        .await
+        .unwrap();
+    // The first hub's lock is let go as a lost connection would, and a
+    // second hub leads.
+    first.drop_leader_lock_for_test().await;
     let second = open(&url).await;
-    assert!(second.ready().await.unwrap());
+    let refused = old_writer
+        .commit(&[event(Kind::SpokeUpdated, a.id)])
+        .await
+        .expect_err("a replaced leader wrote");
+    assert!(matches!(refused, Error::NotLeading), "{refused:?}");
+    let why = tokio::time::timeout(Duration::from_secs(10), first.deposed())
+        .await
+        .expect("the replaced leader notices");
+    assert!(why.contains("another hub leads"), "{why}");
+    commit(&second, &[event(Kind::SpokeUpdated, a.id)]).await;
+    let seqs: Vec<i64> = events(&second).await.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [1, 2], "only the leader's events are stored");
+    drop(old_writer);
+    first.close().await;
     second.close().await;
 }
 
@@ -161,6 +221,7 @@ async fn the_writer_syncs_each_commit_on_full_and_not_on_normal() {
             ..Default::default()
         };
         let store = Store::open_with(&url, options).await.unwrap();
+        store.lead().await.unwrap();
         let mut writer = store.writer().unwrap();
         let setting = writer.postgres_setting("synchronous_commit").await.unwrap();
         assert_eq!(
