@@ -57,7 +57,7 @@ pub struct ServeArgs {
     /// HTTP listen address (health, readiness, admin page).
     #[arg(long, env = "HUB_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     pub http_listen: SocketAddr,
-    /// Database URL: sqlite:<file>, or postgres://user:password@host:port/database (one hub per PostgreSQL database for now) [default: sqlite://<data-dir>/hub.db].
+    /// Database URL: sqlite:<file> (one hub per file), or postgres://user:password@host:port/database (several hubs may serve one database as replicas: one leads, the others forward calls to it and take over when it goes) [default: sqlite://<data-dir>/hub.db].
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Connections that read the database (queries, the admin page); the hub writes on one more of its own.
@@ -152,6 +152,9 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub spoke_endpoints: Vec<String>,
+    /// On PostgreSQL: the gRPC URL the other replicas forward calls to while this hub leads (e.g. http://10.0.0.5:50051) [default: http(s)://<--listen address>, with 127.0.0.1 for 0.0.0.0 and ::1 for ::].
+    #[arg(long, env = "HUB_ADVERTISE_URL", value_name = "URL")]
+    pub advertise_url: Option<String>,
     /// Connection caps, idle timeout and rate limits.
     #[command(flatten)]
     pub guard: GuardArgs,
@@ -217,6 +220,9 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// Database URL.
     pub database_url: String,
+    /// Where other replicas reach this hub while it leads (`None`: the
+    /// bound gRPC address, see [`Config::advertised_url`]).
+    pub advertise_url: Option<String>,
     /// Reading connections to the database.
     pub database_pool_size: u32,
     /// Longest wait for a database connection.
@@ -240,6 +246,27 @@ pub struct Config {
 const MIN_TOKEN_LEN: usize = 16;
 
 impl Config {
+    /// Where other replicas reach this hub while it leads: `--advertise-url`,
+    /// or the bound gRPC address `bound` (loopback for an unspecified one).
+    pub fn advertised_url(&self, bound: SocketAddr) -> String {
+        if let Some(url) = &self.advertise_url {
+            return url.clone();
+        }
+        let mut addr = bound;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let scheme = if self.settings.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{addr}")
+    }
+
     /// How `hub serve` opens the store.
     pub fn store_options(&self) -> crate::store::Options {
         crate::store::Options {
@@ -324,6 +351,16 @@ impl Config {
             (_, identity) => identity,
         };
         let spoke_endpoints = spoke_endpoints(args.spoke_endpoints)?;
+        if let Some(url) = &args.advertise_url {
+            check_spoke_endpoint(url).map_err(|reason| invalid(ADVERTISE_URL, reason))?;
+            let https = url.starts_with("https://");
+            if https != tls.is_some() {
+                return Err(invalid(
+                    ADVERTISE_URL,
+                    "must be https:// when the hub serves TLS (--tls-cert), http:// otherwise",
+                ));
+            }
+        }
 
         let data_dir = &global.data_dir;
         create_private_dir(data_dir).map_err(|source| ConfigError::Io {
@@ -396,6 +433,7 @@ impl Config {
             listen: args.listen,
             http_listen: args.http_listen,
             database_url,
+            advertise_url: args.advertise_url,
             database_pool_size: args.database_pool_size,
             database_connect_timeout: args.database_connect_timeout,
             admin_token,
@@ -500,6 +538,7 @@ fn check_durations(args: &ServeArgs) -> Result<(), ConfigError> {
 }
 
 const SPOKE_ENDPOINTS: &str = "--spoke-endpoints (HUB_SPOKE_ENDPOINTS)";
+const ADVERTISE_URL: &str = "--advertise-url (HUB_ADVERTISE_URL)";
 /// Most endpoints in the hint, and longest URL: the contract's bounds
 /// (`HubHints.endpoints`), since the hint goes out in every Register reply.
 const MAX_SPOKE_ENDPOINTS: usize = 16;
@@ -892,6 +931,41 @@ mod tests {
         );
         let parse = Cli::try_parse_from(["hub", "serve", "--listen", "nowhere"]).unwrap_err();
         assert!(parse.to_string().contains("--listen"), "{parse}");
+    }
+
+    #[test]
+    fn the_advertised_url_is_the_flag_or_the_bound_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = load(dir.path(), &[]).unwrap();
+        assert_eq!(
+            config.advertised_url("0.0.0.0:7000".parse().unwrap()),
+            "http://127.0.0.1:7000"
+        );
+        assert_eq!(
+            config.advertised_url("[::]:7000".parse().unwrap()),
+            "http://[::1]:7000"
+        );
+        assert_eq!(
+            config.advertised_url("10.1.2.3:7000".parse().unwrap()),
+            "http://10.1.2.3:7000"
+        );
+        let given = load(
+            dir.path(),
+            &["--advertise-url", "http://hub-a.internal:7000"],
+        )
+        .unwrap();
+        assert_eq!(
+            given.advertised_url("0.0.0.0:1".parse().unwrap()),
+            "http://hub-a.internal:7000"
+        );
+        for bad in ["hub-a:7000", "http://hub-a:7000/path", "https://hub-a:7000"] {
+            let err = load(dir.path(), &["--advertise-url", bad]).unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with("--advertise-url (HUB_ADVERTISE_URL)"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

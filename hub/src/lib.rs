@@ -47,6 +47,7 @@ pub mod limits;
 pub mod metrics;
 #[cfg(test)]
 mod proptests;
+pub mod replica;
 pub mod server;
 pub mod settings;
 pub mod shutdown;

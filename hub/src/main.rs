@@ -84,8 +84,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
 }
 
-/// Opens the database, waits to lead it (a standby binds no port), then
-/// binds and serves until `stopped`, or until another hub leads.
+/// Opens the database and binds; while another hub leads, forwards calls
+/// to it (a standby) and waits to lead; then serves until `stopped`, or
+/// until another hub leads.
 async fn serve_once(config: &Config, stopped: watch::Receiver<bool>) -> anyhow::Result<()> {
     let store = hub::Store::open_with(&config.database_url, config.store_options())
         .await
@@ -95,17 +96,6 @@ async fn serve_once(config: &Config, stopped: watch::Receiver<bool>) -> anyhow::
                 hub::store::redacted_url(&config.database_url)
             )
         })?;
-    // A standby is not where the CLI finds the hub.
-    let addr_file = config.data_dir.join("grpc.addr");
-    let _ = std::fs::remove_file(&addr_file);
-    tokio::select! {
-        led = store.lead() => led.context("waiting to lead the database")?,
-        () = signalled(stopped.clone()) => {
-            store.close().await;
-            tracing::info!("hub stopped (it was standing by)");
-            return Ok(());
-        }
-    }
     let grpc = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding --listen (HUB_LISTEN) {}", config.listen))?;
@@ -121,10 +111,40 @@ async fn serve_once(config: &Config, stopped: watch::Receiver<bool>) -> anyhow::
     let tls = config.settings.tls.is_some();
     tracing::info!(grpc = %grpc_addr, tls, http = %http.local_addr()?, database = %hub::store::redacted_url(&config.database_url), "hub listening");
     // Lets the CLI on this machine find the hub without flags (and know it
-    // speaks TLS).
+    // speaks TLS); a standby forwards its calls.
+    let addr_file = config.data_dir.join("grpc.addr");
     let scheme = if tls { "https://" } else { "" };
     std::fs::write(&addr_file, format!("{scheme}{grpc_addr}\n"))
         .with_context(|| format!("writing {}", addr_file.display()))?;
+    store.advertise(config.advertised_url(grpc_addr));
+    let (grpc, http) = if store
+        .lead_now()
+        .await
+        .context("trying to lead the database")?
+    {
+        (grpc, http)
+    } else {
+        // A standby: it forwards calls to the leader on copies of the
+        // listeners until it leads, then serves on the originals.
+        let (grpc, grpc_copy) = copy_listener(grpc)?;
+        let (http, http_copy) = copy_listener(http)?;
+        let follower =
+            hub::replica::Follower::start(grpc_copy, http_copy, store.clone(), &config.settings)?;
+        tracing::info!(
+            "standby: another hub leads this database; forwarding calls to it and waiting to take over"
+        );
+        tokio::select! {
+            led = store.lead() => led.context("waiting to lead the database")?,
+            () = signalled(stopped.clone()) => {
+                follower.stop().await;
+                store.close().await;
+                tracing::info!("hub stopped (it was standing by)");
+                return Ok(());
+            }
+        }
+        follower.stop().await;
+        (grpc, http)
+    };
     for (name, source) in [
         ("admin token", &config.admin_token_source),
         ("enrollment token", &config.enrollment_token_source),
@@ -149,6 +169,17 @@ async fn serve_once(config: &Config, stopped: watch::Receiver<bool>) -> anyhow::
     .await?;
     tracing::info!("hub stopped");
     Ok(())
+}
+
+/// Two handles on one listening socket: a standby accepts on the copy, and
+/// once it leads, the hub on the original, so clients keep the address.
+fn copy_listener(listener: TcpListener) -> anyhow::Result<(TcpListener, TcpListener)> {
+    let original = listener.into_std()?;
+    let copy = original.try_clone()?;
+    Ok((
+        TcpListener::from_std(original)?,
+        TcpListener::from_std(copy)?,
+    ))
 }
 
 /// Completes once SIGINT or SIGTERM was received.

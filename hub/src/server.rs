@@ -21,6 +21,7 @@ use crate::auth::TokenHash;
 use crate::guard::activity::{BusyLayer, MarkUsedLayer};
 use crate::guard::conn::GuardedListener;
 use crate::ledger::{self, Ledger};
+use crate::replica::ForwardedPeerLayer;
 use crate::settings::Settings;
 use crate::store::Store;
 use crate::telemetry::RpcTimerLayer;
@@ -81,6 +82,11 @@ pub async fn run(
     // at once there.
     store.lead().await?;
     let ledger = Ledger::load(store.clone(), Default::default()).await?;
+    // Calls standbys forward carry their caller's address under it.
+    let replica_secret = store
+        .leader()
+        .await?
+        .map(|leader| std::sync::Arc::<str>::from(leader.secret));
     let writer = store.writer()?;
     let committer = ledger::spawn_committer(ledger.clone(), writer).map_err(RunError::Committer)?;
     let _closes_the_ledger = CloseOnDrop(ledger.clone());
@@ -134,6 +140,7 @@ pub async fn run(
         .http2_keepalive_interval(Some(settings.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(settings.http2_keepalive_timeout))
         .layer(MarkUsedLayer(hub.guard().grpc.clone()))
+        .layer(ForwardedPeerLayer(replica_secret))
         .layer(RpcTimerLayer(hub.telemetry().clone()))
         .layer(MapResponseLayer::new(limits::map_response))
         .add_service(health_service)
@@ -220,7 +227,7 @@ impl Drop for CloseOnDrop {
 
 /// Serves the HTTP routes on `listener` until `shutdown`; handlers see
 /// the peer's address (the sign-in throttle counts per address).
-fn serve_http<L>(
+pub(crate) fn serve_http<L>(
     listener: L,
     router: axum::Router,
     mut shutdown: shutdown::Shutdown,

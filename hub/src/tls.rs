@@ -120,6 +120,21 @@ impl TlsIdentity {
         }
     }
 
+    /// How a standby reaches the leading replica over TLS: it trusts the
+    /// system's roots and this certificate (replicas share one, maybe
+    /// self-signed), and presents it as its own when the leader asks for
+    /// client certificates (`with_identity`; the leader's client CA must
+    /// then accept it).
+    pub fn client_config(&self, with_identity: bool) -> tonic::transport::ClientTlsConfig {
+        let config = tonic::transport::ClientTlsConfig::new()
+            .with_native_roots()
+            .ca_certificate(Certificate::from_pem(&self.cert));
+        match with_identity {
+            true => config.identity(Identity::from_pem(&self.cert, &self.key)),
+            false => config,
+        }
+    }
+
     /// The HTTP port's TLS acceptor: HTTP/2 or HTTP/1.1 by ALPN, no client
     /// certificates.
     pub fn http_acceptor(&self) -> Result<TlsAcceptor, TlsError> {

@@ -17,7 +17,7 @@ use tonic::transport::server::TcpConnectInfo;
 use super::conn::{ConnLimit, ConnState};
 
 /// The peer of a gRPC request (plain or TLS).
-fn grpc_peer(extensions: &http::Extensions) -> Option<SocketAddr> {
+pub(crate) fn grpc_peer(extensions: &http::Extensions) -> Option<SocketAddr> {
     use tonic::transport::server::TlsConnectInfo;
     extensions
         .get::<TcpConnectInfo>()

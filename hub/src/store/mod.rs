@@ -47,6 +47,7 @@ use tokio::sync::watch;
 
 pub use changes::{Change, Committed, DirectiveUpdate, StoredBatch};
 pub use filters::{DirectiveFilter, MetricFilter};
+pub use postgres::{Leader, LeaderChanges};
 pub use retention::{Cutoffs, Purged};
 pub use snapshot::{IdempotencyRow, OutstandingRow, Snapshot};
 pub use sqlite::ProcessLock;
@@ -196,11 +197,45 @@ impl Store {
             return Ok(());
         };
         if let Some(last) = db.lead().await? {
-            // The previous leader's commits are all in: go on after them.
-            self.events.next.fetch_max(last + 1, Ordering::Relaxed);
-            self.raise_committed(last);
+            self.led_after(last);
         }
         Ok(())
+    }
+
+    /// Tries once to lead ([`Store::lead`] without waiting): whether this
+    /// hub leads now.
+    pub async fn lead_now(&self) -> Result<bool> {
+        let Backend::Postgres(db) = &self.backend else {
+            return Ok(true);
+        };
+        if let Some(last) = db.lead_now().await? {
+            self.led_after(last);
+        }
+        Ok(db.leads())
+    }
+
+    /// The gRPC URL the other replicas forward calls to while this hub
+    /// leads (written when it takes the lead). Nothing on SQLite.
+    pub fn advertise(&self, url: String) {
+        if let Backend::Postgres(db) = &self.backend {
+            db.advertise(url);
+        }
+    }
+
+    /// Who leads the database now: `None` on SQLite (one hub per file).
+    pub async fn leader(&self) -> Result<Option<Leader>> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(None),
+            Backend::Postgres(db) => Ok(Some(db.leader().await?)),
+        }
+    }
+
+    /// Hubs taking the lead, as they happen: `None` on SQLite.
+    pub async fn leader_changes(&self) -> Result<Option<LeaderChanges>> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(None),
+            Backend::Postgres(db) => Ok(Some(db.leader_changes().await?)),
+        }
     }
 
     /// Completes, saying why, when this hub finds that another one leads
@@ -242,6 +277,13 @@ impl Store {
     fn events_committed(&self, next: i64) {
         self.events.next.store(next, Ordering::Relaxed);
         self.raise_committed(next - 1);
+    }
+
+    /// This hub leads now, and `last` is the highest sequence stored: the
+    /// previous leader's commits are all in, the next event goes after.
+    fn led_after(&self, last: i64) {
+        self.events.next.fetch_max(last + 1, Ordering::Relaxed);
+        self.raise_committed(last);
     }
 
     /// Every event up to `last` is committed (a lower mark changes nothing).

@@ -46,8 +46,11 @@ static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postg
 /// key space apart from the 64-bit key of sqlx's migration lock.
 const LEADER_LOCK: (i32, i32) = (0x6875_6221, 1);
 
-/// How often a standby tries the leader lock, and a leader checks that it
-/// still leads.
+/// The notification channel a hub that takes the lead notifies.
+const LEADER_CHANNEL: &str = "hub_leader";
+
+/// How often a leader checks that it still leads, and how long a standby
+/// whose connection failed waits before it connects again.
 const LEADER_POLL: Duration = Duration::from_millis(250);
 
 /// The highest event sequence ever given.
@@ -56,6 +59,30 @@ const LAST_SEQUENCE: &str = "SELECT GREATEST((SELECT last FROM event_sequence), 
 
 /// What a call is told while the database cannot be reached.
 const UNREACHABLE: &str = "the hub's database is unreachable; retry shortly";
+
+/// Who leads a database (see [`Db::leader`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leader {
+    /// Raised each time a hub takes the lead.
+    pub epoch: i64,
+    /// Where the leader takes calls; `None` while no hub leads.
+    pub url: Option<String>,
+    /// Marks calls forwarded between replicas.
+    pub secret: String,
+}
+
+/// Hubs taking the lead, as they happen (see [`Db::leader_changes`]).
+pub struct LeaderChanges(sqlx::postgres::PgListener);
+
+impl LeaderChanges {
+    /// Completes when a hub took the lead, or when the connection was
+    /// lost and made again (a change may have been missed: read who leads
+    /// again either way).
+    pub async fn changed(&mut self) -> Result<()> {
+        self.0.try_recv().await?;
+        Ok(())
+    }
+}
 
 /// An open PostgreSQL database; cheap to clone.
 #[derive(Clone, Debug)]
@@ -66,6 +93,8 @@ pub(super) struct Db {
     lock: Arc<Mutex<Option<PgConnection>>>,
     /// The epoch this hub leads with; 0 while it does not lead.
     epoch: Arc<AtomicI64>,
+    /// The gRPC URL other replicas forward calls to while this hub leads.
+    advertised: Arc<std::sync::Mutex<Option<String>>>,
     /// How connections are made.
     options: Arc<PgConnectOptions>,
     durability: Durability,
@@ -130,6 +159,7 @@ impl Db {
             reader,
             lock: Arc::new(Mutex::new(Some(conn))),
             epoch: Arc::new(AtomicI64::new(0)),
+            advertised: Arc::default(),
             options: Arc::new(connect_with),
             durability: options.durability,
             connect_timeout: options.connect_timeout,
@@ -138,24 +168,18 @@ impl Db {
     }
 
     /// Waits until this hub leads the database: takes the leader lock
-    /// (trying every [`LEADER_POLL`] while another hub holds it) and raises
-    /// the epoch. Returns the highest event sequence stored then (the
+    /// (waiting in the server while another hub holds it; connecting again
+    /// after [`LEADER_POLL`] when the connection fails) and raises the
+    /// epoch. Returns the highest event sequence stored then (the
     /// previous leader's last commit is in), or `None` when it already led.
     pub(super) async fn lead(&self) -> Result<Option<i64>> {
         if self.epoch.load(Ordering::Acquire) != 0 {
             return Ok(None);
         }
-        let mut told = false;
         loop {
             let mut slot = self.lock.lock().await;
-            match self.try_lead(&mut slot).await {
+            match self.try_lead(&mut slot, true).await {
                 Ok(Some(last)) => return Ok(Some(last)),
-                Ok(None) if !told => {
-                    tracing::info!(
-                        "standby: another hub leads this database; waiting to take over"
-                    );
-                    told = true;
-                }
                 Ok(None) => {}
                 Err(e) => {
                     *slot = None;
@@ -167,21 +191,98 @@ impl Db {
         }
     }
 
-    async fn try_lead(&self, slot: &mut Option<PgConnection>) -> Result<Option<i64>> {
+    /// Tries once to lead ([`Db::lead`] without the wait): the highest
+    /// event sequence stored when it leads now, `None` when another hub
+    /// leads (or this one already did).
+    pub(super) async fn lead_now(&self) -> Result<Option<i64>> {
+        if self.epoch.load(Ordering::Acquire) != 0 {
+            return Ok(None);
+        }
+        let mut slot = self.lock.lock().await;
+        let led = self.try_lead(&mut slot, false).await;
+        if led.is_err() {
+            *slot = None;
+        }
+        led
+    }
+
+    /// Whether this hub leads the database.
+    pub(super) fn leads(&self) -> bool {
+        self.epoch.load(Ordering::Acquire) != 0
+    }
+
+    /// The URL written as this hub's while it leads.
+    pub(super) fn advertise(&self, url: String) {
+        *self
+            .advertised
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(url);
+    }
+
+    /// Listens for hubs taking the lead: [`LeaderChanges::changed`]
+    /// completes at each (on one connection of its own).
+    pub(super) async fn leader_changes(&self) -> Result<LeaderChanges> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.reader).await?;
+        listener.listen(LEADER_CHANNEL).await?;
+        Ok(LeaderChanges(listener))
+    }
+
+    /// Who leads the database now, as stored; `leading` is whether the
+    /// leader lock is held (a leader that died leaves its row).
+    pub(super) async fn leader(&self) -> Result<Leader> {
+        let (epoch, url, secret, leading): (i64, Option<String>, String, bool) = sqlx::query_as(
+            "SELECT epoch, grpc_url, secret, EXISTS (SELECT 1 FROM pg_locks \
+             WHERE locktype = 'advisory' AND classid = $1 AND objid = $2 AND objsubid = 2 \
+             AND granted) FROM hub_leader",
+        )
+        .bind(LEADER_LOCK.0)
+        .bind(LEADER_LOCK.1)
+        .fetch_one(&mut *self.reader().await?)
+        .await?;
+        Ok(Leader {
+            epoch,
+            url: url.filter(|_| leading),
+            secret,
+        })
+    }
+
+    /// Takes the leader lock, waiting for it when `wait` (the server
+    /// answers the moment the holder lets it go or its session ends), and
+    /// raises the epoch.
+    async fn try_lead(&self, slot: &mut Option<PgConnection>, wait: bool) -> Result<Option<i64>> {
         let conn = match slot {
             Some(conn) => conn,
             None => slot.insert(lock_connection(&self.options, self.connect_timeout).await?),
         };
-        if !try_leader_lock(conn).await? {
+        if wait {
+            sqlx::query("SELECT pg_advisory_lock($1, $2)")
+                .bind(LEADER_LOCK.0)
+                .bind(LEADER_LOCK.1)
+                .execute(&mut *conn)
+                .await?;
+        } else if !try_leader_lock(conn).await? {
             return Ok(None);
         }
         // Waits for a commit of the previous leader that read the old
         // epoch; every later one of its commits fails.
+        let url = self
+            .advertised
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let epoch: i64 = sqlx::query_scalar(
-            "UPDATE hub_leader SET epoch = epoch + 1, since = now() RETURNING epoch",
+            "UPDATE hub_leader SET epoch = epoch + 1, since = now(), grpc_url = $1 \
+             RETURNING epoch",
         )
+        .bind(url)
         .fetch_one(&mut *conn)
         .await?;
+        // Standbys hear of it at once (see `Db::leader_changes`).
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(LEADER_CHANNEL)
+            .bind(epoch.to_string())
+            .execute(&mut *conn)
+            .await?;
         let last: i64 = sqlx::query_scalar(LAST_SEQUENCE)
             .fetch_one(&mut *conn)
             .await?;
@@ -323,12 +424,18 @@ impl Db {
         self.reader.close().await;
         self.epoch.store(0, Ordering::Release);
         if let Some(mut lock) = self.lock.lock().await.take() {
-            let _ = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
-                .bind(LEADER_LOCK.0)
-                .bind(LEADER_LOCK.1)
-                .execute(&mut lock)
-                .await;
-            let _ = lock.close().await;
+            // A standby stopped while it waited for the lock left that
+            // statement running: then the connection is only dropped (its
+            // session ends, and with it the wait).
+            let release = async {
+                let _ = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+                    .bind(LEADER_LOCK.0)
+                    .bind(LEADER_LOCK.1)
+                    .execute(&mut lock)
+                    .await;
+                let _ = lock.close().await;
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), release).await;
         }
     }
 }
