@@ -4,11 +4,12 @@
 # into a virtualenv under target/; Debian's chromium; npm and PyPI packages
 # for the browser test and the polyglot spokes), then: formatting, clippy,
 # buf lint, every cargo test (the hub's integration and own tests twice: on
-# SQLite, and on a throwaway PostgreSQL), the README's grpcurl and operator walk-throughs
+# SQLite, and on a throwaway PostgreSQL, where three hub replicas also run
+# together and are killed in turn), the README's grpcurl and operator walk-throughs
 # against the real binary, the admin page in a browser, the Python, Node
 # and Rust spokes through the conformance scenario with the buf breaking gate,
-# and the benchmark at smoke size (it installs redis-server and nats-server
-# from Debian's packages when missing).
+# and the benchmark at smoke size (it installs redis-server, nats-server and
+# PostgreSQL from Debian's packages when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,13 +41,15 @@ step "cargo test"
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked
 
-step "cargo test on PostgreSQL: the integration suite and the hub's own tests again"
+step "cargo test on PostgreSQL: the integration suite and the hub's own tests again, and replicas"
 # A throwaway cluster under target/ (installed from Debian's packages when
 # missing); each test hub gets a database of its own on it.
 source tests/lib/postgres.sh
 pg_start
 HUB_TEST_DATABASE=postgres cargo test --locked -p hub-proto --test integration
 HUB_TEST_DATABASE=postgres cargo test --locked -p hub --lib
+cargo test --locked -p hub --test replicas
+cargo test --locked -p hub --test faults replicas
 pg_stop
 
 export HUB_BIN="$PWD/target/debug/hub"

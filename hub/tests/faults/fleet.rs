@@ -100,6 +100,18 @@ impl Fleet {
     /// Builds and runs `count` spokes named `<prefix>-<i>` against
     /// `endpoint`, and waits until each holds a directive stream.
     pub async fn start(prefix: &str, count: usize, endpoint: &str, run: &Path) -> Self {
+        Self::start_with_endpoints(prefix, count, &[endpoint.to_owned()], run).await
+    }
+
+    /// Like [`start`](Self::start), each spoke configured with all of
+    /// `endpoints` (spoke-client fails over between them), spoke `i`'s
+    /// list rotated left by `i`: the spokes start on different hubs.
+    pub async fn start_with_endpoints(
+        prefix: &str,
+        count: usize,
+        endpoints: &[String],
+        run: &Path,
+    ) -> Self {
         let journal = Shared::default();
         let (stop_ticking, _) = watch::channel(false);
         let mut spokes = Vec::new();
@@ -107,7 +119,9 @@ impl Fleet {
         for i in 0..count {
             let name = format!("{prefix}-{i}");
             let state_dir = run.join("spokes").join(&name);
-            let client = build(&name, endpoint, &state_dir, &journal).await;
+            let mut rotated = endpoints.to_vec();
+            rotated.rotate_left(i % endpoints.len());
+            let client = build(&name, &rotated, &state_dir, &journal).await;
             let running = tokio::spawn({
                 let client = client.clone();
                 async move { client.run().await }
@@ -189,12 +203,13 @@ impl Fleet {
     }
 }
 
-async fn build(name: &str, endpoint: &str, state_dir: &Path, journal: &Shared) -> Client {
+async fn build(name: &str, endpoints: &[String], state_dir: &Path, journal: &Shared) -> Client {
     let spoke = name.to_owned();
     let runs = journal.clone();
     let observed = journal.clone();
-    Client::builder(name)
-        .endpoint(endpoint)
+    endpoints
+        .iter()
+        .fold(Client::builder(name), |builder, url| builder.endpoint(url))
         .enrollment_token(ENROLLMENT_TOKEN)
         .state_dir(state_dir)
         // Back quickly when the hub returns; the defaults (1 s growing to

@@ -2,10 +2,16 @@
 //! directory, so that a SIGKILL and a start again look to clients like the
 //! same hub coming back. Started the way `tests/kill.rs` starts it; each
 //! start logs to its own file in the data directory.
+//!
+//! A replica (`HubProcess::replica`) is one of several hubs sharing a
+//! PostgreSQL database. Every replica binds its ports, but only the one
+//! that leads serves; a standby forwards calls to it. So a replica is
+//! started with `spawn` and asked what it is with `readyz` (its HTTP
+//! port's `/readyz`), not with `start_again`, which waits for a port.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use tonic::transport::Channel;
@@ -17,33 +23,45 @@ pub const ENROLLMENT_TOKEN: &str = "enrollment-token-for-the-fault-suite";
 pub struct HubProcess {
     dir: PathBuf,
     port: u16,
+    /// The HTTP port, or 0 for any free one at each start.
+    http_port: u16,
     /// Flags added to every start.
     extra: Vec<String>,
     child: Option<Child>,
+    /// How the last process ended on its own (not by `kill`).
+    exited: Option<ExitStatus>,
     starts: u32,
 }
 
 impl HubProcess {
     /// Starts the hub in `<run>/hub` on a port free right now.
     pub async fn start(run: &Path, extra: &[&str], sync: &str) -> Self {
-        let dir = run.join("hub");
-        std::fs::create_dir_all(&dir).unwrap();
         // The port is kept for every later start; the hub binds with
         // SO_REUSEADDR, so the killed process's connections do not block it.
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut hub = Self {
-            dir,
-            port,
-            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
-            child: None,
-            starts: 0,
-        };
+        let [port] = free_ports();
+        let mut hub = Self::new(run.join("hub"), port, 0, extra);
         hub.start_again(sync).await;
         hub
+    }
+
+    /// A replica in `<run>/<name>` on gRPC and HTTP ports free right now,
+    /// kept for every start; not started yet (see [`spawn`](Self::spawn)).
+    pub fn replica(run: &Path, name: &str, extra: &[&str]) -> Self {
+        let [port, http_port] = free_ports();
+        Self::new(run.join(name), port, http_port, extra)
+    }
+
+    fn new(dir: PathBuf, port: u16, http_port: u16, extra: &[&str]) -> Self {
+        std::fs::create_dir_all(&dir).unwrap();
+        Self {
+            dir,
+            port,
+            http_port,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            child: None,
+            exited: None,
+            starts: 0,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -54,6 +72,28 @@ impl HubProcess {
         format!("http://{}", self.addr())
     }
 
+    /// The data directory's name (`hub`, or the replica's name).
+    pub fn name(&self) -> String {
+        self.dir.file_name().unwrap().to_string_lossy().into_owned()
+    }
+
+    /// The log of the latest start.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("hub-{:03}.log", self.starts))
+    }
+
+    /// The log of every start so far, in order.
+    pub fn all_logs(&self) -> Vec<PathBuf> {
+        (1..=self.starts)
+            .map(|start| self.dir.join(format!("hub-{start:03}.log")))
+            .collect()
+    }
+
+    /// What the latest start has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
     /// SIGKILL, and waits for the process to be gone.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -62,20 +102,56 @@ impl HubProcess {
         }
     }
 
+    /// Whether the latest start is still running; once it is not, its exit
+    /// status is in [`exited`](Self::exited).
+    pub fn is_running(&mut self) -> bool {
+        let Some(child) = self.child.as_mut() else {
+            return false;
+        };
+        match child.try_wait().unwrap() {
+            None => true,
+            Some(status) => {
+                self.exited = Some(status);
+                self.child = None;
+                false
+            }
+        }
+    }
+
+    /// How the latest start ended by itself, if it did.
+    pub fn exited(&self) -> Option<ExitStatus> {
+        self.exited
+    }
+
     /// Starts the binary again on the same port and data directory, with
     /// `--sync <sync>`; returns once it accepts gRPC connections.
     pub async fn start_again(&mut self, sync: &str) {
+        self.spawn(sync);
+        if !self.wait_serving(Duration::from_secs(20)).await {
+            match self.exited {
+                Some(status) => panic!("the hub exited at start ({status}):\n{}", self.log()),
+                None => panic!(
+                    "the hub did not accept connections within 20 s: see {:?}",
+                    self.log_path()
+                ),
+            }
+        }
+    }
+
+    /// Starts the binary on the same ports and data directory, with
+    /// `--sync <sync>`, and returns at once: a replica may be a standby.
+    pub fn spawn(&mut self, sync: &str) {
         assert!(self.child.is_none(), "kill the running hub first");
         self.starts += 1;
-        let addr_file = self.dir.join("grpc.addr");
-        let _ = std::fs::remove_file(&addr_file);
-        let log_path = self.dir.join(format!("hub-{:03}.log", self.starts));
-        let log = std::fs::File::create(&log_path).unwrap();
+        self.exited = None;
+        let _ = std::fs::remove_file(self.dir.join("grpc.addr"));
+        let log = std::fs::File::create(self.log_path()).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_hub"))
             .arg("serve")
             .arg("--listen")
             .arg(self.addr().to_string())
-            .args(["--http-listen", "127.0.0.1:0"])
+            .arg("--http-listen")
+            .arg(SocketAddr::from((Ipv4Addr::LOCALHOST, self.http_port)).to_string())
             .arg("--data-dir")
             .arg(&self.dir)
             .args(["--admin-token", ADMIN_TOKEN])
@@ -93,27 +169,89 @@ impl HubProcess {
             .spawn()
             .expect("start the hub binary");
         self.child = Some(child);
-        for _ in 0..1000 {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "the hub exited at start ({status}):\n{}",
-                    std::fs::read_to_string(&log_path).unwrap_or_default()
-                );
+    }
+
+    /// Waits up to `timeout` until the running process has written
+    /// `grpc.addr` and accepts gRPC connections. False when it did not in
+    /// time or exited (see [`exited`](Self::exited)).
+    async fn wait_serving(&mut self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if !self.is_running() {
+                return false;
             }
-            if addr_file.exists()
-                && let Ok(channel) = Channel::from_shared(self.url()).unwrap().connect().await
-            {
-                drop(channel);
-                return;
+            if self.is_serving().await {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("the hub did not accept connections within 20 s: see {log_path:?}");
     }
+
+    /// Whether `grpc.addr` is written and the gRPC port takes connections.
+    async fn is_serving(&self) -> bool {
+        self.dir.join("grpc.addr").exists()
+            && Channel::from_shared(self.url())
+                .unwrap()
+                .connect_timeout(Duration::from_secs(1))
+                .connect()
+                .await
+                .is_ok()
+    }
+
+    /// The HTTP port's address (a replica's; a hub started with
+    /// [`start`](Self::start) takes any free HTTP port).
+    pub fn http_addr(&self) -> SocketAddr {
+        assert_ne!(self.http_port, 0, "a replica's HTTP port");
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.http_port))
+    }
+
+    /// `GET /readyz` on the HTTP port: the status code and body, or `None`
+    /// when no answer came within a second.
+    pub async fn readyz(&self) -> Option<(u16, String)> {
+        readyz(self.http_addr()).await
+    }
+}
+
+/// `GET /readyz` on the HTTP port at `addr`: the status code and body, or
+/// `None` when no answer came within a second.
+pub async fn readyz(addr: SocketAddr) -> Option<(u16, String)> {
+    let get = http_get(addr, "/readyz");
+    tokio::time::timeout(Duration::from_secs(1), get)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// A plain HTTP/1.1 GET that reads the answer to the end (the hub closes
+/// the connection, as asked): the status code and body, or `None` on any
+/// failure.
+async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.ok()?;
+    let answer = String::from_utf8(answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    let code = head.split(' ').nth(1)?.parse().ok()?;
+    Some((code, body.to_owned()))
 }
 
 impl Drop for HubProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `N` distinct loopback ports free right now (each held until all are
+/// picked, so none is picked twice).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
 }

@@ -5,6 +5,15 @@
 //! failure whose outcome the caller cannot know is noted as such. A few
 //! are fan-outs to every spoke. The workload (key, target, handler time)
 //! of each `n` follows from the seed.
+//!
+//! Given several hub URLs (replicas: one leads, the others forward to
+//! it), creator `k` starts at URL `k % n` and moves to the next URL after
+//! a failure in transit; a keyed create is retried there with the same
+//! key. An unkeyed create is sent again (to the next URL) only when the
+//! connection to the replica was refused: then the request never left
+//! this process. An UNAVAILABLE answer proves nothing (a standby gives it
+//! when the leader went away, perhaps after the create reached it), so it
+//! leaves the unkeyed create's outcome unknown.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -58,6 +67,10 @@ pub struct LoadLog {
     pub retries: u64,
     /// Answers that said the key was seen before (`idempotent_replay`).
     pub replays: u64,
+    /// Moves of a creator to the next hub URL (with several).
+    pub url_switches: u64,
+    /// Unkeyed creates sent again after a refused connection.
+    pub refused_resends: u64,
 }
 
 /// The running load.
@@ -70,18 +83,35 @@ pub struct Load {
 impl Load {
     /// Starts creating directives for `spokes` on the hub at `url`.
     pub fn start(url: &str, spokes: Vec<String>, seed: u64) -> Self {
-        let channel = Endpoint::from_shared(url.to_owned())
-            .unwrap()
-            .connect_timeout(Duration::from_secs(1))
-            .connect_lazy();
+        Self::start_with_urls(&[url.to_owned()], spokes, seed)
+    }
+
+    /// Like [`start`](Self::start) with several hub URLs: creator `k`
+    /// starts at URL `k % n` and moves on after a failure in transit.
+    pub fn start_with_urls(urls: &[String], spokes: Vec<String>, seed: u64) -> Self {
+        assert!(!urls.is_empty(), "at least one hub URL");
+        let channels: Vec<Channel> = urls
+            .iter()
+            .map(|url| {
+                Endpoint::from_shared(url.clone())
+                    .unwrap()
+                    .connect_timeout(Duration::from_secs(1))
+                    .connect_lazy()
+            })
+            .collect();
         let (stop, _) = watch::channel(None);
         let log = Arc::new(Mutex::new(LoadLog::default()));
         let next = Arc::new(AtomicU64::new(0));
         let spokes = Arc::new(spokes);
         let tasks = (0..CREATORS)
-            .map(|_| {
-                let creator = Creator {
-                    admin: AdminServiceClient::new(channel.clone()),
+            .map(|k| {
+                let mut creator = Creator {
+                    admins: channels
+                        .iter()
+                        .cloned()
+                        .map(AdminServiceClient::new)
+                        .collect(),
+                    current: k % channels.len(),
                     spokes: spokes.clone(),
                     seed,
                     stop: stop.subscribe(),
@@ -100,6 +130,16 @@ impl Load {
         Self { stop, tasks, log }
     }
 
+    /// Moves of a creator to the next hub URL so far.
+    pub fn url_switches(&self) -> u64 {
+        self.log.lock().unwrap().url_switches
+    }
+
+    /// Unkeyed creates sent again after a refused connection so far.
+    pub fn refused_resends(&self) -> u64 {
+        self.log.lock().unwrap().refused_resends
+    }
+
     /// Stops creating; waits for the keyed retries still going.
     pub async fn finish(self) -> LoadLog {
         self.stop
@@ -114,7 +154,9 @@ impl Load {
 }
 
 struct Creator {
-    admin: AdminServiceClient<Channel>,
+    /// One client per hub URL, and the one in use.
+    admins: Vec<AdminServiceClient<Channel>>,
+    current: usize,
     spokes: Arc<Vec<String>>,
     seed: u64,
     stop: watch::Receiver<Option<tokio::time::Instant>>,
@@ -122,7 +164,7 @@ struct Creator {
 }
 
 impl Creator {
-    async fn create(&self, n: u64) {
+    async fn create(&mut self, n: u64) {
         // Each n's workload from the seed alone, whatever the timing.
         let mut rng = StdRng::seed_from_u64(self.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let keyed = rng.random_bool(0.5);
@@ -154,7 +196,8 @@ impl Creator {
                 format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
             );
             call.set_timeout(Duration::from_secs(5));
-            let status = match self.admin.clone().create_directive(call).await {
+            let mut admin = self.admins[self.current].clone();
+            let status = match admin.create_directive(call).await {
                 Ok(reply) => {
                     let reply = reply.into_inner();
                     if reply.idempotent_replay {
@@ -167,14 +210,23 @@ impl Creator {
             if !in_transit(&status) {
                 break Outcome::Refused(status.to_string());
             }
-            if key.is_none() {
+            let several = self.admins.len() > 1;
+            if several {
+                self.current = (self.current + 1) % self.admins.len();
+                self.log.lock().unwrap().url_switches += 1;
+            }
+            if key.is_none() && !(several && never_sent(&status)) {
                 break Outcome::Unknown;
             }
             let give_up = *self.stop.borrow();
             if give_up.is_some_and(|at| tokio::time::Instant::now() >= at) {
                 break Outcome::GaveUp(status.to_string());
             }
-            self.log.lock().unwrap().retries += 1;
+            if key.is_some() {
+                self.log.lock().unwrap().retries += 1;
+            } else {
+                self.log.lock().unwrap().refused_resends += 1;
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         self.log.lock().unwrap().creates.push(Create {
@@ -196,4 +248,42 @@ fn in_transit(status: &tonic::Status) -> bool {
             status.code(),
             tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
         )
+}
+
+/// Whether the call failed because its connection was refused: the
+/// request never left this process, so no hub can have acted on it.
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection refused is told apart from an UNAVAILABLE answer,
+    /// which a hub may give after acting on the call.
+    #[tokio::test]
+    async fn only_a_refused_connection_counts_as_never_sent() {
+        let [port] = crate::hub_bin::free_ports();
+        let channel = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect_lazy();
+        let status = AdminServiceClient::new(channel)
+            .create_directive(proto::CreateDirectiveRequest::default())
+            .await
+            .unwrap_err();
+        assert!(never_sent(&status), "{status:?}");
+        assert!(!never_sent(&tonic::Status::unavailable(
+            "the leading hub replica went away; retry shortly"
+        )));
+    }
 }

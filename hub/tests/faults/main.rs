@@ -2,9 +2,12 @@
 //! spoke-client spokes while it is killed with SIGKILL and restarted
 //! (`kill_loop`; `spoke_kill_loop` kills spoke processes as well), or while a fault-injecting TCP proxy delays, drops,
 //! resets and half-opens the spokes' and operators' connections
-//! (`proxy_faults`). Both end with the same checks (`checks`): every
-//! directive COMPLETED, none created twice, no handler run twice or after a
-//! recorded completion, every metric point stored exactly once.
+//! (`proxy_faults`), or while three hub replicas share one PostgreSQL
+//! database and the leader (now and then a standby) is killed again and
+//! again (`replicas`, only when `HUB_TEST_POSTGRES_URL` names a server).
+//! All end with the same checks (`checks`): every directive COMPLETED,
+//! none created twice, no handler run twice or after a recorded
+//! completion, every metric point stored exactly once.
 //!
 //! It lives with the hub because it needs the hub binary
 //! (`CARGO_BIN_EXE_hub` is only given to the tests of the package that
@@ -12,8 +15,8 @@
 //! adds no cycle (spoke-client itself depends only on hub-proto).
 //!
 //! Knobs, both optional: `FAULT_SUITE_SECS` (how long faults are injected,
-//! default 60) and `FAULT_SUITE_SEED` (replays a run: the seed picks the
-//! kill intervals, the proxy's fate for each connection and the workload;
+//! default 60; 40 for the replicas) and `FAULT_SUITE_SEED` (replays a run:
+//! the seed picks the kill intervals, the proxy's fate for each connection and the workload;
 //! every run prints its seed). What is asserted does not depend on either.
 //! A failed run keeps its directory (hub logs, spoke states, spoke-client
 //! log) under `target/tmp/faults/` and names it in the failure.
@@ -26,6 +29,7 @@ mod load;
 mod proc_checks;
 mod procs;
 mod proxy;
+mod replicas;
 mod view;
 
 use std::path::PathBuf;
@@ -40,12 +44,18 @@ use hub_bin::HubProcess;
 use load::Load;
 use procs::SpokeProcs;
 use proxy::FaultProxy;
+use replicas::{Replicas, TestDatabase};
 
 /// Spokes per test.
 const SPOKES: usize = 5;
 
 /// How long faults are injected: `FAULT_SUITE_SECS`, default 60.
 fn fault_time() -> Duration {
+    fault_time_or(60)
+}
+
+/// `FAULT_SUITE_SECS`, or `default` seconds.
+fn fault_time_or(default: u64) -> Duration {
     let secs = std::env::var("FAULT_SUITE_SECS")
         .ok()
         .map(|s| {
@@ -53,7 +63,7 @@ fn fault_time() -> Duration {
                 .parse::<u64>()
                 .expect("FAULT_SUITE_SECS: a whole number of seconds")
         })
-        .unwrap_or(60);
+        .unwrap_or(default);
     Duration::from_secs(secs)
 }
 
@@ -238,6 +248,68 @@ async fn hub_and_spokes_killed_again_and_again_run_nothing_finished_twice() {
     let verdict = proc_checks::settle_and_check(&hub.url(), spokes, load, seed).await;
     let verdict = verdict.note(format!("{hub_kills} kills of the hub"));
     drop(hub);
+    run.conclude(verdict);
+}
+
+/// Three hubs share a fresh PostgreSQL database: one leads, two stand by
+/// and forward calls to it. Every 3–6 s (seeded) after the previous kill
+/// settled, the leader, or in one round of three (seeded) a standby, is
+/// killed with SIGKILL and started again at once, while spokes configured
+/// with all three endpoints (each list rotated, so most spokes start on a
+/// standby) run directives and push metrics and an operator, knowing all
+/// three URLs, creates directives. Besides the usual checks: never two
+/// replicas answering `/readyz` as the leader at once; at the end one
+/// leader, the others standing by, and no replica that exited by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_fail_over_and_lose_and_repeat_nothing() {
+    let Some(server) = replicas::postgres_server() else {
+        eprintln!("skipped: HUB_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let seed = seed("replicas");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let run = RunDir::new("replicas", seed);
+    let database = TestDatabase::create(&server);
+    let mut replicas = Replicas::start(&run.path(), database.url()).await;
+    let urls = replicas.urls();
+    let fleet = Fleet::start_with_endpoints("replicas", SPOKES, &urls, &run.path()).await;
+    let load = Load::start_with_urls(&urls, fleet.names(), seed);
+
+    let until = tokio::time::Instant::now() + fault_time_or(40);
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(3000..=6000))).await;
+        let sync = if rng.random_bool(0.5) {
+            "full"
+        } else {
+            "normal"
+        };
+        let killed = if rng.random_ratio(1, 3) {
+            replicas.kill_standby(&mut rng, sync).await
+        } else {
+            replicas.kill_leader(sync).await
+        };
+        if !killed {
+            break;
+        }
+    }
+    let (url_switches, refused_resends) = (load.url_switches(), load.refused_resends());
+    let Some(leader) = replicas.leader_url().await else {
+        let verdict = Verdict {
+            summary: format!("seed {seed}"),
+            failures: vec!["[replicas] no replica leads after the faults".into()],
+        };
+        run.conclude(replicas.finish(verdict).await);
+        return;
+    };
+    let verdict = checks::settle_and_check(&leader, fleet, load, seed).await;
+    let verdict = verdict.note(format!(
+        "the operator moved to another replica's URL {url_switches} times, and sent an \
+         unkeyed create again after a refused connection {refused_resends} times"
+    ));
+    let verdict = replicas.finish(verdict).await;
+    if verdict.failures.is_empty() {
+        database.drop_database();
+    }
     run.conclude(verdict);
 }
 
