@@ -59,7 +59,7 @@ const REPLICA_SECRET: &str = "hub-replica-secret";
 pub const STREAMS_PER_CONNECTION: usize = 200;
 
 /// How often a standby reads who leads.
-const LEADER_POLL: Duration = Duration::from_millis(250);
+const LEADER_POLL: Duration = Duration::from_secs(1);
 
 /// How long a standby that takes the lead lets forwarded calls finish.
 const HANDOVER_GRACE: Duration = Duration::from_secs(2);

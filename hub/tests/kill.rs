@@ -5,6 +5,8 @@
 //! committed) or the next one.
 #![cfg(unix)]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -16,17 +18,12 @@ use hub_proto::v1::spoke_service_client::SpokeServiceClient;
 use proto::watch_directives_response::Message;
 use tonic::transport::Channel;
 
+use common::{authed, channel};
+
 const ADMIN: &str = "admin-token-for-kill-tests-0123";
 const ENROLL: &str = "enrollment-token-for-kill-tests";
 const DIRECTIVES: usize = 40;
 const ACKED: usize = 20;
-
-fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    req
-}
 
 /// A running hub binary; killed (SIGKILL) and reaped when dropped.
 struct Hub(Child);
@@ -77,14 +74,6 @@ async fn start(dir: &Path, sync: &str) -> (Hub, String) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("the hub did not start within 10 s");
-}
-
-async fn channel(addr: &str) -> Channel {
-    Channel::from_shared(addr.to_owned())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
 }
 
 /// Directives on a new stream until the first keepalive: the backlog.

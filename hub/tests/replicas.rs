@@ -12,7 +12,9 @@
 //! database, with `psql` on the PATH); says it skipped without it.
 #![cfg(unix)]
 
-use std::net::{Ipv4Addr, TcpListener};
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -24,17 +26,12 @@ use proto::watch_directives_response::Message;
 use tonic::Code;
 use tonic::transport::Channel;
 
+use common::{authed, channel, free_ports, http_get, replay_events};
+
 const ADMIN: &str = "admin-token-for-replica-tests-0123";
 const ENROLL: &str = "enrollment-token-for-replica-tests";
 /// A bound against a hang, not a timing requirement.
 const BOUND: Duration = Duration::from_secs(20);
-
-fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
-    let mut req = tonic::Request::new(msg);
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    req
-}
 
 /// A fresh database on the server at `HUB_TEST_POSTGRES_URL`.
 fn test_database() -> Option<String> {
@@ -71,17 +68,11 @@ struct Replica {
 
 impl Replica {
     fn start(run: &Path, name: &'static str, database: &str) -> Self {
-        let free = || {
-            TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
+        let [port, http_port] = free_ports();
         let mut replica = Self {
             name,
-            port: free(),
-            http_port: free(),
+            port,
+            http_port,
             child: None,
         };
         replica.spawn(run, database);
@@ -116,22 +107,13 @@ impl Replica {
     /// What `/readyz` says: "ready" on the leader, "ready: a standby…" on
     /// a standby while a leader serves.
     async fn readiness(&self) -> Option<String> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let fetch = async {
-            let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", self.http_port))
-                .await
-                .ok()?;
-            conn.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .await
-                .ok()?;
-            let mut out = String::new();
-            conn.read_to_string(&mut out).await.ok()?;
-            Some(out.split("\r\n\r\n").nth(1)?.trim().to_owned())
-        };
-        tokio::time::timeout(Duration::from_secs(2), fetch)
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.http_port));
+        let get = http_get(addr, "/readyz");
+        let (_, body) = tokio::time::timeout(Duration::from_secs(2), get)
             .await
             .ok()
-            .flatten()
+            .flatten()?;
+        Some(body.trim().to_owned())
     }
 
     fn kill(&mut self) {
@@ -177,14 +159,6 @@ async fn one_leader(replicas: &[Replica]) -> usize {
     }
 }
 
-async fn channel(url: &str) -> Channel {
-    Channel::from_shared(url.to_owned())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
 async fn admin(url: &str) -> AdminServiceClient<Channel> {
     AdminServiceClient::new(channel(url).await)
 }
@@ -224,27 +198,7 @@ fn create(spoke_name: &str, kind: &str, max_attempts: u32) -> proto::CreateDirec
 
 /// Every event through `url`'s WatchEvents, replayed up to now.
 async fn events(url: &str) -> Vec<proto::Event> {
-    let mut stream = admin(url)
-        .await
-        .watch_events(authed(
-            proto::WatchEventsRequest {
-                stop_after_replay: true,
-                ..Default::default()
-            },
-            ADMIN,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(msg) = tokio::time::timeout(BOUND, stream.message())
-        .await
-        .expect("events in time")
-        .unwrap()
-    {
-        out.push(msg.event.unwrap());
-    }
-    out
+    replay_events(url, ADMIN).await
 }
 
 async fn directive(url: &str, id: &str) -> proto::Directive {

@@ -9,12 +9,15 @@
 //! started with `spawn` and asked what it is with `readyz` (its HTTP
 //! port's `/readyz`), not with `start_again`, which waits for a port.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use tonic::transport::Channel;
+
+pub use crate::common::free_ports;
+use crate::common::http_get;
 
 pub const ADMIN_TOKEN: &str = "admin-token-for-the-fault-suite-0123";
 pub const ENROLLMENT_TOKEN: &str = "enrollment-token-for-the-fault-suite";
@@ -225,33 +228,8 @@ pub async fn readyz(addr: SocketAddr) -> Option<(u16, String)> {
         .flatten()
 }
 
-/// A plain HTTP/1.1 GET that reads the answer to the end (the hub closes
-/// the connection, as asked): the status code and body, or `None` on any
-/// failure.
-async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.ok()?;
-    let answer = String::from_utf8(answer).ok()?;
-    let (head, body) = answer.split_once("\r\n\r\n")?;
-    let code = head.split(' ').nth(1)?.parse().ok()?;
-    Some((code, body.to_owned()))
-}
-
 impl Drop for HubProcess {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// `N` distinct loopback ports free right now (each held until all are
-/// picked, so none is picked twice).
-pub fn free_ports<const N: usize>() -> [u16; N] {
-    let held: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap())
-        .collect();
-    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
 }

@@ -273,7 +273,7 @@ mod tests {
     /// which a hub may give after acting on the call.
     #[tokio::test]
     async fn only_a_refused_connection_counts_as_never_sent() {
-        let [port] = crate::hub_bin::free_ports();
+        let [port] = crate::common::free_ports();
         let channel = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
             .unwrap()
             .connect_lazy();

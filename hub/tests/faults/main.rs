@@ -23,6 +23,8 @@
 #![cfg(unix)]
 
 mod checks;
+#[path = "../common/mod.rs"]
+mod common;
 mod fleet;
 mod hub_bin;
 mod load;

@@ -1,0 +1,77 @@
+//! What the hub's binary-level tests share (`mod common;` in each; the
+//! fault suite includes it by path): authorized requests, channels, free
+//! ports, and a plain HTTP GET for the hub's HTTP port.
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+
+use tonic::transport::Channel;
+
+/// `msg` with `Bearer <token>` in its authorization metadata.
+pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+/// A connected channel to `url` (`http://host:port`).
+pub async fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// `N` distinct loopback ports free right now (each held until all are
+/// picked, so none is picked twice).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+}
+
+/// A plain HTTP/1.1 GET that reads the answer to the end (the hub closes
+/// the connection, as asked): the status code and body, or `None` on any
+/// failure.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.ok()?;
+    let answer = String::from_utf8(answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    let code = head.split(' ').nth(1)?.parse().ok()?;
+    Some((code, body.to_owned()))
+}
+
+/// Every event the hub at `url` stored, by WatchEvents' replay (each
+/// message within 20 s).
+pub async fn replay_events(url: &str, admin_token: &str) -> Vec<hub_proto::v1::Event> {
+    use hub_proto::v1 as proto;
+    let mut stream = proto::admin_service_client::AdminServiceClient::new(channel(url).await)
+        .watch_events(authed(
+            proto::WatchEventsRequest {
+                stop_after_replay: true,
+                ..Default::default()
+            },
+            admin_token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    let bound = std::time::Duration::from_secs(20);
+    while let Some(msg) = tokio::time::timeout(bound, stream.message())
+        .await
+        .expect("events in time")
+        .unwrap()
+    {
+        events.push(msg.event.expect("an event"));
+    }
+    events
+}
