@@ -35,12 +35,20 @@ const MAX_MESSAGE: usize = 256 * 1024 * 1024;
 /// Where a server is and the tokens it takes.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// gRPC address.
-    pub addr: SocketAddr,
+    /// gRPC addresses: one, or one per replica of the same hub (spoke `i`
+    /// and admin connection `i` use the `i`-th, round robin).
+    pub addrs: Vec<SocketAddr>,
     /// AdminService token.
     pub admin_token: String,
     /// Register token for new spokes.
     pub enrollment_token: String,
+}
+
+impl Target {
+    /// The address connection `i` uses (round robin over `addrs`).
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        self.addrs[i % self.addrs.len()]
+    }
 }
 
 /// How a spoke acks a directive.
@@ -124,7 +132,7 @@ impl Spoke {
         window: u32,
         ack_path: AckPath,
     ) -> anyhow::Result<Spoke> {
-        let channel = channel(target.addr)
+        let channel = channel(target.addr(index))
             .await
             .with_context(|| format!("spoke {name}: connecting"))?;
         let mut client = SpokeServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
@@ -473,15 +481,19 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// Opens enough connections for `in_flight` concurrent creates.
+    /// Opens enough connections for `in_flight` concurrent creates, as
+    /// many to each of the target's addresses (calls go round robin over
+    /// the connections, so evenly over the replicas of a hub).
     pub async fn connect(
         target: &Target,
         in_flight: usize,
         create_path: CreatePath,
     ) -> anyhow::Result<Admin> {
         let mut clients = Vec::new();
-        for _ in 0..in_flight.div_ceil(128).max(1) {
-            let channel = channel(target.addr).await.context("admin: connecting")?;
+        let replicas = target.addrs.len().max(1);
+        let count = in_flight.div_ceil(128).max(1).div_ceil(replicas) * replicas;
+        for i in 0..count {
+            let channel = channel(target.addr(i)).await.context("admin: connecting")?;
             clients.push(
                 AdminServiceClient::new(channel)
                     .max_decoding_message_size(MAX_MESSAGE)

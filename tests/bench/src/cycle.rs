@@ -19,9 +19,8 @@ use hub_proto::v1 as pb;
 use pbjson_types::Struct;
 use tokio::sync::{Notify, Semaphore};
 
-use crate::contract::{self, AckPath, Admin, CreatePath, Fleet, FleetSpec, Handler, Spoke};
+use crate::contract::{self, AckPath, Admin, CreatePath, Fleet, FleetSpec, Handler, Spoke, Target};
 use crate::proc::Pid;
-use crate::servers::Server;
 
 /// The size of one cycle run.
 #[derive(Debug, Clone, Copy)]
@@ -167,8 +166,11 @@ pub struct CycleResult {
     pub elapsed: Duration,
     /// Directive latencies (create start to ack confirmed), sorted.
     pub latencies: Vec<Duration>,
-    /// Server CPU over the run, if the server's process is known.
+    /// Server CPU over the run (the server process and its database), if
+    /// the server's process is known.
     pub server_cpu: Option<Duration>,
+    /// Of which the database's (a PostgreSQL cluster's processes), if any.
+    pub database_cpu: Option<Duration>,
     /// The load generator's CPU over the run.
     pub loadgen_cpu: Duration,
 }
@@ -190,6 +192,9 @@ impl CycleResult {
         if let Some(cpu) = self.server_cpu {
             m.insert("server_cpu_us".into(), cpu.as_secs_f64() * 1e6 / n);
         }
+        if let Some(cpu) = self.database_cpu {
+            m.insert("database_cpu_us".into(), cpu.as_secs_f64() * 1e6 / n);
+        }
         m.insert(
             "loadgen_cpu_us".into(),
             self.loadgen_cpu.as_secs_f64() * 1e6 / n,
@@ -207,6 +212,42 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// The processes whose CPU time is the server side of a run.
+#[derive(Debug, Clone, Default)]
+pub struct ServerCpu {
+    /// The server's processes (the hub, its replicas, the floor, Redis,
+    /// NATS), as far as they are known.
+    pub processes: Vec<Pid>,
+    /// A PostgreSQL postmaster: its whole process tree (backends,
+    /// WAL writer, checkpointer, ...) is the database's share.
+    pub database: Option<Pid>,
+}
+
+impl ServerCpu {
+    /// Just this process, if known.
+    pub fn process(pid: Option<Pid>) -> ServerCpu {
+        ServerCpu {
+            processes: pid.into_iter().collect(),
+            database: None,
+        }
+    }
+
+    /// (processes, database) CPU so far.
+    fn read(&self) -> anyhow::Result<(Option<Duration>, Option<Duration>)> {
+        let processes = if self.processes.is_empty() {
+            None
+        } else {
+            Some(
+                self.processes
+                    .iter()
+                    .map(|p| p.cpu())
+                    .sum::<anyhow::Result<Duration>>()?,
+            )
+        };
+        Ok((processes, self.database.map(Pid::tree_cpu).transpose()?))
+    }
+}
+
 /// Runs the closed loop: creates `tracker`'s directives round-robin over
 /// `spokes` through `producer` and waits until every one is acked. Throughput
 /// counts the whole run, ramp-up included (no warm-up is excluded); CPU is
@@ -215,11 +256,11 @@ pub async fn drive<P: Producer>(
     producer: Arc<P>,
     tracker: Arc<Tracker>,
     spokes: usize,
-    server: Option<Pid>,
+    server: ServerCpu,
     timeout: Duration,
 ) -> anyhow::Result<CycleResult> {
     let total = tracker.started.len();
-    let server_cpu = server.map(Pid::cpu).transpose()?;
+    let server_before = server.read()?;
     let loadgen_cpu = Pid::SELF.cpu()?;
     let start = tracker.now_ns();
     let deadline = tokio::time::Instant::now() + timeout;
@@ -276,9 +317,14 @@ pub async fn drive<P: Producer>(
             );
         }
     }
-    let server_cpu = match (server, server_cpu) {
-        (Some(pid), Some(before)) => Some(pid.cpu()?.saturating_sub(before)),
-        _ => None,
+    let server_after = server.read()?;
+    let spent =
+        |before: Option<Duration>, after: Option<Duration>| Some(after?.saturating_sub(before?));
+    let process_cpu = spent(server_before.0, server_after.0);
+    let database_cpu = spent(server_before.1, server_after.1);
+    let server_cpu = match (process_cpu, database_cpu) {
+        (None, None) => None,
+        (a, b) => Some(a.unwrap_or_default() + b.unwrap_or_default()),
     };
     let loadgen_cpu = Pid::SELF.cpu()?.saturating_sub(loadgen_cpu);
     let end = tracker.last_done.load(Ordering::Acquire);
@@ -293,6 +339,7 @@ pub async fn drive<P: Producer>(
         elapsed: Duration::from_nanos(end.saturating_sub(start).max(1)),
         latencies,
         server_cpu,
+        database_cpu,
         loadgen_cpu,
     })
 }
@@ -306,9 +353,14 @@ pub struct Paths {
     pub create: CreatePath,
 }
 
-/// The cycle on a hub.v1 server (the hub or the floor).
-pub async fn hub_v1(server: &Server, spec: CycleSpec, paths: Paths) -> anyhow::Result<CycleResult> {
-    let target = server.target();
+/// The cycle on a hub.v1 server (the hub, its replicas, or the floor) at
+/// `target`; `cpu` is its side's processes.
+pub async fn hub_v1(
+    target: &Target,
+    cpu: ServerCpu,
+    spec: CycleSpec,
+    paths: Paths,
+) -> anyhow::Result<CycleResult> {
     let tracker = Tracker::new(spec.directives, spec.window);
     let handler = Arc::new(AckOnReceipt {
         tracker: tracker.clone(),
@@ -331,14 +383,7 @@ pub async fn hub_v1(server: &Server, spec: CycleSpec, paths: Paths) -> anyhow::R
         admin: Admin::connect(target, spec.window, paths.create).await?,
         names: fleet.spokes.iter().map(|s| s.name.clone()).collect(),
     });
-    let result = drive(
-        producer,
-        tracker,
-        spec.spokes,
-        Some(server.pid()),
-        spec.timeout,
-    )
-    .await;
+    let result = drive(producer, tracker, spec.spokes, cpu, spec.timeout).await;
     drop(fleet);
     result
 }

@@ -16,7 +16,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use tokio::task::JoinSet;
 
-use crate::cycle::{self, CycleResult, CycleSpec, Item, Producer, Tracker};
+use crate::cycle::{self, CycleResult, CycleSpec, Item, Producer, ServerCpu, Tracker};
 use crate::proc::Pid;
 
 /// A NATS server (with JetStream on) to measure.
@@ -81,7 +81,7 @@ pub async fn cycle(peer: NatsPeer, spec: CycleSpec) -> anyhow::Result<CycleResul
                 js: js.clone(),
                 prefix,
             });
-            let pid = peer.pid.map(|p| Pid(Some(p)));
+            let pid = ServerCpu::process(peer.pid.map(|p| Pid(Some(p))));
             cycle::drive(producer, tracker, spec.spokes, pid, spec.timeout).await
         }
         Err(e) => Err(e),

@@ -1,15 +1,17 @@
 //! `hub-bench`: the benchmark of the hub. `hub-bench floor` serves the floor
 //! (the `hub.v1` contract in memory, no storage); `hub-bench run` starts the
-//! hub and the floor itself, measures them and Redis Streams and NATS
-//! JetStream (run by `run.sh`) through the same scenarios, and prints one
-//! table. See README.md beside this crate.
+//! hub and the floor itself, measures them and Redis Streams, NATS
+//! JetStream and a PostgreSQL job queue (run by `run.sh`) through the same
+//! scenarios, and prints one table. See README.md beside this crate.
 //!
 //! - `plan`: the command line of `run`, which scenario on which target.
-//! - `servers`: the hub and floor processes (ports, data dir, kill, restart).
+//! - `servers`: the hub and floor processes (ports, data dir, kill, restart),
+//!   and replicas of the hub on one PostgreSQL database.
 //! - `contract`: spokes, fleets and the admin client of `hub.v1`.
 //! - `cycle`: the closed-loop directive cycle and its measurements, and its
 //!   `hub.v1` producer and spokes.
-//! - `redis_streams`, `jetstream`: the same cycle on the peers.
+//! - `redis_streams`, `jetstream`, `pg_queue`: the same cycle on the peers.
+//! - `postgres`: the PostgreSQL cluster (a database per run, its settings).
 //! - `fleet`: idle capacity, fan-out and the reconnect storm.
 //! - `flood`: one spoke flooding heartbeats, another's latency measured.
 //! - `floor`: the in-memory server.
@@ -23,7 +25,9 @@ mod fleet;
 mod flood;
 mod floor;
 mod jetstream;
+mod pg_queue;
 mod plan;
+mod postgres;
 mod proc;
 mod redis_streams;
 mod report;

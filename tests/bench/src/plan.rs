@@ -10,13 +10,16 @@ use anyhow::{Context, bail};
 use clap::ValueEnum;
 
 use crate::contract::{AckPath, CreatePath};
-use crate::cycle::{self, CycleSpec, Paths};
+use crate::cycle::{self, CycleSpec, Paths, ServerCpu};
 use crate::fleet::{self, FleetRun};
 use crate::flood::{self, FloodRun};
 use crate::jetstream::{self, NatsPeer};
+use crate::pg_queue::{self, Listen, QueueSpec};
+use crate::postgres::Cluster;
+use crate::proc::Pid;
 use crate::redis_streams::{self, Fsync, RedisPeer};
 use crate::report::{self, Record};
-use crate::servers::{Kind, Server, Sync};
+use crate::servers::{Kind, Replicas, Server, Sync};
 
 /// A scenario (its sizes are flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -61,7 +64,21 @@ pub enum TargetName {
     RedisEverysec,
     /// NATS JetStream, file storage.
     Nats,
+    /// The hub with HUB_SYNC=full on PostgreSQL (--postgres): its writer
+    /// commits with synchronous_commit=on. Cycle scenarios only.
+    HubPg,
+    /// Three replicas of the hub with HUB_SYNC=full on one PostgreSQL
+    /// database (--postgres): one leads, two stand by and forward; spokes
+    /// and creates go round robin over the three. Cycle scenarios only.
+    #[value(name = "hub-pg-3")]
+    HubPg3,
+    /// A plain PostgreSQL job queue (SKIP LOCKED, LISTEN/NOTIFY) on the
+    /// same cluster, synchronous_commit=on. Cycle scenarios only.
+    PgQueue,
 }
+
+/// Hub processes of [`TargetName::HubPg3`].
+pub const REPLICAS: usize = 3;
 
 impl TargetName {
     /// The name on the command line and in the JSON.
@@ -80,13 +97,27 @@ impl TargetName {
             TargetName::RedisAlways => "Redis always",
             TargetName::RedisEverysec => "Redis everysec",
             TargetName::Nats => "NATS",
+            TargetName::HubPg => "hub PG",
+            TargetName::HubPg3 => "hub PG ×3",
+            TargetName::PgQueue => "PG queue",
         }
     }
 
     fn speaks_hub_v1(self) -> bool {
         matches!(
             self,
-            TargetName::HubFull | TargetName::HubNormal | TargetName::Floor
+            TargetName::HubFull
+                | TargetName::HubNormal
+                | TargetName::Floor
+                | TargetName::HubPg
+                | TargetName::HubPg3
+        )
+    }
+
+    fn on_postgres(self) -> bool {
+        matches!(
+            self,
+            TargetName::HubPg | TargetName::HubPg3 | TargetName::PgQueue
         )
     }
 }
@@ -115,6 +146,20 @@ pub struct RunArgs {
     /// Its process id, for its CPU time.
     #[arg(long)]
     pub nats_pid: Option<u32>,
+    /// A running PostgreSQL cluster, as a superuser's URL (the PostgreSQL
+    /// targets need it; each run makes a database of its own there).
+    #[arg(long, value_name = "URL")]
+    pub postgres: Option<String>,
+    /// Its postmaster's process id, for the CPU time of the whole cluster.
+    #[arg(long)]
+    pub postgres_pid: Option<u32>,
+    /// Connections the PostgreSQL queue's producer inserts on (at most the
+    /// window): a connection runs one INSERT at a time.
+    #[arg(long, default_value_t = 64)]
+    pub pg_producers: usize,
+    /// How the PostgreSQL queue's workers wait for jobs.
+    #[arg(long, value_enum, default_value_t = Listen::Shared)]
+    pub pg_listen: Listen,
     /// Spokes of `cycle`.
     #[arg(long, default_value_t = 100)]
     pub cycle_spokes: usize,
@@ -203,6 +248,14 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<bool> {
         .unwrap_or(0);
     crate::proc::check_open_files(most as u64 + 256)?;
     let argv: Vec<String> = std::env::args().collect();
+    let mut postgres = None;
+    if let Some(cluster) = cluster(&args)
+        && args.targets.iter().any(|t| t.on_postgres())
+    {
+        let settings = cluster.describe().await?;
+        eprintln!("PostgreSQL: {settings}");
+        postgres = Some(settings);
+    }
     let mut records = Vec::new();
     for &scenario in &args.scenarios {
         for &target in &args.targets {
@@ -232,7 +285,7 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<bool> {
     }
     println!("{}", report::table(&records));
     if let Some(path) = &args.out {
-        let json = serde_json::to_string_pretty(&report::json(&records, &argv))?;
+        let json = serde_json::to_string_pretty(&report::json(&records, &argv, postgres))?;
         std::fs::write(path, json + "\n").with_context(|| format!("writing {}", path.display()))?;
         eprintln!("raw results: {}", path.display());
     }
@@ -248,8 +301,18 @@ pub async fn run(mut args: RunArgs) -> anyhow::Result<bool> {
 fn applies(scenario: Scenario, target: TargetName) -> bool {
     match scenario {
         Scenario::Cycle | Scenario::CycleLarge | Scenario::Light => true,
-        Scenario::Idle | Scenario::Fleet | Scenario::Flood => target.speaks_hub_v1(),
+        // The PostgreSQL pair is about the durable cycle.
+        Scenario::Idle | Scenario::Fleet | Scenario::Flood => {
+            target.speaks_hub_v1() && !target.on_postgres()
+        }
     }
+}
+
+fn cluster(args: &RunArgs) -> Option<Cluster> {
+    args.postgres.clone().map(|url| Cluster {
+        url,
+        pid: args.postgres_pid,
+    })
 }
 
 fn missing(args: &RunArgs, target: TargetName) -> Option<&'static str> {
@@ -261,6 +324,10 @@ fn missing(args: &RunArgs, target: TargetName) -> Option<&'static str> {
             Some("no --redis")
         }
         TargetName::Nats if args.nats.is_none() => Some("no --nats"),
+        TargetName::HubPg | TargetName::HubPg3 if args.hub_bin.is_none() => Some("no --hub-bin"),
+        TargetName::HubPg | TargetName::HubPg3 | TargetName::PgQueue if args.postgres.is_none() => {
+            Some("no --postgres")
+        }
         _ => None,
     }
 }
@@ -307,52 +374,28 @@ async fn run_one(
     scenario: Scenario,
     target: TargetName,
 ) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
-    let timeout = Duration::from_secs(args.timeout_secs);
-    let paths = Paths {
-        ack: args.ack_path,
-        create: args.create_path,
-    };
+    if matches!(target, TargetName::HubPg | TargetName::HubPg3) {
+        let cluster = cluster(args).context("no --postgres")?;
+        let bin = args.hub_bin.clone().context("no --hub-bin")?;
+        let database = cluster.fresh_database("hub").await?;
+        let kind = Kind::Hub {
+            bin,
+            sync: Sync::Full,
+            database_url: Some(database.url().to_owned()),
+        };
+        let result = if target == TargetName::HubPg {
+            on_server(args, scenario, target, kind, cluster.postmaster()).await
+        } else {
+            on_replicas(args, scenario, kind, cluster.postmaster()).await
+        };
+        // After the hubs are gone (dropped above).
+        let dropped = database.drop().await;
+        let result = result?;
+        dropped?;
+        return Ok(result);
+    }
     if let Some(kind) = server_kind(args, target) {
-        let (window, fleet_run) = match scenario {
-            Scenario::Idle | Scenario::Fleet => {
-                let count = if scenario == Scenario::Idle {
-                    args.idle_small
-                } else {
-                    args.idle_large
-                };
-                let run = FleetRun {
-                    count,
-                    concurrency: args.connect_concurrency,
-                    fanout: scenario == Scenario::Fleet,
-                    storm: scenario == Scenario::Fleet && target != TargetName::Floor,
-                    timeout,
-                    ack_path: args.ack_path,
-                };
-                (32, Some(run))
-            }
-            _ => (cycle_spec(args, scenario).spoke_window(), None),
-        };
-        let mut server = Server::start(kind, window).await?;
-        let result = match fleet_run {
-            Some(run) => fleet::run(&mut server, run).await,
-            None if scenario == Scenario::Flood => {
-                let run = FloodRun {
-                    loops: args.flood_loops,
-                    phase: Duration::from_secs(args.flood_secs.max(1)),
-                    interval: Duration::from_millis(25),
-                };
-                flood::run(&server, run).await
-            }
-            None => cycle::hub_v1(&server, cycle_spec(args, scenario), paths)
-                .await
-                .map(|r| r.metrics()),
-        };
-        return result.map_err(|e| {
-            let tail = server.log_tail();
-            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            e.context(format!("server log ends: {}", tail.join(" / ")))
-        });
+        return on_server(args, scenario, target, kind, None).await;
     }
     let spec = cycle_spec(args, scenario);
     let result = match target {
@@ -375,13 +418,117 @@ async fn run_one(
             };
             jetstream::cycle(peer, spec).await?
         }
+        TargetName::PgQueue => {
+            let cluster = cluster(args).context("no --postgres")?;
+            let queue = QueueSpec {
+                producers: args.pg_producers,
+                listen: args.pg_listen,
+            };
+            pg_queue::cycle(&cluster, spec, queue).await?
+        }
         _ => unreachable!("hub.v1 targets are handled above"),
     };
     Ok(result.metrics())
 }
 
+/// A scenario on a server this process starts (the hub or the floor);
+/// `database` is the postmaster of the hub's PostgreSQL, if it has one.
+async fn on_server(
+    args: &RunArgs,
+    scenario: Scenario,
+    target: TargetName,
+    kind: Kind,
+    database: Option<Pid>,
+) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let paths = Paths {
+        ack: args.ack_path,
+        create: args.create_path,
+    };
+    let (window, fleet_run) = match scenario {
+        Scenario::Idle | Scenario::Fleet => {
+            let count = if scenario == Scenario::Idle {
+                args.idle_small
+            } else {
+                args.idle_large
+            };
+            let run = FleetRun {
+                count,
+                concurrency: args.connect_concurrency,
+                fanout: scenario == Scenario::Fleet,
+                storm: scenario == Scenario::Fleet && target != TargetName::Floor,
+                timeout,
+                ack_path: args.ack_path,
+            };
+            (32, Some(run))
+        }
+        _ => (cycle_spec(args, scenario).spoke_window(), None),
+    };
+    let mut server = Server::start(kind, window).await?;
+    let result = match fleet_run {
+        Some(run) => fleet::run(&mut server, run).await,
+        None if scenario == Scenario::Flood => {
+            let run = FloodRun {
+                loops: args.flood_loops,
+                phase: Duration::from_secs(args.flood_secs.max(1)),
+                interval: Duration::from_millis(25),
+            };
+            flood::run(&server, run).await
+        }
+        None => {
+            let cpu = ServerCpu {
+                processes: vec![server.pid()],
+                database,
+            };
+            let spec = cycle_spec(args, scenario);
+            cycle::hub_v1(server.target(), cpu, spec, paths)
+                .await
+                .map(|r| r.metrics())
+        }
+    };
+    result.map_err(|e| {
+        let tail = server.log_tail();
+        let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        e.context(format!("server log ends: {}", tail.join(" / ")))
+    })
+}
+
+/// A cycle scenario on [`REPLICAS`] hub processes of `kind` (on one
+/// PostgreSQL database, whose postmaster is `database`): the first leads,
+/// spoke `i` and admin connection `i` go to replica `i mod 3`, so two
+/// thirds of the calls reach the leader through a standby.
+async fn on_replicas(
+    args: &RunArgs,
+    scenario: Scenario,
+    kind: Kind,
+    database: Option<Pid>,
+) -> anyhow::Result<std::collections::BTreeMap<String, f64>> {
+    let spec = cycle_spec(args, scenario);
+    let paths = Paths {
+        ack: args.ack_path,
+        create: args.create_path,
+    };
+    let replicas = Replicas::start(kind, spec.spoke_window(), REPLICAS).await?;
+    let cpu = ServerCpu {
+        processes: replicas.pids(),
+        database,
+    };
+    let result = match cycle::hub_v1(&replicas.target(), cpu, spec, paths).await {
+        Ok(r) => replicas.check_leader().await.map(|()| r.metrics()),
+        Err(e) => Err(e),
+    };
+    result.map_err(|e| e.context(format!("replica logs end: {}", replicas.log_tail())))
+}
+
 fn server_kind(args: &RunArgs, target: TargetName) -> Option<Kind> {
-    let hub = |sync| args.hub_bin.clone().map(|bin| Kind::Hub { bin, sync });
+    let hub = |sync| {
+        args.hub_bin.clone().map(|bin| Kind::Hub {
+            bin,
+            sync,
+            database_url: None,
+        })
+    };
     match target {
         TargetName::HubFull => hub(Sync::Full),
         TargetName::HubNormal => hub(Sync::Normal),

@@ -15,7 +15,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, Value, cmd};
 use tokio::task::JoinSet;
 
-use crate::cycle::{self, CycleResult, CycleSpec, Item, Producer, Tracker};
+use crate::cycle::{self, CycleResult, CycleSpec, Item, Producer, ServerCpu, Tracker};
 use crate::proc::Pid;
 
 /// Entries one XREADGROUP may return.
@@ -104,7 +104,7 @@ pub async fn cycle(peer: RedisPeer, fsync: Fsync, spec: CycleSpec) -> anyhow::Re
         });
     }
     let producer = Arc::new(RedisProducer { conn: admin, keys });
-    let pid = peer.pid.map(|p| Pid(Some(p)));
+    let pid = ServerCpu::process(peer.pid.map(|p| Pid(Some(p))));
     let result = cycle::drive(producer, tracker, spec.spokes, pid, spec.timeout).await;
     consumers.abort_all();
     result

@@ -1,6 +1,8 @@
 //! The results: every figure of every (scenario, target) run as JSON for a
 //! later comparison, and one markdown table with the hub against the floor
-//! and against the peer of each durability class.
+//! and against the peer of each durability class (on PostgreSQL: the hub,
+//! alone and as three replicas, against a plain job queue on the same
+//! cluster).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -8,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
-use crate::plan::{Scenario, TargetName};
+use crate::plan::{REPLICAS, Scenario, TargetName};
 
 /// The figures of one scenario on one target.
 #[derive(Debug, Clone)]
@@ -53,6 +55,7 @@ fn rows(scenario: Scenario) -> Vec<Row> {
         row("p50_ms", "p50 ms"),
         row("p99_ms", "p99 ms"),
         row("server_cpu_us", "server CPU µs/directive"),
+        row("database_cpu_us", "of which PostgreSQL CPU µs/directive"),
         row("loadgen_cpu_us", "load-gen CPU µs/directive"),
     ];
     match scenario {
@@ -102,15 +105,18 @@ fn rows(scenario: Scenario) -> Vec<Row> {
 }
 
 /// Column order, then the ratios: (label, numerator, denominator).
-const COLUMNS: [TargetName; 6] = [
+const COLUMNS: [TargetName; 9] = [
     TargetName::HubFull,
     TargetName::HubNormal,
     TargetName::Floor,
     TargetName::RedisAlways,
     TargetName::RedisEverysec,
     TargetName::Nats,
+    TargetName::HubPg,
+    TargetName::HubPg3,
+    TargetName::PgQueue,
 ];
-const RATIOS: [(&str, TargetName, TargetName); 5] = [
+const RATIOS: [(&str, TargetName, TargetName); 8] = [
     ("full ÷ floor", TargetName::HubFull, TargetName::Floor),
     ("normal ÷ floor", TargetName::HubNormal, TargetName::Floor),
     (
@@ -124,15 +130,29 @@ const RATIOS: [(&str, TargetName, TargetName); 5] = [
         TargetName::RedisEverysec,
     ),
     ("normal ÷ NATS", TargetName::HubNormal, TargetName::Nats),
+    ("hub PG ÷ PG queue", TargetName::HubPg, TargetName::PgQueue),
+    (
+        "hub PG ×3 ÷ PG queue",
+        TargetName::HubPg3,
+        TargetName::PgQueue,
+    ),
+    ("hub PG ×3 ÷ hub PG", TargetName::HubPg3, TargetName::HubPg),
 ];
 
-/// The markdown table of `records` (in the order their scenarios ran).
+/// The markdown table of `records` (in the order their scenarios ran):
+/// a column per target that ran, and the ratios whose two targets ran.
 pub fn table(records: &[Record]) -> String {
     let mut out = String::new();
+    let ran = |t: TargetName| records.iter().any(|r| r.target == t);
+    let columns: Vec<TargetName> = COLUMNS.into_iter().filter(|&t| ran(t)).collect();
+    let ratios: Vec<(&str, TargetName, TargetName)> = RATIOS
+        .into_iter()
+        .filter(|&(_, a, b)| ran(a) && ran(b))
+        .collect();
     let header: Vec<&str> = ["scenario", "figure"]
         .into_iter()
-        .chain(COLUMNS.iter().map(|t| t.label()))
-        .chain(RATIOS.iter().map(|r| r.0))
+        .chain(columns.iter().map(|t| t.label()))
+        .chain(ratios.iter().map(|r| r.0))
         .collect();
     let _ = writeln!(out, "| {} |", header.join(" | "));
     let _ = writeln!(out, "|{}", "---|".repeat(header.len()));
@@ -155,7 +175,7 @@ pub fn table(records: &[Record]) -> String {
                     .copied()
             };
             let mut cells = vec![label.to_owned(), row.label.to_owned()];
-            for t in COLUMNS {
+            for &t in &columns {
                 cells.push(match find(scenario, t) {
                     None => String::new(),
                     Some(r) if r.error.is_some() && !r.metrics.contains_key(row.metric) => {
@@ -164,7 +184,7 @@ pub fn table(records: &[Record]) -> String {
                     Some(_) => value(t).map(number).unwrap_or_default(),
                 });
             }
-            for (_, a, b) in RATIOS {
+            for &(_, a, b) in &ratios {
                 cells.push(match (row.ratio, value(a), value(b)) {
                     (true, Some(a), Some(b)) if b > 0.0 => format!("{}×", ratio(a / b)),
                     _ => String::new(),
@@ -172,6 +192,19 @@ pub fn table(records: &[Record]) -> String {
             }
             let _ = writeln!(out, "| {} |", cells.join(" | "));
         }
+    }
+    if ran(TargetName::HubPg3) {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get().to_string())
+            .unwrap_or_else(|_| "?".into());
+        let _ = writeln!(
+            out,
+            "\nhub PG ×3: {REPLICAS} hub processes on one database, one leading; spokes \
+             and creates go round robin over the three, so two thirds reach the \
+             leader through a standby. This machine has {cores} cores: the {REPLICAS} \
+             hubs share them with PostgreSQL and the load generator, so the column \
+             shows what forwarding costs, not what scaling out gains."
+        );
     }
     let errors: Vec<&Record> = records.iter().filter(|r| r.error.is_some()).collect();
     if !errors.is_empty() {
@@ -231,8 +264,9 @@ fn ratio(v: f64) -> String {
     }
 }
 
-/// The raw results, for a later session to compare.
-pub fn json(records: &[Record], args: &[String]) -> serde_json::Value {
+/// The raw results, for a later session to compare; `postgres` is the
+/// cluster's version and durability settings, if the PostgreSQL targets ran.
+pub fn json(records: &[Record], args: &[String], postgres: Option<String>) -> serde_json::Value {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -248,6 +282,7 @@ pub fn json(records: &[Record], args: &[String]) -> serde_json::Value {
         "generated_at_unix": now,
         "machine": machine,
         "args": args,
+        "postgres": postgres,
         "records": records.iter().map(|r| json!({
             "scenario": r.scenario.name(),
             "label": r.label,
