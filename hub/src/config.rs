@@ -155,6 +155,39 @@ pub struct ServeArgs {
     /// On PostgreSQL: the gRPC URL the other replicas forward calls to while this hub leads (e.g. http://10.0.0.5:50051) [default: http(s)://<--listen address>, with 127.0.0.1 for 0.0.0.0 and ::1 for ::].
     #[arg(long, env = "HUB_ADVERTISE_URL", value_name = "URL")]
     pub advertise_url: Option<String>,
+    /// This hub's name: the CloudEvents `source` of the events it publishes to NATS.
+    #[arg(long, env = "HUB_NAME", default_value = "hub")]
+    pub name: String,
+    /// Publish every event to NATS JetStream at this server (nats://host:4222, tls://host:4222; several comma-separated) [default: off].
+    #[arg(long, env = "HUB_EVENTS_NATS_URL", value_name = "URL")]
+    pub events_nats_url: Option<String>,
+    /// Events are published on <prefix>.<kind>, e.g. hub.events.directive.completed.
+    #[arg(
+        long,
+        env = "HUB_EVENTS_NATS_SUBJECT_PREFIX",
+        default_value = "hub.events"
+    )]
+    pub events_nats_subject_prefix: String,
+    /// The JetStream stream that takes <prefix>.>.
+    #[arg(long, env = "HUB_EVENTS_NATS_STREAM", default_value = "HUB_EVENTS")]
+    pub events_nats_stream: String,
+    /// Create the stream (file storage, subjects <prefix>.>) when it does not exist.
+    #[arg(
+        long,
+        env = "HUB_EVENTS_NATS_CREATE_STREAM",
+        value_enum,
+        default_value = "on"
+    )]
+    pub events_nats_create_stream: Switch,
+    /// A NATS credentials file (user JWT and NKey seed).
+    #[arg(long, env = "HUB_EVENTS_NATS_CREDS", value_name = "FILE")]
+    pub events_nats_creds: Option<PathBuf>,
+    /// A NATS token.
+    #[arg(long, env = "HUB_EVENTS_NATS_TOKEN", hide_env_values = true)]
+    pub events_nats_token: Option<String>,
+    /// CA certificates (PEM) to trust for TLS to NATS, beside the system's; makes TLS required.
+    #[arg(long, env = "HUB_EVENTS_NATS_TLS_CA", value_name = "FILE")]
+    pub events_nats_tls_ca: Option<PathBuf>,
     /// Connection caps, idle timeout and rate limits.
     #[command(flatten)]
     pub guard: GuardArgs,
@@ -330,6 +363,7 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        let nats = nats_settings(&args)?;
         let guard = args.guard.into_settings()?;
         if args.listen == args.http_listen && args.listen.port() != 0 {
             return Err(invalid(
@@ -426,6 +460,7 @@ impl Config {
             http_tls,
             guard,
             spoke_endpoints,
+            nats,
             ..Settings::default()
         };
         Ok(Self {
@@ -538,6 +573,80 @@ fn check_durations(args: &ServeArgs) -> Result<(), ConfigError> {
 }
 
 const SPOKE_ENDPOINTS: &str = "--spoke-endpoints (HUB_SPOKE_ENDPOINTS)";
+const NAME: &str = "--name (HUB_NAME)";
+const NATS_URL: &str = "--events-nats-url (HUB_EVENTS_NATS_URL)";
+const NATS_PREFIX: &str = "--events-nats-subject-prefix (HUB_EVENTS_NATS_SUBJECT_PREFIX)";
+const NATS_STREAM: &str = "--events-nats-stream (HUB_EVENTS_NATS_STREAM)";
+const NATS_CREDS: &str = "--events-nats-creds (HUB_EVENTS_NATS_CREDS)";
+const NATS_TLS_CA: &str = "--events-nats-tls-ca (HUB_EVENTS_NATS_TLS_CA)";
+
+/// The NATS publisher's settings, checked; `None` without a URL. The
+/// hub's name is checked either way.
+fn nats_settings(args: &ServeArgs) -> Result<Option<crate::nats::NatsSettings>, ConfigError> {
+    let name = args.name.trim();
+    if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+        return Err(invalid(NAME, "1 to 255 characters, no control characters"));
+    }
+    let Some(url) = args.events_nats_url.as_deref().map(str::trim) else {
+        return Ok(None);
+    };
+    if url.is_empty() {
+        return Ok(None);
+    }
+    for server in url.split(',') {
+        let server = server.trim();
+        let scheme_ok = ["nats://", "tls://", "ws://", "wss://"]
+            .iter()
+            .any(|s| server.starts_with(s));
+        if !scheme_ok || server.parse::<http::Uri>().is_err() {
+            return Err(invalid(
+                NATS_URL,
+                format!("{server:?}: not a nats://host:port or tls://host:port URL"),
+            ));
+        }
+    }
+    let token_ok = |t: &str| {
+        !t.is_empty()
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    };
+    let prefix = args.events_nats_subject_prefix.trim();
+    if !prefix.split('.').all(token_ok) {
+        return Err(invalid(
+            NATS_PREFIX,
+            "dot-separated tokens of letters, digits, '_' and '-' (no wildcards or spaces)",
+        ));
+    }
+    let stream = args.events_nats_stream.trim();
+    if !token_ok(stream) {
+        return Err(invalid(
+            NATS_STREAM,
+            "letters, digits, '_' and '-' (JetStream stream names take no '.', spaces or wildcards)",
+        ));
+    }
+    for (option, path) in [
+        (NATS_CREDS, &args.events_nats_creds),
+        (NATS_TLS_CA, &args.events_nats_tls_ca),
+    ] {
+        if let Some(path) = path {
+            std::fs::metadata(path).map_err(|source| ConfigError::Io {
+                option,
+                path: path.clone(),
+                source,
+            })?;
+        }
+    }
+    Ok(Some(crate::nats::NatsSettings {
+        url: url.to_owned(),
+        subject_prefix: prefix.to_owned(),
+        stream: stream.to_owned(),
+        create_stream: matches!(args.events_nats_create_stream, Switch::On),
+        source: name.to_owned(),
+        creds_file: args.events_nats_creds.clone(),
+        token: args.events_nats_token.clone(),
+        tls_ca: args.events_nats_tls_ca.clone(),
+    }))
+}
 const ADVERTISE_URL: &str = "--advertise-url (HUB_ADVERTISE_URL)";
 /// Most endpoints in the hint, and longest URL: the contract's bounds
 /// (`HubHints.endpoints`), since the hint goes out in every Register reply.
@@ -931,6 +1040,79 @@ mod tests {
         );
         let parse = Cli::try_parse_from(["hub", "serve", "--listen", "nowhere"]).unwrap_err();
         assert!(parse.to_string().contains("--listen"), "{parse}");
+    }
+
+    #[test]
+    fn nats_publishing_is_off_without_a_url_and_its_options_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load(dir.path(), &[]).unwrap().settings.nats.is_none());
+        let on = load(
+            dir.path(),
+            &[
+                "--events-nats-url",
+                "nats://127.0.0.1:4222,nats://127.0.0.1:4223",
+                "--name",
+                "eu-west",
+                "--events-nats-subject-prefix",
+                "fleet.events",
+                "--events-nats-create-stream",
+                "off",
+            ],
+        )
+        .unwrap()
+        .settings
+        .nats
+        .unwrap();
+        assert_eq!(on.url, "nats://127.0.0.1:4222,nats://127.0.0.1:4223");
+        assert_eq!(on.source, "eu-west");
+        assert_eq!(on.subject_prefix, "fleet.events");
+        assert_eq!(on.stream, "HUB_EVENTS");
+        assert!(!on.create_stream);
+        let missing = dir.path().join("missing.creds");
+        let missing = missing.to_str().unwrap();
+        for (args, flag) in [
+            (vec!["--events-nats-url", "http://x:1"], "--events-nats-url"),
+            (
+                vec![
+                    "--events-nats-url",
+                    "nats://x:1",
+                    "--events-nats-subject-prefix",
+                    "a.*",
+                ],
+                "--events-nats-subject-prefix",
+            ),
+            (
+                vec![
+                    "--events-nats-url",
+                    "nats://x:1",
+                    "--events-nats-subject-prefix",
+                    "a..b",
+                ],
+                "--events-nats-subject-prefix",
+            ),
+            (
+                vec![
+                    "--events-nats-url",
+                    "nats://x:1",
+                    "--events-nats-stream",
+                    "a.b",
+                ],
+                "--events-nats-stream",
+            ),
+            (
+                vec![
+                    "--events-nats-url",
+                    "nats://x:1",
+                    "--events-nats-creds",
+                    missing,
+                ],
+                "--events-nats-creds",
+            ),
+            (vec!["--name", " "], "--name"),
+        ] {
+            let err = load(dir.path(), &args).unwrap_err();
+            assert!(err.to_string().starts_with(flag), "{args:?}: {err}");
+        }
     }
 
     #[test]

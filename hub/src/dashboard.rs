@@ -389,8 +389,43 @@ async fn render(hub: &Hub) -> crate::Result<String> {
             escape(&truncate(&e.details, 200))
         );
     }
-    html.push_str("</tbody></table></main></body></html>");
+    html.push_str("</tbody></table>");
+    if let Some(nats) = &hub.settings().nats {
+        publisher_section(&mut html, nats, &hub.publisher().get(), store.last_event());
+    }
+    html.push_str("</main></body></html>");
     Ok(html)
+}
+
+/// The NATS events publisher's state (with `--events-nats-url`).
+fn publisher_section(
+    html: &mut String,
+    nats: &crate::nats::NatsSettings,
+    state: &crate::nats::PublisherState,
+    committed: i64,
+) {
+    let status = match (&state.last_error, state.connected) {
+        (_, true) => "publishing".to_owned(),
+        (Some(e), false) => format!("not publishing: {e}"),
+        (None, false) => "connecting".to_owned(),
+    };
+    let _ = write!(
+        html,
+        "<h2 id=\"nats\">Events to NATS JetStream</h2><table id=\"nats-table\"><tbody>\
+         <tr><th>Stream</th><td class=\"mono\">{}</td></tr>\
+         <tr><th>Subjects</th><td class=\"mono\">{}.&gt;</td></tr>\
+         <tr><th>Status</th><td>{}</td></tr>\
+         <tr><th>Last published</th><td>{}</td></tr>\
+         <tr><th>Behind the log</th><td>{}</td></tr>\
+         <tr><th>Removed by retention before publishing</th><td>{}</td></tr>\
+         </tbody></table>",
+        escape(&nats.stream),
+        escape(&nats.subject_prefix),
+        escape(&status),
+        state.published,
+        committed.saturating_sub(state.published),
+        state.skipped,
+    );
 }
 
 /// Escapes text for HTML element content and quoted attribute values.

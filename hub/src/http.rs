@@ -54,6 +54,15 @@ const READY_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn metrics(State(hub): State<Hub>) -> axum::response::Response {
     let ledger = hub.ledger();
+    if hub.settings().nats.is_some() {
+        // Behind the log as it is now, whether or not NATS answers.
+        let published = hub.publisher().get().published;
+        let telemetry = hub.telemetry();
+        telemetry.events_nats_published.set(published);
+        telemetry
+            .events_nats_lag
+            .set(hub.store().last_event().saturating_sub(published));
+    }
     let body = hub.telemetry().render(
         ledger.connected(),
         &ledger.spokes_by_health(),

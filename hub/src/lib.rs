@@ -45,6 +45,7 @@ pub mod http;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;
+pub mod nats;
 #[cfg(test)]
 mod proptests;
 pub mod replica;

@@ -103,6 +103,7 @@ pub async fn run(
         tokio::spawn(timers::run_health_sweeper(hub.clone())),
         tokio::spawn(timers::run_retention(hub.clone())),
         tokio::spawn(timers::run_checkpointer(hub.clone())),
+        tokio::spawn(crate::nats::run_publisher(hub.clone())),
         tokio::spawn(hub.guard().clone().run_maintenance(shutdown.clone())),
     ];
 

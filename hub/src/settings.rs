@@ -60,6 +60,8 @@ pub struct Settings {
     /// in every hint the hub sends); empty: no hint. `config` checks them;
     /// tests set them directly.
     pub spoke_endpoints: Vec<String>,
+    /// Where events are published (`--events-nats-url`); `None`: nowhere.
+    pub nats: Option<crate::nats::NatsSettings>,
 }
 
 impl Default for Settings {
@@ -89,6 +91,7 @@ impl Default for Settings {
             tls_client_auth: None,
             http_tls: false,
             spoke_endpoints: Vec::new(),
+            nats: None,
         }
     }
 }

@@ -68,6 +68,14 @@ pub struct Telemetry {
     pub commit_changes: Histogram,
     /// How long each commit took (statements, sync).
     pub commit_seconds: Histogram,
+    /// Connected to NATS JetStream with the events stream found (0 or 1).
+    pub events_nats_connected: Gauge,
+    /// The highest event sequence JetStream acknowledged.
+    pub events_nats_published: Gauge,
+    /// Committed events not yet acknowledged by JetStream.
+    pub events_nats_lag: Gauge,
+    /// Events retention removed before they were published.
+    pub events_nats_skipped: Counter,
     rpc: Family<RpcLabels, Histogram>,
     connected_streams: Gauge,
     spokes: Family<HealthLabels, Gauge>,
@@ -142,6 +150,10 @@ impl Default for Telemetry {
                 Histogram::new(exponential_buckets(0.0005, 2.0, 16))
             }),
             connected_streams: Gauge::default(),
+            events_nats_connected: Gauge::default(),
+            events_nats_published: Gauge::default(),
+            events_nats_lag: Gauge::default(),
+            events_nats_skipped: Counter::default(),
             spokes: Family::default(),
             directives: Family::default(),
         };
@@ -190,6 +202,26 @@ impl Default for Telemetry {
             "connected_streams",
             "Open WatchDirectives streams on this hub",
             t.connected_streams.clone(),
+        );
+        registry.register(
+            "events_nats_connected",
+            "1 while the hub is connected to NATS JetStream with its events stream (--events-nats-url)",
+            t.events_nats_connected.clone(),
+        );
+        registry.register(
+            "events_nats_published_sequence",
+            "The highest event sequence NATS JetStream acknowledged",
+            t.events_nats_published.clone(),
+        );
+        registry.register(
+            "events_nats_lag",
+            "Committed events NATS JetStream has not acknowledged yet",
+            t.events_nats_lag.clone(),
+        );
+        registry.register(
+            "events_nats_skipped",
+            "Events retention removed before they were published to NATS",
+            t.events_nats_skipped.clone(),
         );
         registry.register("spokes", "Registered spokes by health", t.spokes.clone());
         registry.register("directives", "Directives by state", t.directives.clone());

@@ -40,6 +40,7 @@ struct Inner {
     enrollment_token: TokenHash,
     shutdown: Shutdown,
     guard: Arc<Guard>,
+    publisher: crate::nats::PublisherStatus,
 }
 
 /// Who is calling: the peer's address (for the failed-authentication
@@ -81,8 +82,14 @@ impl Hub {
                 enrollment_token,
                 shutdown,
                 guard,
+                publisher: Default::default(),
             }),
         }
+    }
+
+    /// What the NATS events publisher is doing.
+    pub fn publisher(&self) -> &crate::nats::PublisherStatus {
+        &self.inner.publisher
     }
 
     /// The store (for queries; writes go through the ledger).

@@ -244,6 +244,23 @@ impl Ledger {
         rx.await.unwrap_or(Err(Error::ShuttingDown))
     }
 
+    /// Notes that the NATS JetStream stream `stream` acknowledged every
+    /// event up to `through`; written with the next commit, waited for by
+    /// nobody (a mark lost with a killed hub only means events published
+    /// again, which the stream's duplicate window drops).
+    pub fn events_published(&self, stream: Arc<str>, through: i64) {
+        let mut state = self.lock();
+        if state.writable().is_err() {
+            return;
+        }
+        state
+            .log
+            .changes
+            .push(Change::EventsPublished { stream, through });
+        drop(state);
+        self.shared.kick.notify_one();
+    }
+
     /// Deletes what is older than the cutoffs, in bounded steps between
     /// commits (so a large purge never holds up a commit); answers what it
     /// deleted. Idempotency keys older than their cutoff are forgotten at

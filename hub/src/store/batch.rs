@@ -119,6 +119,8 @@ pub(super) struct Rows<'a> {
     pub deleted: Vec<(Uuid, i64)>,
     pub metrics: Vec<MetricsRow<'a>>,
     pub events: Vec<EventRow>,
+    /// Publishers' marks: stream, highest sequence acknowledged.
+    pub published: Vec<(&'a str, i64)>,
 }
 
 #[derive(Clone, Copy)]
@@ -163,6 +165,12 @@ impl<'a> Rows<'a> {
                     created_at: *at,
                 }),
                 Change::Event { event, at } => rows.events.push(EventRow::new(event, *at)),
+                Change::EventsPublished { stream, through } => {
+                    match rows.published.iter_mut().find(|(s, _)| *s == &**stream) {
+                        Some((_, mark)) => *mark = (*mark).max(*through),
+                        None => rows.published.push((stream, *through)),
+                    }
+                }
                 Change::Metrics {
                     spoke_id,
                     batch,

@@ -65,6 +65,14 @@ pub enum Change {
         /// When, Unix ms.
         at: i64,
     },
+    /// A NATS JetStream stream acknowledged every event up to `through`
+    /// (see `crate::nats`); the stored mark only moves forward.
+    EventsPublished {
+        /// The stream's name.
+        stream: Arc<str>,
+        /// The highest sequence it acknowledged, with all before it.
+        through: i64,
+    },
     /// A metric batch: stored unless the spoke stored one with its id
     /// before (decided here, in commit order); stored ones get an event.
     Metrics {

@@ -89,6 +89,12 @@ impl Store {
         on_backend!(self, db => db.oldest_event().await)
     }
 
+    /// The highest event sequence the NATS JetStream stream `stream` has
+    /// acknowledged, with every one before it (0: none yet).
+    pub async fn published_events(&self, stream: &str) -> Result<i64> {
+        on_backend!(self, db => db.published_events(stream).await)
+    }
+
     /// Points matching `filter`, oldest first (by arrival), with their row
     /// ids for paging.
     pub async fn query_points(

@@ -193,6 +193,17 @@ async fn write_rows(conn: &mut PgConnection, rows: &Rows<'_>) -> Result<()> {
     }
     insert_directives(conn, rows).await?;
     update_directives(conn, rows).await?;
+    for (stream, through) in &rows.published {
+        sqlx::query(
+            "INSERT INTO event_publisher (stream, published) VALUES ($1, $2) \
+             ON CONFLICT (stream) DO UPDATE \
+             SET published = GREATEST(event_publisher.published, EXCLUDED.published)",
+        )
+        .bind(*stream)
+        .bind(*through)
+        .execute(&mut *conn)
+        .await?;
+    }
     if !rows.keys.is_empty() {
         sqlx::query(
             "INSERT INTO idempotency_keys (key, group_id, fingerprint, created_at) \

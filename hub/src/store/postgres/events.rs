@@ -54,4 +54,13 @@ impl Db {
             .await?;
         Ok(oldest)
     }
+
+    pub(in crate::store) async fn published_events(&self, stream: &str) -> Result<i64> {
+        let published: Option<i64> =
+            sqlx::query_scalar("SELECT published FROM event_publisher WHERE stream = $1")
+                .bind(stream)
+                .fetch_optional(&mut *self.reader().await?)
+                .await?;
+        Ok(published.unwrap_or(0))
+    }
 }

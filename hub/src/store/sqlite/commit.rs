@@ -229,6 +229,13 @@ fn commit(conn: &mut Connection, changes: &[Change], first_seq: i64) -> Result<(
             ])?;
         }
     }
+    for (stream, through) in &rows.published {
+        tx.prepare_cached(
+            "INSERT INTO event_publisher (stream, published) VALUES (?1, ?2) \
+             ON CONFLICT (stream) DO UPDATE SET published = MAX(published, excluded.published)",
+        )?
+        .execute(params![stream, through])?;
+    }
     tx.commit()?;
     Ok((committed, next))
 }

@@ -1,6 +1,7 @@
 //! The group commit on both backends: every kind of change lands and reads
 //! back the same, metric batches are decided once in commit order, and an
-//! event sequence is never given twice.
+//! event sequence is never given twice; a publisher's mark only moves
+//! forward.
 
 use uuid::Uuid;
 
@@ -341,3 +342,31 @@ async fn an_event_sequence_is_never_given_twice_even_after_a_purge(url: String) 
     store.close().await;
 }
 on_both_backends!(an_event_sequence_is_never_given_twice_even_after_a_purge);
+
+async fn a_publisher_mark_only_moves_forward(url: String) {
+    let store = open(&url).await;
+    assert_eq!(store.published_events("HUB_EVENTS").await.unwrap(), 0);
+    let mark = |stream: &str, through: i64| Change::EventsPublished {
+        stream: stream.into(),
+        through,
+    };
+    // Several marks in one commit: the highest stays.
+    commit(
+        &store,
+        &[
+            mark("HUB_EVENTS", 5),
+            mark("HUB_EVENTS", 9),
+            mark("OTHER", 2),
+        ],
+    )
+    .await;
+    assert_eq!(store.published_events("HUB_EVENTS").await.unwrap(), 9);
+    assert_eq!(store.published_events("OTHER").await.unwrap(), 2);
+    // A lower mark later (a late acknowledgement) changes nothing.
+    commit(&store, &[mark("HUB_EVENTS", 7)]).await;
+    assert_eq!(store.published_events("HUB_EVENTS").await.unwrap(), 9);
+    commit(&store, &[mark("HUB_EVENTS", 12)]).await;
+    assert_eq!(store.published_events("HUB_EVENTS").await.unwrap(), 12);
+    store.close().await;
+}
+on_both_backends!(a_publisher_mark_only_moves_forward);
