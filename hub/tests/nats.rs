@@ -1003,3 +1003,63 @@ async fn nats_restarted_after_the_duplicate_window_passed_is_published_to_again(
     let events = stream_holds_exactly(&js, &hub).await;
     check_stream(&js, &events).await;
 }
+
+/// Events retention removed while NATS was away are never published, and
+/// the hub says so: the skipped counter counts them, and publishing goes
+/// on with the events after them.
+#[tokio::test]
+async fn events_removed_by_retention_before_publishing_are_counted_not_hidden() {
+    let bin = nats_server_or_skip!();
+    let root = tempfile::tempdir().unwrap();
+    // Its port is known, and nothing answers there yet.
+    let mut nats = Nats::start(bin, root.path()).await;
+    nats.kill();
+    let data = root.path().join("hub");
+    let retention = ["--event-retention", "1s"];
+    let hub = Hub::start(&data, root.path().join("hub.log"), &nats, &retention).await;
+    register(&mut hub.spokes().await, "worker").await;
+    let mut admin = hub.admin().await;
+    for n in 0..3 {
+        create(&mut admin, "worker", n).await;
+    }
+    let made = replay(&hub).await.len();
+    assert!(made >= 4, "{made} events");
+    // Older than the retention by the next start, whose first purge
+    // removes them before NATS is back.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    hub.kill();
+    let hub = Hub::start(&data, root.path().join("hub.log"), &nats, &retention).await;
+    eventually("retention removed the unpublished events", || async {
+        let left = replay(&hub).await.len();
+        if left == 0 {
+            Ok(())
+        } else {
+            Err(format!("{left} events left"))
+        }
+    })
+    .await;
+    nats.restart().await;
+    eventually("the skipped events are counted", || async {
+        let skipped = hub.metric("hub_events_nats_skipped_total").await;
+        let connected = hub.metric("hub_events_nats_connected").await;
+        if skipped == made as f64 && connected == 1.0 {
+            Ok(())
+        } else {
+            Err(format!("skipped {skipped}, connected {connected}"))
+        }
+    })
+    .await;
+    assert!(
+        hub.logged()
+            .contains("removed by retention before they were published")
+    );
+    // What comes after them is published, numbered on from them.
+    create(&mut hub.admin().await, "worker", 9).await;
+    let js = nats.jetstream().await;
+    let first = consume(&js, 1).await.remove(0);
+    assert_eq!(
+        first.msg_id.as_deref(),
+        Some((made as u64 + 1).to_string().as_str())
+    );
+    assert_eq!(first.envelope["type"], "hub.v1.directive.created");
+}
