@@ -417,3 +417,60 @@ async fn the_http_port_serves_tls_and_the_session_cookie_is_secure() {
         .unwrap();
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
 }
+
+/// With --events-nats-url, the admin page and /metrics show the NATS
+/// publisher: here a NATS that never answers, so it is not publishing,
+/// says why, and is behind by every event the log holds.
+#[tokio::test]
+async fn the_admin_page_and_metrics_show_the_nats_publisher() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let hub = TestHub::start_with(Settings {
+        nats: Some(hub::nats::NatsSettings {
+            url: format!("nats://127.0.0.1:{port}"),
+            subject_prefix: "hub.events".into(),
+            stream: "HUB_EVENTS".into(),
+            create_stream: true,
+            source: "hub".into(),
+            creds_file: None,
+            token: None,
+            tls_ca: None,
+        }),
+        ..Settings::default()
+    })
+    .await;
+    hub.register("edge", &["t"], &[]).await;
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let mut page = String::new();
+    for _ in 0..100 {
+        page = http(hub.http_addr, "GET", "/", &[("Authorization", &bearer)], "").await;
+        if page.contains("not publishing: connecting to NATS") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(page.contains("Events to NATS JetStream"), "{page}");
+    assert!(
+        page.contains("<td class=\"mono\">HUB_EVENTS</td>"),
+        "{page}"
+    );
+    assert!(
+        page.contains("not publishing: connecting to NATS"),
+        "{page}"
+    );
+    assert!(
+        page.contains("<tr><th>Behind the log</th><td>1</td></tr>"),
+        "{page}"
+    );
+    let metrics = http(hub.http_addr, "GET", "/metrics", &[], "").await;
+    assert!(metrics.contains("hub_events_nats_connected 0"), "{metrics}");
+    assert!(metrics.contains("hub_events_nats_lag 1"), "{metrics}");
+    assert!(
+        metrics.contains("hub_events_nats_published_sequence 0"),
+        "{metrics}"
+    );
+}
