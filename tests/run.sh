@@ -59,6 +59,7 @@ pg_start
 HUB_TEST_DATABASE=postgres cargo test --locked -p hub-proto --test integration
 HUB_TEST_DATABASE=postgres cargo test --locked -p hub --lib
 cargo test --locked -p hub --test replicas
+cargo test --locked -p hub --test nats replicas
 cargo test --locked -p hub --test faults replicas
 pg_stop
 

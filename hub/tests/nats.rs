@@ -31,7 +31,7 @@ use proto::watch_directives_response::Message;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
-use common::{authed, channel, free_ports, http_get, replay_events};
+use common::{authed, channel, free_ports, http_get, postgres_test_database, replay_events};
 
 const ADMIN: &str = "admin-token-for-nats-tests-0123";
 const ENROLL: &str = "enrollment-token-for-nats-tests";
@@ -1062,4 +1062,71 @@ async fn events_removed_by_retention_before_publishing_are_counted_not_hidden() 
         Some((made as u64 + 1).to_string().as_str())
     );
     assert_eq!(first.envelope["type"], "hub.v1.directive.created");
+}
+
+/// Two replicas on PostgreSQL (with `HUB_TEST_POSTGRES_URL`): only the
+/// leader publishes, and when it is killed the standby that takes over
+/// goes on from the stored mark: every event once, in order.
+#[tokio::test]
+async fn with_replicas_the_leader_publishes_and_a_new_leader_goes_on() {
+    let bin = nats_server_or_skip!();
+    let Some(database) = postgres_test_database("nats") else {
+        eprintln!("skipped: HUB_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let nats = Nats::start(bin, root.path()).await;
+    let on_db = ["--database-url", database.as_str()];
+    let a = Hub::start(
+        &root.path().join("a"),
+        root.path().join("a.log"),
+        &nats,
+        &on_db,
+    )
+    .await;
+    let b = Hub::start(
+        &root.path().join("b"),
+        root.path().join("b.log"),
+        &nats,
+        &on_db,
+    )
+    .await;
+    let readiness = |hub: &Hub| {
+        let addr = hub.http.parse().unwrap();
+        async move { http_get(addr, "/readyz").await.map(|(_, body)| body) }
+    };
+    assert_eq!(readiness(&a).await.as_deref(), Some("ready\n"));
+    // Work through the standby and the leader alike.
+    register(&mut b.spokes().await, "worker").await;
+    for n in 0..3 {
+        create(&mut b.admin().await, "worker", n).await;
+        create(&mut a.admin().await, "worker", 10 + n).await;
+    }
+    let js = nats.jetstream().await;
+    let before = stream_holds_exactly(&js, &b).await;
+    check_stream(&js, &before).await;
+    assert!(
+        !b.logged().contains("publishing events to NATS JetStream"),
+        "a standby published"
+    );
+
+    a.kill();
+    eventually("the standby leads", || async {
+        match readiness(&b).await.as_deref() {
+            Some("ready\n") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    for n in 0..3 {
+        create(&mut b.admin().await, "worker", 20 + n).await;
+    }
+    let after = stream_holds_exactly(&js, &b).await;
+    assert!(
+        after.len() >= before.len() + 3,
+        "{} then {}",
+        before.len(),
+        after.len()
+    );
+    check_stream(&js, &after).await;
 }

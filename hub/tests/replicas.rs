@@ -26,37 +26,12 @@ use proto::watch_directives_response::Message;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use common::{authed, channel, free_ports, http_get, replay_events};
+use common::{authed, channel, free_ports, http_get, postgres_test_database, replay_events};
 
 const ADMIN: &str = "admin-token-for-replica-tests-0123";
 const ENROLL: &str = "enrollment-token-for-replica-tests";
 /// A bound against a hang, not a timing requirement.
 const BOUND: Duration = Duration::from_secs(20);
-
-/// A fresh database on the server at `HUB_TEST_POSTGRES_URL`.
-fn test_database() -> Option<String> {
-    let server = std::env::var("HUB_TEST_POSTGRES_URL")
-        .ok()
-        .filter(|s| !s.trim().is_empty())?;
-    let name = format!("hub_replicas_{}", uuid::Uuid::now_v7().simple());
-    let out = Command::new("psql")
-        .arg(&server)
-        .args([
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-c",
-            &format!("CREATE DATABASE {name}"),
-        ])
-        .output()
-        .expect("run psql");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (base, _) = server.rsplit_once('/').expect("a URL naming a database");
-    Some(format!("{base}/{name}"))
-}
 
 /// A replica: the binary on its own data dir and fixed ports.
 struct Replica {
@@ -219,7 +194,7 @@ async fn directive(url: &str, id: &str) -> proto::Directive {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_replica_answers_and_a_standby_takes_over_from_a_killed_leader() {
-    let Some(database) = test_database() else {
+    let Some(database) = postgres_test_database("replicas") else {
         eprintln!("skipped: HUB_TEST_POSTGRES_URL is not set");
         return;
     };

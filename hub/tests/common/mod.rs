@@ -75,3 +75,30 @@ pub async fn replay_events(url: &str, admin_token: &str) -> Vec<hub_proto::v1::E
     }
     events
 }
+
+/// A fresh database named `hub_<what>_<id>` on the PostgreSQL server at
+/// `HUB_TEST_POSTGRES_URL` (made with `psql`), as a URL; `None` when the
+/// variable is not set.
+pub fn postgres_test_database(what: &str) -> Option<String> {
+    let server = std::env::var("HUB_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|s| !s.trim().is_empty())?;
+    let name = format!("hub_{what}_{}", uuid::Uuid::now_v7().simple());
+    let out = std::process::Command::new("psql")
+        .arg(&server)
+        .args([
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            &format!("CREATE DATABASE {name}"),
+        ])
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (base, _) = server.rsplit_once('/').expect("a URL naming a database");
+    Some(format!("{base}/{name}"))
+}
