@@ -347,15 +347,13 @@ impl Follower {
             // Health follows whether a leader serves.
             let mut upstream = upstream;
             loop {
-                let leads = upstream.borrow_and_update().is_some();
-                if leads {
-                    health
-                        .set_service_status("", tonic_health::ServingStatus::Serving)
-                        .await;
-                } else {
-                    health
-                        .set_service_status("", tonic_health::ServingStatus::NotServing)
-                        .await;
+                let status = match upstream.borrow_and_update().is_some() {
+                    true => tonic_health::ServingStatus::Serving,
+                    false => tonic_health::ServingStatus::NotServing,
+                };
+                // The whole server and each service, as a leader answers.
+                for service in ["", SPOKE_SERVICE, ADMIN_SERVICE] {
+                    health.set_service_status(service, status).await;
                 }
                 if upstream.changed().await.is_err() {
                     return;

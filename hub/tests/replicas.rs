@@ -207,6 +207,26 @@ async fn any_replica_answers_and_a_standby_takes_over_from_a_killed_leader() {
     assert_eq!(one_leader(&replicas).await, 0);
     let [a, b, c] = [0, 1, 2].map(|i| replicas[i].url());
 
+    // A standby answers health for the services as the leader does.
+    for url in [&a, &b] {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel(url).await);
+        for service in ["", "hub.v1.SpokeService", "hub.v1.AdminService"] {
+            let status = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("health of {service:?} through {url}: {e}"))
+                .into_inner()
+                .status;
+            assert_eq!(
+                status,
+                tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+                "{service:?} through {url}"
+            );
+        }
+    }
+
     // Registered through a standby.
     let registered = spoke(&b)
         .await
