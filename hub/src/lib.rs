@@ -59,6 +59,7 @@ pub mod telemetry;
 pub mod testing;
 pub mod timers;
 pub mod tls;
+pub mod webhook;
 pub mod wire;
 
 pub use clock::Clock;

@@ -66,7 +66,7 @@ pub async fn run(
     grpc: TcpListener,
     http: TcpListener,
     store: Store,
-    settings: Settings,
+    mut settings: Settings,
     secrets: Secrets,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
@@ -75,6 +75,10 @@ pub async fn run(
     let mut grpc_builder = Server::builder();
     if let Some(tls) = grpc_tls {
         grpc_builder = grpc_builder.tls_config(tls)?;
+    }
+    // Webhooks must not point back at this hub.
+    for port in [grpc.local_addr()?.port(), http.local_addr()?.port()] {
+        settings.webhook.own_ports.push(port);
     }
     let (trigger, shutdown) = shutdown::channel();
     let grace = settings.shutdown_grace;
@@ -104,6 +108,7 @@ pub async fn run(
         tokio::spawn(timers::run_retention(hub.clone())),
         tokio::spawn(timers::run_checkpointer(hub.clone())),
         tokio::spawn(crate::nats::run_publisher(hub.clone())),
+        tokio::spawn(crate::webhook::run_dispatcher(hub.clone())),
         tokio::spawn(hub.guard().clone().run_maintenance(shutdown.clone())),
     ];
 

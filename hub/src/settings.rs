@@ -62,6 +62,8 @@ pub struct Settings {
     pub spoke_endpoints: Vec<String>,
     /// Where events are published (`--events-nats-url`); `None`: nowhere.
     pub nats: Option<crate::nats::NatsSettings>,
+    /// How webhook requests are made (`--webhook-…`).
+    pub webhook: crate::webhook::WebhookSettings,
 }
 
 impl Default for Settings {
@@ -92,6 +94,7 @@ impl Default for Settings {
             http_tls: false,
             spoke_endpoints: Vec::new(),
             nats: None,
+            webhook: crate::webhook::WebhookSettings::default(),
         }
     }
 }

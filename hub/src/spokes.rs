@@ -1,6 +1,7 @@
 //! Spokes: registration input, the stored record, and derived health.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use hub_proto::rules;
 use hub_proto::v1 as proto;
@@ -22,6 +23,9 @@ pub struct Registration {
     pub version: String,
     /// The granted in-flight window.
     pub max_in_flight: u32,
+    /// Where to POST directives (checked: see `webhook::WebhookUrl`);
+    /// `None`: stream and poll delivery.
+    pub webhook_url: Option<String>,
 }
 
 impl Registration {
@@ -56,7 +60,12 @@ impl Registration {
             0 => default_window,
             n => n.min(max_window),
         };
+        let webhook_url = match req.webhook_url.as_str() {
+            "" => None,
+            url => Some(crate::webhook::WebhookUrl::parse(url)?.to_string()),
+        };
         Ok(Self {
+            webhook_url,
             name: req.name,
             labels: req.labels.into_iter().collect(),
             capabilities,
@@ -90,6 +99,43 @@ pub struct SpokeInfo {
     pub registered_at: i64,
     /// When revoked, if revoked.
     pub revoked_at: Option<i64>,
+    /// Webhook delivery, when the spoke registered a URL.
+    pub webhook: Option<Arc<Webhook>>,
+}
+
+/// A spoke's webhook: where its directives are POSTed, and the secret they
+/// are signed with (Standard Webhooks form, `whsec_…`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Webhook {
+    /// The URL, as checked at registration.
+    pub url: String,
+    /// The signing secret.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The latest webhook request to a spoke and what came of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookAttempt {
+    /// When it ended, Unix ms.
+    pub at: i64,
+    /// The directive it carried.
+    pub directive_id: Uuid,
+    /// Its attempt number.
+    pub attempt: u32,
+    /// "delivered", "http_error", "timeout", "connect_error" or "refused".
+    pub result: &'static str,
+    /// The answer's HTTP status, if one came.
+    pub http_status: Option<u16>,
+    /// What went wrong (or why an outcome in the answer was not applied).
+    pub error: String,
 }
 
 impl SpokeInfo {
@@ -117,7 +163,15 @@ impl SpokeInfo {
             max_in_flight,
             registered_at,
             revoked_at,
+            webhook: None,
         }
+    }
+
+    /// The same spoke with webhook delivery set (or not).
+    #[must_use]
+    pub fn with_webhook(mut self, webhook: Option<Arc<Webhook>>) -> Self {
+        self.webhook = webhook;
+        self
     }
 
     /// Whether the spoke declared `directive_type`.
@@ -207,6 +261,10 @@ pub struct SpokeRecord {
     pub reported_failed_pushes: u64,
     /// Directives not final yet.
     pub outstanding: u64,
+    /// The webhook URL, for a spoke with webhook delivery.
+    pub webhook_url: Option<String>,
+    /// The latest webhook request to it since the hub started.
+    pub last_webhook: Option<WebhookAttempt>,
 }
 
 impl SpokeRecord {
@@ -229,6 +287,8 @@ impl SpokeRecord {
             reported_buffered_points: live.reported_buffered_points,
             reported_failed_pushes: live.reported_failed_pushes,
             outstanding,
+            webhook_url: info.webhook.as_ref().map(|w| w.url.clone()),
+            last_webhook: None,
         }
     }
 
@@ -271,6 +331,21 @@ impl SpokeRecord {
             reported_failed_pushes: self.reported_failed_pushes,
             outstanding_directives: self.outstanding,
             max_in_flight: self.max_in_flight,
+            delivery_mode: if self.webhook_url.is_some() {
+                proto::DeliveryMode::Webhook
+            } else {
+                proto::DeliveryMode::Stream
+            }
+            .into(),
+            webhook_url: self.webhook_url.clone().unwrap_or_default(),
+            last_webhook: self.last_webhook.as_ref().map(|w| proto::WebhookAttempt {
+                at: Some(timestamp_ms(w.at)),
+                directive_id: w.directive_id.to_string(),
+                attempt: w.attempt,
+                result: w.result.to_owned(),
+                http_status: w.http_status.map_or(0, u32::from),
+                error: w.error.clone(),
+            }),
         }
     }
 }
@@ -479,6 +554,8 @@ mod tests {
             reported_buffered_points: 0,
             reported_failed_pushes: 0,
             outstanding: 0,
+            webhook_url: None,
+            last_webhook: None,
         };
         assert_eq!(
             spoke.health(100_000, 10_000, false),

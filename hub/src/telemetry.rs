@@ -30,6 +30,13 @@ pub struct PointLabels {
     pub result: &'static str,
 }
 
+/// Label set of the webhook request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    /// delivered, http_error, timeout, connect_error or refused.
+    pub result: &'static str,
+}
+
 /// Label set of the RPC latency histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabels {
@@ -76,6 +83,8 @@ pub struct Telemetry {
     pub events_nats_lag: Gauge,
     /// Events retention removed before they were published.
     pub events_nats_skipped: Counter,
+    /// Webhook requests, by result.
+    pub webhook_attempts: Family<WebhookLabels, Counter>,
     rpc: Family<RpcLabels, Histogram>,
     connected_streams: Gauge,
     spokes: Family<HealthLabels, Gauge>,
@@ -154,6 +163,7 @@ impl Default for Telemetry {
             events_nats_published: Gauge::default(),
             events_nats_lag: Gauge::default(),
             events_nats_skipped: Counter::default(),
+            webhook_attempts: Family::default(),
             spokes: Family::default(),
             directives: Family::default(),
         };
@@ -222,6 +232,12 @@ impl Default for Telemetry {
             "events_nats_skipped",
             "Events retention removed before they were published to NATS",
             t.events_nats_skipped.clone(),
+        );
+        registry.register(
+            "webhook_attempts",
+            "Webhook requests (directives POSTed to spokes), by result: delivered, http_error, \
+             timeout, connect_error, refused",
+            t.webhook_attempts.clone(),
         );
         registry.register("spokes", "Registered spokes by health", t.spokes.clone());
         registry.register("directives", "Directives by state", t.directives.clone());

@@ -191,6 +191,8 @@ async fn register(shared: Shared, channel: Channel) -> Result<(String, Option<pr
         version: config.version.clone(),
         max_in_flight: config.window(),
         proposed_key,
+        // spoke-client holds a stream: it never asks for webhook delivery.
+        webhook_url: String::new(),
     };
     let mut call = tonic::Request::new(request);
     call.set_timeout(config.call_timeout);

@@ -438,15 +438,16 @@ impl AdminService for AdminApi {
         let req = request.into_inner();
         let spoke = self.spoke_ref(&req.spoke_id, &req.spoke_name)?;
         let key = generate_secret();
-        let done = self
-            .hub
-            .ledger()
-            .rotate_key(spoke.id, hash_secret(&key), self.hub.now_ms())?;
+        let (webhook_secret, done) =
+            self.hub
+                .ledger()
+                .rotate_key(spoke.id, hash_secret(&key), self.hub.now_ms())?;
         ledger::committed(done).await?;
         tracing::info!(spoke_id = %spoke.id, spoke = %spoke.name, "spoke key rotated");
         Ok(Response::new(proto::RotateSpokeKeyResponse {
             spoke: Some(self.hub.spoke_to_proto(&spoke)),
             spoke_key: key,
+            webhook_secret: webhook_secret.unwrap_or_default(),
         }))
     }
 

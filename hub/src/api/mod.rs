@@ -6,6 +6,9 @@ pub mod acks;
 pub mod admin;
 pub mod spoke;
 
+pub(crate) use acks::apply_ack;
+pub(crate) use spoke::with_payloads;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 

@@ -70,7 +70,11 @@ impl SpokeService for SpokeApi {
         let mut request = request.into_inner();
         let proposed = std::mem::take(&mut request.proposed_key);
         let reg = Registration::parse(request, settings.default_in_flight, settings.max_in_flight)?;
-        let (spoke, spoke_key) = match existing {
+        if let Some(url) = &reg.webhook_url {
+            let url = crate::webhook::WebhookUrl::parse(url)?;
+            settings.webhook.policy().check(&url)?;
+        }
+        let (registered, spoke_key) = match existing {
             None => {
                 let proposed = ProposedKey::parse(proposed)?;
                 if let Some(p) = &proposed
@@ -93,27 +97,31 @@ impl SpokeService for SpokeApi {
                         (key, hash)
                     }
                 };
-                let (spoke, done) = hub.ledger().register(reg, key_hash, hub.now_ms())?;
+                let (registered, done) = hub.ledger().register(reg, key_hash, hub.now_ms())?;
                 ledger::committed(done).await?;
+                let spoke = &registered.record;
                 tracing::info!(spoke_id = %spoke.id, spoke = %spoke.name, "spoke registered");
-                (spoke, key)
+                (registered, key)
             }
             Some(existing) if existing.name != reg.name => {
                 return Err(Error::Unauthenticated("the key belongs to another spoke name").into());
             }
             Some(existing) => {
-                let (spoke, done) = hub.ledger().reregister(existing.id, reg, hub.now_ms())?;
+                let (registered, done) = hub.ledger().reregister(existing.id, reg, hub.now_ms())?;
                 if let Some(done) = done {
                     ledger::committed(done).await?;
+                    let spoke = &registered.record;
                     tracing::info!(spoke_id = %spoke.id, spoke = %spoke.name, "spoke re-registered");
                 }
-                (spoke, String::new())
+                (registered, String::new())
             }
         };
+        let spoke = &registered.record;
         Ok(Response::new(proto::RegisterResponse {
-            spoke: Some(hub.spoke_to_proto(&spoke)),
+            spoke: Some(hub.spoke_to_proto(spoke)),
             spoke_key,
             hints: Some(hub.hints(spoke.max_in_flight)),
+            webhook_secret: registered.webhook_secret.unwrap_or_default(),
         }))
     }
 
@@ -249,6 +257,14 @@ impl SpokeService for SpokeApi {
         request: Request<proto::PollDirectivesRequest>,
     ) -> Result<Response<proto::PollDirectivesResponse>, Status> {
         let spoke = self.spoke_call(Caller::of(&request)).await?;
+        if spoke.webhook.is_some() {
+            return Err(Error::FailedPrecondition(
+                "this spoke registered a webhook_url: its directives are POSTed there; \
+                 re-register without webhook_url to poll"
+                    .into(),
+            )
+            .into());
+        }
         let req = request.into_inner();
         let max = match req.max_directives {
             0 => 1,
@@ -343,7 +359,7 @@ impl SpokeApi {
 
 /// The directives of `delivery`, with the payloads the ledger did not
 /// hold read from the store.
-async fn with_payloads(hub: &Hub, delivery: Delivery) -> Result<Vec<DirectiveRecord>> {
+pub(crate) async fn with_payloads(hub: &Hub, delivery: Delivery) -> Result<Vec<DirectiveRecord>> {
     let Delivery {
         mut directives,
         missing_payloads,

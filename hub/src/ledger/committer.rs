@@ -176,6 +176,7 @@ async fn rebuild(ledger: &Ledger, writer: &mut Writer) {
                 }
                 state.dirty.extend(ids);
                 drop(state);
+                ledger.webhooks_may_have_changed();
                 fail(later.waiters);
                 tracing::info!("ledger rebuilt from the store");
                 return;

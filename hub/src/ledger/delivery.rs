@@ -36,6 +36,8 @@ pub(super) struct Stream {
     current: Option<(u64, Arc<Signal>)>,
     polls: Weak<Notify>,
     notices: VecDeque<(Uuid, String)>,
+    /// The webhook worker's wake-up, for a spoke with webhook delivery.
+    pub(super) hook: Option<Arc<Notify>>,
 }
 
 /// What a stream task waits on.
@@ -53,6 +55,9 @@ impl Stream {
         }
         if let Some(polls) = self.polls.upgrade() {
             polls.notify_waiters();
+        }
+        if let Some(hook) = &self.hook {
+            hook.notify_one();
         }
     }
 
@@ -181,10 +186,18 @@ impl Ledger {
         if let Some(spoke) = state.spokes.get_mut(&sub.spoke_id) {
             delivery.notices = spoke.stream.notices.drain(..).collect();
         }
-        if backlog {
+        // A spoke with a webhook gets its directives there; its stream
+        // carries notices only.
+        let webhook = state
+            .spokes
+            .get(&sub.spoke_id)
+            .is_some_and(|s| s.info.webhook.is_some());
+        if backlog && !webhook {
             state.redeliver(sub.spoke_id, now_ms, &mut delivery);
         }
-        state.take_ready(sub.spoke_id, max, now_ms, &mut delivery);
+        if !webhook {
+            state.take_ready(sub.spoke_id, max, now_ms, &mut delivery);
+        }
         drop(state);
         if backlog {
             sort_for_delivery(&mut delivery.directives);
@@ -212,7 +225,15 @@ impl Ledger {
     /// has no stream to carry them).
     pub fn poll(&self, spoke_id: Uuid, max: u32, now_ms: i64) -> Delivery {
         let mut delivery = Delivery::default();
-        self.lock().take_ready(spoke_id, max, now_ms, &mut delivery);
+        let mut state = self.lock();
+        if state
+            .spokes
+            .get(&spoke_id)
+            .is_some_and(|s| s.info.webhook.is_none())
+        {
+            state.take_ready(spoke_id, max, now_ms, &mut delivery);
+        }
+        drop(state);
         self.schedule_acks(&delivery);
         delivery
     }
@@ -331,6 +352,11 @@ impl State {
         };
         if entry.state == DState::Pending {
             entry.state = DState::Delivered;
+        }
+        // Off the webhook path, if it was on it (the spoke changed modes).
+        entry.posting = None;
+        if let Some(at) = entry.retry_at.take() {
+            self.retry_due.remove(&(at, id));
         }
         spoke.delivered.insert(id);
         entry.attempts += 1;

@@ -30,6 +30,11 @@ pub(super) struct Entry {
     pub(super) ack_due_at: Option<i64>,
     pub(super) progress: u32,
     pub(super) progress_message: String,
+    /// The attempt being POSTed to the spoke's webhook right now (the
+    /// directive is PENDING, in the window, with no ack deadline).
+    pub(super) posting: Option<u32>,
+    /// When a failed webhook attempt is retried (PENDING, in the window).
+    pub(super) retry_at: Option<i64>,
 }
 
 impl Entry {
@@ -192,6 +197,8 @@ impl Ledger {
                 ack_due_at: None,
                 progress: 0,
                 progress_message: String::new(),
+                posting: None,
+                retry_at: None,
             };
             let Some(spoke) = state.spokes.get_mut(&spoke_id) else {
                 continue;
@@ -259,9 +266,10 @@ impl Ledger {
         // A final ack that arrives after its ack deadline (the directive is
         // PENDING again, waiting for another delivery) still reports work
         // this spoke did: it is kept. Progress needs a live delivery.
+        // So is any ack while its webhook request is out: the spoke has it.
         let late_final =
             entry.attempts > 0 && !matches!(ack.outcome, AckOutcome::InProgress { .. });
-        if entry.state == DState::Pending && !late_final {
+        if entry.state == DState::Pending && !late_final && entry.posting.is_none() {
             return Err(Error::FailedPrecondition(format!(
                 "directive {id} is PENDING: it is not delivered to this spoke right now"
             )));
@@ -521,6 +529,8 @@ impl State {
             ack_due_at: row.ack_due_at.filter(|_| row.state != DState::Pending),
             progress: row.progress,
             progress_message: row.progress_message,
+            posting: None,
+            retry_at: None,
         };
         self.insert(row.id, entry);
     }
@@ -556,6 +566,9 @@ impl State {
         }
         if let Some(due) = entry.ack_due_at {
             self.ack_due.remove(&(due, id));
+        }
+        if let Some(at) = entry.retry_at {
+            self.retry_due.remove(&(at, id));
         }
         if let Some(at) = entry.fixed.expires_at {
             self.expiry.remove(&(at, id));

@@ -15,7 +15,7 @@ use crate::store::Change;
 
 /// Directives handled per pass under the lock, so a burst of due times does
 /// not hold it for long.
-const PASS: usize = 500;
+pub(super) const PASS: usize = 500;
 
 /// When the delivery timer plans to wake next, so that a new, earlier due
 /// time can wake it sooner.
@@ -68,7 +68,7 @@ impl Ledger {
     pub fn run_due(&self, now_ms: i64) -> Option<i64> {
         loop {
             let mut state = self.lock();
-            let done = state.expire(now_ms) + state.overdue(now_ms);
+            let done = state.expire(now_ms) + state.overdue(now_ms) + state.retry(now_ms);
             let next = state.next_due();
             drop(state);
             if done > 0 {
@@ -84,12 +84,10 @@ impl Ledger {
 
 impl State {
     fn next_due(&self) -> Option<i64> {
-        let ack = self.ack_due.first().map(|(at, _)| *at);
-        let expiry = self.expiry.first().map(|(at, _)| *at);
-        match (ack, expiry) {
-            (Some(a), Some(e)) => Some(a.min(e)),
-            (a, e) => a.or(e),
-        }
+        [&self.ack_due, &self.expiry, &self.retry_due]
+            .into_iter()
+            .filter_map(|due| due.first().map(|(at, _)| *at))
+            .min()
     }
 
     fn expire(&mut self, now_ms: i64) -> usize {

@@ -29,6 +29,7 @@ mod due;
 mod spokes;
 #[cfg(test)]
 mod tests;
+mod webhooks;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -40,7 +41,8 @@ pub use committer::{Committer, run_committer, spawn_committer};
 pub use delivery::{Delivery, End, Step, Subscription};
 pub use directives::{AckStep, CancelStep, CreateStep, Created};
 pub use due::TimerPlan;
-pub use spokes::HealthChange;
+pub use spokes::{HealthChange, Registered};
+pub use webhooks::WebhookTake;
 
 use self::directives::Entry;
 use self::spokes::Spoke;
@@ -69,6 +71,8 @@ struct Shared {
     store: Store,
     timer_plan: TimerPlan,
     telemetry: Arc<Telemetry>,
+    /// Poked when the set of spokes with webhook delivery may have changed.
+    webhooks_changed: Notify,
 }
 
 /// Everything behind the lock.
@@ -82,6 +86,8 @@ struct State {
     ack_due: BTreeSet<(i64, Uuid)>,
     /// Expiry times of directives that are not final: (at, directive).
     expiry: BTreeSet<(i64, Uuid)>,
+    /// When failed webhook attempts are retried: (at, directive).
+    retry_due: BTreeSet<(i64, Uuid)>,
     idempotency: HashMap<String, IdempotencyKey>,
     /// The same keys by age, for forgetting them in order.
     idempotency_order: VecDeque<(i64, String)>,
@@ -167,6 +173,7 @@ impl Ledger {
                 store,
                 timer_plan: TimerPlan::default(),
                 telemetry,
+                webhooks_changed: Notify::new(),
             }),
         };
         ledger.lock().rebuild(snapshot);
@@ -374,6 +381,7 @@ impl State {
         self.directives.clear();
         self.ack_due.clear();
         self.expiry.clear();
+        self.retry_due.clear();
         self.dirty.clear();
         self.payload_bytes = 0;
         self.idempotency.clear();

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::events::{Kind, NewEvent};
 use crate::spokes::{
     Heartbeat, OFFLINE_AFTER_INTERVALS, Registration, STALE_AFTER_INTERVALS, SpokeInfo, SpokeLive,
-    SpokeRecord, health_at, health_name,
+    SpokeRecord, Webhook, WebhookAttempt, health_at, health_name,
 };
 use crate::store::Change;
 
@@ -34,6 +34,18 @@ pub(super) struct Spoke {
     pub(super) coalesce: HashMap<String, Vec<Uuid>>,
     /// The live stream and long polls, and notices waiting for them.
     pub(super) stream: Stream,
+    /// The latest webhook request to it.
+    pub(super) last_webhook: Option<WebhookAttempt>,
+}
+
+/// What a registration answers.
+#[derive(Debug)]
+pub struct Registered {
+    /// The spoke as it is now.
+    pub record: SpokeRecord,
+    /// Its webhook secret, when this registration is to show it (see
+    /// `RegisterResponse.webhook_secret`).
+    pub webhook_secret: Option<String>,
 }
 
 /// What a spoke keeps across a rebuild of the ledger: its live stream.
@@ -49,6 +61,7 @@ impl Spoke {
             outstanding: 0,
             coalesce: HashMap::new(),
             stream: Stream::default(),
+            last_webhook: None,
         }
     }
 
@@ -65,7 +78,9 @@ impl Spoke {
     }
 
     fn record(&self) -> SpokeRecord {
-        SpokeRecord::new(&self.info, &self.live, u64::from(self.outstanding))
+        let mut record = SpokeRecord::new(&self.info, &self.live, u64::from(self.outstanding));
+        record.last_webhook.clone_from(&self.last_webhook);
+        record
     }
 }
 
@@ -115,20 +130,38 @@ impl State {
         self.spoke_event(id, Kind::SpokeHealthChanged, details, now_ms);
     }
 
-    /// Replaces spoke `id`'s labels, capabilities, version and window,
-    /// logging an update event if any changed; the spoke counts as seen.
-    /// Answers the record and whether anything changed.
+    /// Replaces spoke `id`'s labels, capabilities, version, window and
+    /// webhook, logging an update event if any changed; the spoke counts as
+    /// seen. Answers the record, whether anything changed, and the webhook
+    /// secret if this made one.
     fn update_registration(
         &mut self,
         id: Uuid,
         reg: Registration,
         now_ms: i64,
-    ) -> Result<(SpokeRecord, bool)> {
+    ) -> Result<(SpokeRecord, bool, Option<String>)> {
         let spoke = self.spoke_mut(id)?;
+        let old_url = spoke.info.webhook.as_ref().map(|w| w.url.as_str());
+        let webhook_changed = old_url != reg.webhook_url.as_deref();
+        let mut made_secret = None;
+        let webhook = match (&spoke.info.webhook, reg.webhook_url.clone()) {
+            (_, None) => None,
+            (Some(old), Some(url)) => Some(Arc::new(Webhook {
+                url,
+                secret: old.secret.clone(),
+            })),
+            (None, Some(url)) => {
+                let secret = crate::webhook::new_secret();
+                made_secret = Some(secret.clone());
+                Some(Arc::new(Webhook { url, secret }))
+            }
+        };
         let same = spoke.info.labels == reg.labels
             && spoke.info.capabilities == reg.capabilities
             && spoke.info.max_in_flight == reg.max_in_flight
-            && spoke.live.version == reg.version;
+            && spoke.live.version == reg.version
+            && !webhook_changed;
+        let left_webhook = spoke.info.webhook.is_some() && webhook.is_none();
         let mut changed = Vec::new();
         if !same {
             let old = &spoke.info;
@@ -137,24 +170,31 @@ impl State {
                 ("capabilities", old.capabilities != reg.capabilities),
                 ("max_in_flight", old.max_in_flight != reg.max_in_flight),
                 ("version", spoke.live.version != reg.version),
+                ("webhook_url", webhook_changed),
             ] {
                 if differs {
                     changed.push(what);
                 }
             }
-            spoke.info = Arc::new(SpokeInfo::new(
-                id,
-                old.name.clone(),
-                old.key_hash.clone(),
-                reg.labels,
-                reg.capabilities,
-                reg.max_in_flight,
-                old.registered_at,
-                old.revoked_at,
-            ));
+            spoke.info = Arc::new(
+                SpokeInfo::new(
+                    id,
+                    old.name.clone(),
+                    old.key_hash.clone(),
+                    reg.labels,
+                    reg.capabilities,
+                    reg.max_in_flight,
+                    old.registered_at,
+                    old.revoked_at,
+                )
+                .with_webhook(webhook),
+            );
             spoke.live.version = reg.version;
             // A wider window may let more directives out.
             spoke.wake();
+        }
+        if left_webhook {
+            self.release_webhook(id);
         }
         self.seen(id, now_ms);
         if !same {
@@ -165,7 +205,7 @@ impl State {
             .get(&id)
             .map(Spoke::record)
             .ok_or_else(|| Error::NotFound(format!("spoke {id} not found")))?;
-        Ok((record, !same))
+        Ok((record, !same, made_secret))
     }
 
     /// Logs an event about a spoke whose row changed.
@@ -233,7 +273,7 @@ impl Ledger {
         reg: Registration,
         key_hash: String,
         now_ms: i64,
-    ) -> Result<(SpokeRecord, Committed)> {
+    ) -> Result<(Registered, Committed)> {
         let mut state = self.lock();
         state.writable()?;
         if let Some(&id) = state.by_name.get(&reg.name) {
@@ -241,8 +281,21 @@ impl Ledger {
             if spoke.info.revoked_at.is_none()
                 && crate::auth::hashes_match(&spoke.info.key_hash, &key_hash)
             {
-                let (record, _) = state.update_registration(id, reg, now_ms)?;
-                return Ok((record, self.commit_soon(state)));
+                let (record, changed, _) = state.update_registration(id, reg, now_ms)?;
+                // A retried enrollment answers as the first: with the secret.
+                let webhook_secret = state
+                    .spokes
+                    .get(&id)
+                    .and_then(|s| s.info.webhook.as_ref())
+                    .map(|w| w.secret.clone());
+                if changed {
+                    self.webhooks_may_have_changed();
+                }
+                let registered = Registered {
+                    record,
+                    webhook_secret,
+                };
+                return Ok((registered, self.commit_soon(state)));
             }
             return Err(Error::AlreadyExists(format!(
                 "a spoke named {:?} exists; re-register with its key",
@@ -255,6 +308,13 @@ impl Ledger {
             ));
         }
         let id = Uuid::now_v7();
+        let webhook = reg.webhook_url.map(|url| {
+            Arc::new(Webhook {
+                url,
+                secret: crate::webhook::new_secret(),
+            })
+        });
+        let webhook_secret = webhook.as_ref().map(|w| w.secret.clone());
         let info = SpokeInfo::new(
             id,
             reg.name,
@@ -264,7 +324,8 @@ impl Ledger {
             reg.max_in_flight,
             now_ms,
             None,
-        );
+        )
+        .with_webhook(webhook);
         let spoke = Spoke::new(Arc::new(info), SpokeLive::registered(reg.version, now_ms));
         let record = spoke.record();
         state.index_spoke(&spoke);
@@ -277,7 +338,14 @@ impl Ledger {
         let rx = state.waiter();
         drop(state);
         self.shared.kick.notify_one();
-        Ok((record, rx))
+        if webhook_secret.is_some() {
+            self.webhooks_may_have_changed();
+        }
+        let registered = Registered {
+            record,
+            webhook_secret,
+        };
+        Ok((registered, rx))
     }
 
     /// Replaces an existing spoke's labels, capabilities, version and
@@ -288,12 +356,19 @@ impl Ledger {
         id: Uuid,
         reg: Registration,
         now_ms: i64,
-    ) -> Result<(SpokeRecord, Option<Committed>)> {
+    ) -> Result<(Registered, Option<Committed>)> {
         let mut state = self.lock();
         state.writable()?;
-        let (record, changed) = state.update_registration(id, reg, now_ms)?;
+        let (record, changed, webhook_secret) = state.update_registration(id, reg, now_ms)?;
         let rx = changed.then(|| self.commit_soon(state));
-        Ok((record, rx))
+        if changed {
+            self.webhooks_may_have_changed();
+        }
+        let registered = Registered {
+            record,
+            webhook_secret,
+        };
+        Ok((registered, rx))
     }
 
     /// Records a sign of life (a stream opened or closed, a poll).
@@ -337,12 +412,20 @@ impl Ledger {
             .stream
             .end(super::End::KeyInvalidated("spoke key revoked"));
         state.spoke_event(id, Kind::SpokeRevoked, json!({}), now_ms);
-        Ok(Some(self.commit_soon(state)))
+        let committed = self.commit_soon(state);
+        self.webhooks_may_have_changed();
+        Ok(Some(committed))
     }
 
-    /// Replaces a spoke's key; the old key stops working at once and its
-    /// stream ends.
-    pub fn rotate_key(&self, id: Uuid, key_hash: String, now_ms: i64) -> Result<Committed> {
+    /// Replaces a spoke's key, and its webhook secret if it has a webhook
+    /// (answered: the new secret); the old key stops working at once and
+    /// its stream ends.
+    pub fn rotate_key(
+        &self,
+        id: Uuid,
+        key_hash: String,
+        now_ms: i64,
+    ) -> Result<(Option<String>, Committed)> {
         let mut state = self.lock();
         state.writable()?;
         let spoke = state.spoke_mut(id)?;
@@ -351,6 +434,11 @@ impl Ledger {
         }
         let mut info = SpokeInfo::clone(&spoke.info);
         let old = std::mem::replace(&mut info.key_hash, key_hash.clone());
+        let secret = info.webhook.as_mut().map(|w| {
+            let secret = crate::webhook::new_secret();
+            Arc::make_mut(w).secret.clone_from(&secret);
+            secret
+        });
         spoke.info = Arc::new(info);
         spoke
             .stream
@@ -358,7 +446,7 @@ impl Ledger {
         state.by_key.remove(&old);
         state.by_key.insert(key_hash, id);
         state.spoke_event(id, Kind::SpokeKeyRotated, json!({}), now_ms);
-        Ok(self.commit_soon(state))
+        Ok((secret, self.commit_soon(state)))
     }
 
     /// Deletes a spoke: its key stops working and its stream ends at once,
@@ -419,7 +507,9 @@ impl Ledger {
             .changes
             .push(Change::SpokeDeleted { id, at: now_ms });
         let cancelled = u32::try_from(outstanding.len()).unwrap_or(u32::MAX);
-        Ok((record, cancelled, self.commit_soon(state)))
+        let committed = self.commit_soon(state);
+        self.webhooks_may_have_changed();
+        Ok((record, cancelled, committed))
     }
 
     /// Moves spokes whose last sign of life is older than the thresholds to

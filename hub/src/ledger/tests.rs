@@ -33,6 +33,7 @@ fn registration(name: &str) -> Registration {
         capabilities: vec![("job".into(), "1".into())],
         version: "1".into(),
         max_in_flight: 8,
+        webhook_url: None,
     }
 }
 
@@ -70,7 +71,7 @@ async fn spoke(ledger: &Ledger, name: &str) -> Uuid {
         .unwrap();
     assert!(commit_next(ledger, &mut writer(ledger)).await);
     committed(done).await.unwrap();
-    spoke.id
+    spoke.record.id
 }
 
 #[tokio::test]

@@ -3,6 +3,8 @@
 //! ([`Fields`]): SQLite stores ids as text, PostgreSQL as `uuid`; both store
 //! integers as 64 bits, JSON as text.
 
+use std::sync::Arc;
+
 use hub_proto::v1 as proto;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
@@ -13,7 +15,7 @@ use super::{IdempotencyRow, OutstandingRow};
 use crate::directives::{DirectiveRecord, Fixed, State};
 use crate::error::{Error, Result};
 use crate::events::{EventRecord, Kind};
-use crate::spokes::{SpokeInfo, SpokeLive};
+use crate::spokes::{SpokeInfo, SpokeLive, Webhook};
 use crate::wire::timestamp_ns;
 
 /// How to read one column of a stored row.
@@ -102,6 +104,15 @@ pub(super) fn spoke(row: &impl Fields) -> Result<(SpokeInfo, SpokeLive)> {
         row.int("max_in_flight")? as u32,
         row.int("registered_at")?,
         row.opt_int("revoked_at")?,
+    )
+    .with_webhook(
+        match (
+            row.opt_text("webhook_url")?,
+            row.opt_text("webhook_secret")?,
+        ) {
+            (Some(url), Some(secret)) => Some(Arc::new(Webhook { url, secret })),
+            _ => None,
+        },
     );
     let live = SpokeLive {
         version: row.text("version")?,

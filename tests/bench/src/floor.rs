@@ -247,6 +247,7 @@ impl SpokeService for Floor {
             }),
             spoke_key: key,
             hints: Some(shared.hints(window)),
+            webhook_secret: String::new(),
         };
         Ok(Response::new(reply))
     }

@@ -229,11 +229,11 @@ async fn upsert_spokes(conn: &mut PgConnection, rows: &Rows<'_>) -> Result<()> {
         "INSERT INTO spokes (id, name, key_hash, labels, capabilities, version, max_in_flight, \
          registered_at, revoked_at, last_heartbeat_at, last_seen_at, status, status_message, \
          reported_in_flight, reported_buffered_points, reported_failed_pushes, health, \
-         deleted_at) \
+         deleted_at, webhook_url, webhook_secret) \
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
          $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], \
          $12::bigint[], $13::text[], $14::bigint[], $15::bigint[], $16::bigint[], $17::text[], \
-         $18::bigint[]) \
+         $18::bigint[], $19::text[], $20::text[]) \
          ON CONFLICT (id) DO UPDATE SET name = excluded.name, key_hash = excluded.key_hash, \
          labels = excluded.labels, capabilities = excluded.capabilities, \
          version = excluded.version, max_in_flight = excluded.max_in_flight, \
@@ -243,7 +243,8 @@ async fn upsert_spokes(conn: &mut PgConnection, rows: &Rows<'_>) -> Result<()> {
          reported_in_flight = excluded.reported_in_flight, \
          reported_buffered_points = excluded.reported_buffered_points, \
          reported_failed_pushes = excluded.reported_failed_pushes, health = excluded.health, \
-         deleted_at = COALESCE(excluded.deleted_at, spokes.deleted_at)",
+         deleted_at = COALESCE(excluded.deleted_at, spokes.deleted_at), \
+         webhook_url = excluded.webhook_url, webhook_secret = excluded.webhook_secret",
     )
     .bind(s.iter().map(|r| r.info.id).collect::<Vec<_>>())
     .bind(s.iter().map(|r| r.info.name.as_str()).collect::<Vec<_>>())
@@ -303,6 +304,16 @@ async fn upsert_spokes(conn: &mut PgConnection, rows: &Rows<'_>) -> Result<()> {
     )
     .bind(s.iter().map(|r| r.live.health).collect::<Vec<_>>())
     .bind(s.iter().map(|r| r.deleted_at).collect::<Vec<_>>())
+    .bind(
+        s.iter()
+            .map(|r| r.info.webhook.as_ref().map(|w| w.url.as_str()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        s.iter()
+            .map(|r| r.info.webhook.as_ref().map(|w| w.secret.as_str()))
+            .collect::<Vec<_>>(),
+    )
     .execute(conn)
     .await?;
     Ok(())

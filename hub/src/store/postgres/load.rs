@@ -12,8 +12,8 @@ pub(super) async fn snapshot(conn: &mut PgConnection) -> Result<Snapshot> {
     let spokes = sqlx::query(
         "SELECT id, name, key_hash, labels, capabilities, version, max_in_flight, \
          registered_at, revoked_at, last_heartbeat_at, last_seen_at, status, status_message, \
-         reported_in_flight, reported_buffered_points, reported_failed_pushes, health \
-         FROM spokes WHERE deleted_at IS NULL",
+         reported_in_flight, reported_buffered_points, reported_failed_pushes, health, \
+         webhook_url, webhook_secret FROM spokes WHERE deleted_at IS NULL",
     )
     .fetch_all(&mut *conn)
     .await?

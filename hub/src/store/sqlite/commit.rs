@@ -24,8 +24,9 @@ use crate::error::Result;
 const UPSERT_SPOKE: &str = "INSERT INTO spokes (id, name, key_hash, labels, capabilities, \
     version, max_in_flight, registered_at, revoked_at, last_heartbeat_at, last_seen_at, status, \
     status_message, reported_in_flight, reported_buffered_points, reported_failed_pushes, health, \
-    deleted_at) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) \
+    deleted_at, webhook_url, webhook_secret) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
+    ?20) \
     ON CONFLICT (id) DO UPDATE SET name = excluded.name, key_hash = excluded.key_hash, \
     labels = excluded.labels, capabilities = excluded.capabilities, version = excluded.version, \
     max_in_flight = excluded.max_in_flight, revoked_at = excluded.revoked_at, \
@@ -34,7 +35,8 @@ const UPSERT_SPOKE: &str = "INSERT INTO spokes (id, name, key_hash, labels, capa
     reported_in_flight = excluded.reported_in_flight, \
     reported_buffered_points = excluded.reported_buffered_points, \
     reported_failed_pushes = excluded.reported_failed_pushes, health = excluded.health, \
-    deleted_at = COALESCE(excluded.deleted_at, spokes.deleted_at)";
+    deleted_at = COALESCE(excluded.deleted_at, spokes.deleted_at), \
+    webhook_url = excluded.webhook_url, webhook_secret = excluded.webhook_secret";
 
 const INSERT_DIRECTIVE: &str = "INSERT INTO directives (id, spoke_id, type, payload, \
     max_attempts, priority, created_at, expires_at, ack_deadline_ms, group_id, idempotency_key, \
@@ -144,6 +146,8 @@ fn commit(conn: &mut Connection, changes: &[Change], first_seq: i64) -> Result<(
                 i64::try_from(live.reported_failed_pushes).unwrap_or(i64::MAX),
                 live.health,
                 r.deleted_at,
+                info.webhook.as_ref().map(|w| w.url.as_str()),
+                info.webhook.as_ref().map(|w| w.secret.as_str()),
             ])?;
         }
     }

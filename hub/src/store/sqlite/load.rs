@@ -11,7 +11,8 @@ use crate::error::Result;
 /// The columns `records::spoke` reads.
 const SPOKE_COLUMNS: &str = "id, name, key_hash, labels, capabilities, version, max_in_flight, \
     registered_at, revoked_at, last_heartbeat_at, last_seen_at, status, status_message, \
-    reported_in_flight, reported_buffered_points, reported_failed_pushes, health";
+    reported_in_flight, reported_buffered_points, reported_failed_pushes, health, webhook_url, \
+    webhook_secret";
 
 impl Db {
     /// Reads everything the ledger starts from, as committed.
