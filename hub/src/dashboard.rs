@@ -301,11 +301,11 @@ async fn render(hub: &Hub) -> crate::Result<String> {
     let _ = write!(
         html,
         "<h2 id=\"spokes\">Spokes ({})</h2><table id=\"spokes-table\"><thead><tr><th>Name</th><th>Health</th>\
-         <th>Status</th><th>Last heartbeat</th><th>Version</th><th>Labels</th><th>Outstanding</th></tr></thead><tbody>",
+         <th>Status</th><th>Last heartbeat</th><th>Version</th><th>Labels</th><th>Outstanding</th><th>Delivery</th></tr></thead><tbody>",
         spokes.len()
     );
     if spokes.is_empty() {
-        html.push_str("<tr><td colspan=\"7\" class=\"muted\">No spokes registered yet.</td></tr>");
+        html.push_str("<tr><td colspan=\"8\" class=\"muted\">No spokes registered yet.</td></tr>");
     }
     for s in &spokes {
         let wire = hub.spoke_to_proto(s);
@@ -327,13 +327,14 @@ async fn render(hub: &Hub) -> crate::Result<String> {
         let _ = write!(
             html,
             "<tr><td>{}</td><td><span class=\"health {health}\">{health}</span></td><td>{}</td><td>{}</td>\
-             <td>{}</td><td>{}</td><td>{}</td></tr>",
+             <td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             escape(&s.name),
             escape(&status),
             escape(&ago(s.last_heartbeat_at, now)),
             escape(&s.version),
             escape(&labels.join(", ")),
-            s.outstanding
+            s.outstanding,
+            delivery_cell(s, wire.connected, now),
         );
     }
     html.push_str("</tbody></table>");
@@ -426,6 +427,43 @@ fn publisher_section(
         committed.saturating_sub(state.published),
         state.skipped,
     );
+}
+
+/// How a spoke gets its directives: "stream" (open or not), or its webhook
+/// with the latest request's result; escaped.
+fn delivery_cell(s: &crate::spokes::SpokeRecord, connected: bool, now: i64) -> String {
+    let Some(url) = &s.webhook_url else {
+        return if connected {
+            "stream (open)"
+        } else {
+            "stream / poll"
+        }
+        .to_owned();
+    };
+    let last = match &s.last_webhook {
+        None => "no request yet".to_owned(),
+        Some(w) => webhook_outcome(w, now),
+    };
+    format!(
+        "webhook <span class=\"mono\">{}</span><br><span class=\"muted\">last: {}</span>",
+        escape(&truncate(url, 80)),
+        escape(&last)
+    )
+}
+
+/// The latest webhook request in words: result, HTTP status, attempt,
+/// error, age.
+pub fn webhook_outcome(w: &crate::spokes::WebhookAttempt, now: i64) -> String {
+    let mut text = w.result.to_owned();
+    if let Some(status) = w.http_status {
+        let _ = write!(text, " (HTTP {status})");
+    }
+    let _ = write!(text, ", attempt {} of {}", w.attempt, w.directive_id);
+    if !w.error.is_empty() {
+        let _ = write!(text, ": {}", truncate(&w.error, 200));
+    }
+    let _ = write!(text, ", {}", ago(Some(w.at), now));
+    text
 }
 
 /// Escapes text for HTML element content and quoted attribute values.

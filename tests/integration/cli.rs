@@ -527,3 +527,138 @@ async fn send_from_excludes_the_single_directive_options() {
         assert_eq!(code, 2, "{args:?}: {msg}");
     }
 }
+
+/// A webhook endpoint that answers every request 503, counting them.
+async fn refusing_endpoint() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hub/directives", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut got = Vec::new();
+                // Headers, then as many body bytes as content-length says.
+                loop {
+                    let Ok(n) = conn.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got);
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if got.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = conn
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+/// `hub spoke NAME`, the admin page and /metrics show a spoke's webhook
+/// delivery and what its latest request came to.
+#[tokio::test]
+async fn a_webhook_spokes_mode_and_latest_request_are_shown() {
+    let hub = TestHub::start().await;
+    let (url, requests) = refusing_endpoint().await;
+    let reply = hub
+        .spoke_client()
+        .await
+        .register(authed(
+            proto::RegisterRequest {
+                name: "fn-billing".into(),
+                capabilities: vec![proto::Capability {
+                    directive_type: "sync_doc".into(),
+                    version: "1".into(),
+                }],
+                webhook_url: url.clone(),
+                ..Default::default()
+            },
+            ENROLLMENT_TOKEN,
+        ))
+        .await
+        .expect("register")
+        .into_inner();
+    assert!(reply.webhook_secret.starts_with("whsec_"), "{reply:?}");
+    let stream_spoke = hub.register("streamer", &["sync_doc"], &[]).await;
+    let sent = hub
+        .send("fn-billing", "sync_doc", json!({"doc": "a"}))
+        .await;
+    let last = eventually("a webhook request to be answered", || async {
+        let mut admin = hub.admin().await;
+        let spoke = admin
+            .get_spoke(authed(
+                proto::GetSpokeRequest {
+                    spoke_name: "fn-billing".into(),
+                    ..Default::default()
+                },
+                ADMIN_TOKEN,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .spoke
+            .unwrap();
+        spoke.last_webhook
+    })
+    .await;
+    assert!(requests.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert_eq!(last.result, "http_error");
+    assert_eq!(last.http_status, 503);
+    assert_eq!(last.directive_id, sent.id);
+
+    let detail = ok(&hub, &["spoke", "fn-billing"]).await;
+    assert!(
+        detail.contains(&format!("delivery:         webhook {url}")),
+        "{detail}"
+    );
+    assert!(
+        detail.contains(&format!(
+            "last webhook:     http_error (HTTP 503), attempt 1 of {}",
+            sent.id
+        )),
+        "{detail}"
+    );
+    let other = ok(&hub, &["spoke", "streamer"]).await;
+    assert!(other.contains("delivery:         stream / poll"), "{other}");
+    assert!(other.contains("last webhook:     -"), "{other}");
+    drop(stream_spoke);
+
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let page = http(hub.http_addr, "GET", "/", &[("Authorization", &bearer)], "").await;
+    assert!(
+        page.contains(&format!("webhook <span class=\"mono\">{url}</span>")),
+        "{page}"
+    );
+    assert!(
+        page.contains("last: http_error (HTTP 503), attempt 1"),
+        "{page}"
+    );
+    let metrics = http(hub.http_addr, "GET", "/metrics", &[], "").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("hub_webhook_attempts_total{result=\"http_error\"} ")),
+        "{metrics}"
+    );
+}

@@ -275,6 +275,8 @@ async fn spoke(
         ("version", s.version.clone()),
         ("labels", labels(&s.labels)),
         ("in-flight window", s.max_in_flight.to_string()),
+        ("delivery", delivery(&s)),
+        ("last webhook", last_webhook(s.last_webhook.as_ref(), now)),
         ("outstanding", s.outstanding_directives.to_string()),
         (
             "reported",
@@ -295,6 +297,31 @@ async fn spoke(
     caps.print(out, "(none declared)")?;
     writeln!(out, "\nrecent directives:")?;
     directives_table(&recent, false, now, out, "(none)")
+}
+
+/// How the spoke gets its directives.
+fn delivery(s: &proto::Spoke) -> String {
+    match proto::DeliveryMode::try_from(s.delivery_mode) {
+        Ok(proto::DeliveryMode::Webhook) => format!("webhook {}", s.webhook_url),
+        _ if s.connected => "stream (open)".to_owned(),
+        _ => "stream / poll".to_owned(),
+    }
+}
+
+/// The latest webhook request: result, status, attempt, error, age.
+fn last_webhook(w: Option<&proto::WebhookAttempt>, now: i64) -> String {
+    let Some(w) = w else {
+        return "-".to_owned();
+    };
+    let mut text = w.result.clone();
+    if w.http_status != 0 {
+        text.push_str(&format!(" (HTTP {})", w.http_status));
+    }
+    text.push_str(&format!(", attempt {} of {}", w.attempt, w.directive_id));
+    if !w.error.is_empty() {
+        text.push_str(&format!(": {}", w.error));
+    }
+    format!("{text}, {}", ago(w.at.as_ref(), now))
 }
 
 fn directives_table(

@@ -231,3 +231,182 @@ async fn a_failed_commit_answers_unavailable_and_the_ledger_returns_to_what_is_s
         .collect();
     assert_eq!(ids, [after]);
 }
+
+/// Registers a spoke with webhook delivery and a window of 2; answers its
+/// id and the secret the registration showed.
+async fn webhook_spoke(ledger: &Ledger, name: &str) -> (Uuid, String) {
+    let mut reg = registration(name);
+    reg.max_in_flight = 2;
+    reg.webhook_url = Some("https://spoke.example/hook".into());
+    let (registered, done) = ledger.register(reg, format!("hash-{name}"), NOW).unwrap();
+    assert!(commit_next(ledger, &mut writer(ledger)).await);
+    committed(done).await.unwrap();
+    let secret = registered.webhook_secret.expect("a secret shown once");
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    (registered.record.id, secret)
+}
+
+/// Creates `n` directives for `spoke` and commits them.
+async fn create_committed(ledger: &Ledger, spoke: &str, n: usize) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    let mut waiting = Vec::new();
+    for _ in 0..n {
+        let (id, done) = created(ledger.create(&job(spoke, "job", None), NOW).unwrap());
+        ids.push(id);
+        waiting.push(done);
+    }
+    assert!(commit_next(ledger, &mut writer(ledger)).await);
+    for done in waiting {
+        committed(done).await.unwrap();
+    }
+    ids
+}
+
+fn take(ledger: &Ledger, spoke: Uuid, now: i64) -> Option<(Uuid, u32)> {
+    match ledger.webhook_take(spoke, now) {
+        super::WebhookTake::Post(delivery, webhook) => {
+            assert_eq!(webhook.url, "https://spoke.example/hook");
+            let d = &delivery.directives[0];
+            Some((d.id, d.attempts))
+        }
+        super::WebhookTake::Idle => None,
+        super::WebhookTake::Stop => panic!("the worker was told to stop"),
+    }
+}
+
+#[tokio::test]
+async fn a_webhook_spoke_gets_its_directives_only_by_webhook_within_its_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let (spoke, _) = webhook_spoke(&ledger, "w").await;
+    let ids = create_committed(&ledger, "w", 3).await;
+    assert_eq!(ledger.webhook_spokes(), vec![spoke]);
+
+    // Not by poll (nor by a stream, which shares the same rule).
+    assert!(ledger.poll(spoke, 10, NOW).directives.is_empty());
+    // Two fit the window; the third waits.
+    let first = take(&ledger, spoke, NOW).unwrap();
+    let second = take(&ledger, spoke, NOW).unwrap();
+    assert_eq!((first, second), ((ids[0], 1), (ids[1], 1)));
+    assert_eq!(take(&ledger, spoke, NOW), None);
+    // The attempt is stored before the request is answered; still PENDING.
+    assert!(commit_next(&ledger, &mut writer(&ledger)).await);
+    let stored = ledger.store().directive(ids[0]).await.unwrap().unwrap();
+    assert_eq!((stored.state, stored.attempts), (State::Pending, 1));
+
+    // A 2xx answer: DELIVERED, its ack deadline running.
+    ledger.webhook_delivered(spoke, ids[0], 1, NOW + 5);
+    assert!(commit_next(&ledger, &mut writer(&ledger)).await);
+    let stored = ledger.store().directive(ids[0]).await.unwrap().unwrap();
+    assert_eq!(stored.state, State::Delivered);
+    assert_eq!(stored.ack_due_at, Some(NOW + 5 + 30_000));
+    // A stale answer (another attempt) changes nothing.
+    ledger.webhook_delivered(spoke, ids[1], 7, NOW + 5);
+    assert_eq!(
+        take(&ledger, spoke, NOW + 5),
+        None,
+        "the window is still full"
+    );
+
+    // A failure keeps the slot until the retry time, then goes out again.
+    ledger.webhook_failed(spoke, ids[1], 1, "HTTP 500", 1_000, NOW + 10);
+    assert_eq!(take(&ledger, spoke, NOW + 10), None);
+    ledger.run_due(NOW + 500);
+    assert_eq!(
+        take(&ledger, spoke, NOW + 500),
+        None,
+        "not before its retry"
+    );
+    ledger.run_due(NOW + 1_010);
+    assert_eq!(take(&ledger, spoke, NOW + 1_010), Some((ids[1], 2)));
+    // The last attempt failing makes it FAILED, naming why; its slot frees.
+    ledger.webhook_failed(spoke, ids[1], 2, "no answer within 1s", 2_000, NOW + 1_020);
+    assert_eq!(take(&ledger, spoke, NOW + 1_020), None);
+    ledger.run_due(NOW + 3_100);
+    assert_eq!(take(&ledger, spoke, NOW + 3_100), Some((ids[1], 3)));
+    ledger.webhook_failed(spoke, ids[1], 3, "HTTP 503", 4_000, NOW + 3_200);
+    assert!(commit_next(&ledger, &mut writer(&ledger)).await);
+    let failed = ledger.store().directive(ids[1]).await.unwrap().unwrap();
+    assert_eq!((failed.state, failed.attempts), (State::Failed, 3));
+    assert_eq!(
+        failed.error,
+        "webhook delivery failed 3 times; last: HTTP 503"
+    );
+    assert_eq!(take(&ledger, spoke, NOW + 3_200), Some((ids[2], 1)));
+}
+
+#[tokio::test]
+async fn leaving_webhook_delivery_puts_what_the_webhook_held_back_for_the_stream_and_polls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let (spoke, _) = webhook_spoke(&ledger, "w").await;
+    let ids = create_committed(&ledger, "w", 2).await;
+    let out = take(&ledger, spoke, NOW).unwrap();
+    let waiting = take(&ledger, spoke, NOW).unwrap();
+    ledger.webhook_failed(spoke, waiting.0, 1, "HTTP 500", 10_000, NOW);
+
+    let mut reg = registration("w");
+    reg.max_in_flight = 2;
+    let (registered, done) = ledger.reregister(spoke, reg, NOW + 1).unwrap();
+    assert!(registered.webhook_secret.is_none());
+    assert!(registered.record.webhook_url.is_none());
+    assert!(commit_next(&ledger, &mut writer(&ledger)).await);
+    committed(done.expect("a change")).await.unwrap();
+    assert!(ledger.webhook_spokes().is_empty());
+    assert!(matches!(
+        ledger.webhook_take(spoke, NOW + 1),
+        super::WebhookTake::Stop
+    ));
+
+    // Both go out by poll now, with their next attempt; the answer of the
+    // request that was out is stale and changes nothing.
+    let polled = ledger.poll(spoke, 10, NOW + 2);
+    let mut got: Vec<(Uuid, u32)> = polled
+        .directives
+        .iter()
+        .map(|d| (d.id, d.attempts))
+        .collect();
+    got.sort();
+    assert_eq!(got, vec![(ids[0], 2), (ids[1], 2)]);
+    ledger.webhook_delivered(spoke, out.0, 1, NOW + 3);
+    // Nor does its old retry time (before the new ack deadlines).
+    ledger.run_due(NOW + 10_001);
+    assert!(ledger.poll(spoke, 10, NOW + 10_001).directives.is_empty());
+}
+
+#[tokio::test]
+async fn the_webhook_secret_is_shown_when_made_kept_across_a_restart_and_rotated_with_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(&dir).await;
+    let (spoke, secret) = webhook_spoke(&ledger, "w").await;
+    // The same registration again (with the spoke's key) shows nothing.
+    let mut reg = registration("w");
+    reg.max_in_flight = 2;
+    reg.webhook_url = Some("https://spoke.example/other".into());
+    let (again, _) = ledger.reregister(spoke, reg.clone(), NOW).unwrap();
+    assert_eq!(again.webhook_secret, None);
+    assert_eq!(
+        again.record.webhook_url.as_deref(),
+        Some("https://spoke.example/other")
+    );
+    // An enrollment retried with the name's key answers as the first.
+    let (retried, _) = ledger.register(reg, "hash-w".into(), NOW).unwrap();
+    assert_eq!(retried.webhook_secret.as_deref(), Some(secret.as_str()));
+    let (rotated, done) = ledger.rotate_key(spoke, "hash-w2".into(), NOW).unwrap();
+    let rotated = rotated.expect("a new secret");
+    assert_ne!(rotated, secret);
+    assert!(commit_next(&ledger, &mut writer(&ledger)).await);
+    committed(done).await.unwrap();
+
+    // What a restart rebuilds the ledger from.
+    let snapshot = ledger.store().snapshot().await.unwrap();
+    let (info, _) = snapshot
+        .spokes
+        .iter()
+        .find(|(info, _)| info.id == spoke)
+        .unwrap();
+    assert_eq!(info.key_hash, "hash-w2");
+    let webhook = info.webhook.as_ref().unwrap();
+    assert_eq!(webhook.url, "https://spoke.example/other");
+    assert_eq!(webhook.secret, rotated);
+}
