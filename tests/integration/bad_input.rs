@@ -179,6 +179,45 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
         Code::InvalidArgument,
         "name",
     );
+    // Webhook URLs: the form, and the SSRF guard (metadata and link-local
+    // addresses, the hub's own port), on a new spoke and on a
+    // re-registration alike.
+    let own_port = format!("http://127.0.0.1:{}/hook", hub.addr.port());
+    for url in [
+        "not a url",
+        "ftp://spoke.example/hook",
+        "http://spoke.example/hook",
+        "https://user:pw@spoke.example/hook",
+        "https://169.254.169.254/latest/meta-data/",
+        "https://[fe80::1]/hook",
+        "https://0.0.0.0/hook",
+        own_port.as_str(),
+    ] {
+        let new = proto::RegisterRequest {
+            name: "hooked".into(),
+            webhook_url: url.into(),
+            ..Default::default()
+        };
+        assert_code(
+            spoke.register(authed(new, ENROLLMENT_TOKEN)).await,
+            Code::InvalidArgument,
+            "webhook_url",
+        );
+        let again = proto::RegisterRequest {
+            name: "alice".into(),
+            capabilities: vec![proto::Capability {
+                directive_type: "t".into(),
+                version: "1".into(),
+            }],
+            webhook_url: url.into(),
+            ..Default::default()
+        };
+        assert_code(
+            alice.client.register(alice.req(again)).await,
+            Code::InvalidArgument,
+            "webhook_url",
+        );
+    }
     let no_target = proto::CreateDirectiveRequest {
         r#type: "t".into(),
         ..Default::default()
