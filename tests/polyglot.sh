@@ -6,15 +6,16 @@
 #   (tests/contract/self-test.sh: a renumbered field must make it fail);
 # - nothing generated is tracked by git, and what is generated is ignored;
 # - the conformance scenario (tests/conformance/scenario.py) against the real
-#   hub binary for each client in CLIENTS below, and for those in
-#   ACK_STREAM_CLIENTS the check that they ack over AckStream.
+#   hub binary for each client in CLIENTS below, for those in
+#   ACK_STREAM_CLIENTS the check that they ack over AckStream, and for those
+#   in WEBHOOK_CLIENTS the webhook phase (directives by signed HTTP POST).
 #
 #   cargo build --workspace --all-targets && bash tests/polyglot.sh
 #
 # HUB_BIN: the hub binary (default: target/debug/hub). Builds nothing: the
 # Rust client (target/debug/examples/conformance_spoke) comes from that cargo
 # build too.
-# Installs what it needs: grpcio, grpcio-tools and buf (PyPI) into
+# Installs what it needs: grpcio, grpcio-tools, standardwebhooks and buf (PyPI) into
 # target/polyglot-venv, the Node spoke's packages (npm ci), and the Python
 # stubs, generated from proto/ into target/python-stubs.
 # Last line: "polyglot: N passed, M failed"; exits non-zero on any failure.
@@ -39,6 +40,10 @@ CLIENTS=(
 # the hub's /metrics for AckStream calls and no unary Ack
 # (--expect-ack-stream). Add rust here once spoke-client acks over the stream.
 ACK_STREAM_CLIENTS=(python node rust)
+# The clients with a webhook mode (--webhook-listen, --webhook-url): the
+# scenario also runs its webhook phase for them (--webhook). spoke-client
+# has none yet.
+WEBHOOK_CLIENTS=(python node)
 
 PASSED=0
 FAILED=0
@@ -132,7 +137,7 @@ if [[ ! -x $HUB_BIN ]]; then
 fi
 
 export PATH=$ROOT/$VENV/bin:$PATH
-run "tools: grpcio, grpcio-tools, buf (PyPI), npm ci, Python stubs" install_tools
+run "tools: grpcio, grpcio-tools, standardwebhooks, buf (PyPI), npm ci, Python stubs" install_tools
 if [[ $FAILED != 0 ]]; then summary || exit 1; fi
 
 run "contract gate: buf lint, buf breaking against proto/released.binpb" bash tests/contract/gate.sh
@@ -149,6 +154,7 @@ for client in "${CLIENTS[@]}"; do
   fi
   options=(--client "$name")
   if [[ " ${ACK_STREAM_CLIENTS[*]} " == *" $name "* ]]; then options+=(--expect-ack-stream); fi
+  if [[ " ${WEBHOOK_CLIENTS[*]} " == *" $name "* ]]; then options+=(--webhook); fi
   run "conformance: $name spoke against $HUB_BIN" \
     "$VENV/bin/python" tests/conformance/scenario.py "${options[@]}" -- "${command[@]}"
 done

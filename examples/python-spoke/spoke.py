@@ -10,6 +10,11 @@ heartbeats at the interval the hub sets, pushes one metric batch (and
 resends it once, to show the hub stores it once), and reconnects with
 exponential backoff whenever the stream breaks. See README.md beside it.
 
+With --webhook-listen it takes its directives as signed HTTP POSTs instead
+(webhook mode): it registers with a webhook_url, keeps the webhook secret
+the reply carries beside its key, and answers each verified request with
+the outcome; the stream then carries cancel notices and keepalives only.
+
 The stubs are generated, never committed:
 
     python -m grpc_tools.protoc -Iproto --python_out=target/python-stubs \
@@ -21,6 +26,7 @@ and found in target/python-stubs (or the directory in $HUB_PY_STUBS).
 import argparse
 import asyncio
 import collections
+import http.server
 import json
 import logging
 import os
@@ -28,12 +34,15 @@ import random
 import secrets
 import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 from google.protobuf import json_format
+from standardwebhooks import Webhook
 
 STUBS = os.environ.get("HUB_PY_STUBS") or Path(__file__).resolve().parents[2] / "target" / "python-stubs"
 sys.path.insert(0, str(STUBS))
@@ -44,6 +53,10 @@ except ImportError:
 
 VERSION = "python-spoke/0.1.0"
 log = logging.getLogger("spoke")
+
+# Webhook mode: the path the handler answers on, and the largest body it reads.
+WEBHOOK_PATH = "/hub/directives"
+MAX_WEBHOOK_BODY = 4 << 20
 
 # Codes after which retrying cannot help (spoke.proto: "do not retry without a
 # new key"); every other code, and a stream that just ends, means reconnect.
@@ -146,9 +159,10 @@ class Backoff:
 class State:
     """What survives a restart, in the state directory: the spoke key
     (spoke.key, mode 0600; until the hub confirmed it, the key proposed at
-    enrollment is enrollment.key), the outcome of every directive it
-    finished (outcomes.jsonl) and the metric batch not yet sent
-    (metrics-batch.json)."""
+    enrollment is enrollment.key), in webhook mode the secret webhook
+    requests are signed with (webhook.secret, mode 0600), the outcome of
+    every directive it finished (outcomes.jsonl) and the metric batch not
+    yet sent (metrics-batch.json)."""
 
     def __init__(self, directory):
         self.dir = Path(directory)
@@ -178,6 +192,16 @@ class State:
         key = secrets.token_hex(32)
         self._write_secret("enrollment.key", key)
         return key
+
+    def webhook_secret(self):
+        path = self.dir / "webhook.secret"
+        return path.read_text().strip() if path.exists() else None
+
+    def save_webhook_secret(self, secret):
+        self._write_secret("webhook.secret", secret)
+
+    def forget_webhook_secret(self):
+        (self.dir / "webhook.secret").unlink(missing_ok=True)
 
     def _write_secret(self, name, value):
         fd = os.open(self.dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -330,6 +354,9 @@ class Spoke:
         self.handled = 0
         self.failed_pushes = 0
         self.acks = Acks()  # unanswered acks outlive a connection
+        # Webhook mode: the URL the hub posts to, and set once --exit-after is reached.
+        self.webhook_url = args.webhook_url or (f"http://{args.webhook_listen}{WEBHOOK_PATH}" if args.webhook_listen else "")
+        self.finished = asyncio.Event()
 
     def auth(self):
         return [("authorization", f"Bearer {self.state.key()}")]
@@ -362,10 +389,16 @@ class Spoke:
         heartbeats = asyncio.create_task(self.heartbeats(stub))
         try:
             await self.push_demo_batch(stub)
-            await self.acks.open(stub, self.auth())
-            # Until the directive stream ends; a broken ack stream ends it too.
-            watch = asyncio.create_task(self.watch(stub))
-            tasks = {watch, asyncio.create_task(self.acks.answers())}
+            if self.webhook_url:
+                # The webhook answers carry the outcomes: nothing to ack here.
+                # The stream brings cancel notices and keepalives only.
+                watch = asyncio.create_task(self.watch(stub))
+                tasks = {watch, asyncio.create_task(self.until_finished())}
+            else:
+                await self.acks.open(stub, self.auth())
+                # Until the directive stream ends; a broken ack stream ends it too.
+                watch = asyncio.create_task(self.watch(stub))
+                tasks = {watch, asyncio.create_task(self.acks.answers())}
             try:
                 while watch in tasks:
                     done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -383,7 +416,27 @@ class Spoke:
         """With the stored key if there is one (updates our registration),
         else with the enrollment token and the key we propose (creates the
         spoke; a retry with the same key after a lost reply is answered as
-        the first call was)."""
+        the first call was). In webhook mode with the webhook URL: the hub
+        shows the secret it signs with once, when it gives the spoke a
+        webhook (and again to a retried enrollment)."""
+        reply = await self.register_once(stub, self.webhook_url)
+        if not self.webhook_url:
+            self.state.forget_webhook_secret()  # registering without a webhook URL drops it
+        elif reply.spoke.delivery_mode != types_pb2.DELIVERY_MODE_WEBHOOK:
+            raise Fatal("the hub ignored webhook_url: it has no webhook delivery (an older hub?)")
+        elif not self.state.webhook_secret():
+            # The reply that showed it was lost. Registering without the
+            # webhook drops it; registering with it again makes a new secret.
+            log.warning("no webhook secret kept for this registration: asking the hub for a new one")
+            await self.register_once(stub, "")
+            reply = await self.register_once(stub, self.webhook_url)
+            if not self.state.webhook_secret():
+                raise Fatal("the hub gave the webhook no secret")
+        log.info("registered as %s (id %s)%s", reply.spoke.name, reply.spoke.id, f", webhook {self.webhook_url}" if self.webhook_url else "")
+        self.report("registered", spoke_id=reply.spoke.id, new=bool(reply.spoke_key))
+        self.apply_hints(reply.hints)
+
+    async def register_once(self, stub, webhook_url):
         key = self.state.key()
         try:
             token = key or Path(self.args.enrollment_token_file).read_text().strip()
@@ -395,15 +448,18 @@ class Spoke:
             capabilities=[types_pb2.Capability(directive_type=t, version="1") for t in HANDLERS],
             version=VERSION,
             proposed_key="" if key else self.state.proposed_key(),
+            webhook_url=webhook_url,
         )
         reply = await stub.Register(request, metadata=[("authorization", f"Bearer {token}")], timeout=10)
+        if reply.webhook_secret:
+            # Kept before the key: a spoke with a key never lost its secret
+            # to a crash in between.
+            self.state.save_webhook_secret(reply.webhook_secret)
         if reply.spoke_key:
             # The reply's key, whatever we proposed: an older hub ignores the
             # proposal and makes its own.
             self.state.save_key(reply.spoke_key)
-        log.info("registered as %s (id %s)", reply.spoke.name, reply.spoke.id)
-        self.report("registered", spoke_id=reply.spoke.id, new=bool(reply.spoke_key))
-        self.apply_hints(reply.hints)
+        return reply
 
     def apply_hints(self, hints):
         if hints.HasField("heartbeat_interval"):
@@ -466,7 +522,10 @@ class Spoke:
                 if message is grpc.aio.EOF:
                     return
                 kind = message.WhichOneof("message")
-                if kind == "directive":
+                if kind == "directive" and self.webhook_url:
+                    # The hub never does this; the webhook brings it again.
+                    log.warning("directive %s came on the stream in webhook mode: ignored", message.directive.id)
+                elif kind == "directive":
                     await self.handle(message.directive)
                     await self.exit_if_done()
                 elif kind == "cancelled":
@@ -484,24 +543,65 @@ class Spoke:
             await self.acks.drain()
             raise Done()
 
+    async def until_finished(self):
+        """Webhook mode's --exit-after: raises Done once the answer that
+        completed the count is sent."""
+        await self.finished.wait()
+        raise Done()
+
     async def handle(self, directive):
-        """Runs a directive once; a redelivery gets the recorded outcome again."""
-        outcome = self.state.outcomes.get(directive.id)
-        first_time = outcome is None
-        if first_time:
-            outcome = {"id": directive.id, **run_handler(directive)}
-            self.state.record(outcome)
-            log.info("directive %s (%s): %s", directive.id, directive.type, outcome["outcome"])
-            self.report("handled", directive_id=directive.id, type=directive.type, outcome=outcome["outcome"])
-            if self.args.crash_before_ack:
-                log.warning("--crash-before-ack: dying before acking %s", directive.id)
-                os._exit(3)
-        else:
-            log.info("directive %s delivered again (attempt %d): acking its recorded outcome", directive.id, directive.attempt)
-            self.report("reacked", directive_id=directive.id)
+        """Runs a directive from the stream once and acks the outcome."""
+        payload = json_format.MessageToDict(directive.payload)
+        outcome, first_time = self.run_once(directive.id, directive.type, payload, directive.attempt)
         await self.ack(outcome)
         if first_time:
             self.handled += 1
+
+    def run_once(self, directive_id, type_, payload, attempt):
+        """The outcome of a directive, and whether it ran now: it runs once
+        and its outcome is recorded; a redelivery gets the recorded outcome
+        again."""
+        outcome = self.state.outcomes.get(directive_id)
+        if outcome is not None:
+            log.info("directive %s delivered again (attempt %s): answering with its recorded outcome", directive_id, attempt)
+            self.report("reacked", directive_id=directive_id)
+            return outcome, False
+        outcome = {"id": directive_id, **run_handler(type_, payload)}
+        self.state.record(outcome)
+        log.info("directive %s (%s): %s", directive_id, type_, outcome["outcome"])
+        self.report("handled", directive_id=directive_id, type=type_, outcome=outcome["outcome"])
+        if self.args.crash_before_ack:
+            log.warning("--crash-before-ack: dying before acking %s", directive_id)
+            os._exit(3)
+        return outcome, True
+
+    async def webhook_request(self, body, headers):
+        """One webhook request: (HTTP status, JSON answer). Only a request
+        signed with our secret (within 5 minutes of its timestamp) runs
+        anything; the answer carries the outcome, which the hub applies as
+        an ack."""
+        secret = self.state.webhook_secret()
+        if not secret:
+            return 503, {"error": "no webhook secret yet"}
+        try:
+            Webhook(secret).verify(body, headers, json_parse=False)
+        except Exception as e:  # WebhookVerificationError, or headers that do not parse
+            log.warning("webhook request refused: %s", e)
+            return 401, {"error": "invalid signature"}
+        try:
+            directive = json.loads(body)
+            directive_id, type_ = directive["id"], directive["type"]
+        except (ValueError, KeyError, TypeError) as e:
+            return 400, {"error": f"not a directive: {e}"}
+        outcome, first_time = self.run_once(directive_id, type_, directive.get("payload") or {}, directive.get("attempt"))
+        if first_time:
+            self.handled += 1
+        return 200, webhook_answer(outcome)
+
+    def answered(self):
+        """A webhook answer was sent: --exit-after may be reached."""
+        if self.args.exit_after and self.handled >= self.args.exit_after:
+            self.finished.set()
 
     async def ack(self, outcome):
         """Sends the ack without waiting for its answer: Acks matches the
@@ -514,16 +614,81 @@ class Spoke:
         await self.acks.send(request)
 
 
-def run_handler(directive):
+def run_handler(type_, payload):
     """The outcome of one directive, as recorded and acked."""
-    handler = HANDLERS.get(directive.type)
+    handler = HANDLERS.get(type_)
     if handler is None:
         # The operator forced a type we never declared: refuse it, per contract.
-        return {"outcome": "ACK_OUTCOME_REJECTED", "error": f"no handler for directive type {directive.type!r}"}
+        return {"outcome": "ACK_OUTCOME_REJECTED", "error": f"no handler for directive type {type_!r}"}
     try:
-        return {"outcome": "ACK_OUTCOME_COMPLETED", "result": handler(json_format.MessageToDict(directive.payload))}
+        return {"outcome": "ACK_OUTCOME_COMPLETED", "result": handler(payload)}
     except Exception as e:  # a handler's error is the directive's failure
-        return {"outcome": "ACK_OUTCOME_FAILED", "error": f"{directive.type}: {e}"}
+        return {"outcome": "ACK_OUTCOME_FAILED", "error": f"{type_}: {e}"}
+
+
+def webhook_answer(outcome):
+    """A recorded outcome as a webhook answer: {"outcome": "COMPLETED",
+    "result": {...}}, or FAILED/REJECTED with "error"."""
+    answer = {"outcome": outcome["outcome"].removeprefix("ACK_OUTCOME_")}
+    if "result" in outcome:
+        answer["result"] = outcome["result"]
+    if "error" in outcome:
+        answer["error"] = outcome["error"][:4096]
+    return answer
+
+
+# --- webhook mode: the HTTP handler -------------------------------------------------
+
+
+class WebhookServer(http.server.ThreadingHTTPServer):
+    """Serves POST /hub/directives, a thread per request; each request is
+    then handled on the spoke's event loop, like a directive from the
+    stream."""
+
+    daemon_threads = True
+
+    def __init__(self, address, spoke, loop):
+        self.spoke, self.loop = spoke, loop
+        super().__init__(address, WebhookHandler)
+
+
+class WebhookHandler(http.server.BaseHTTPRequestHandler):
+    server_version = VERSION
+
+    def do_POST(self):
+        if urlsplit(self.path).path != WEBHOOK_PATH:
+            return self.answer(404, {"error": f"directives are posted to {WEBHOOK_PATH}"})
+        try:
+            length = int(self.headers.get("content-length", ""))
+        except ValueError:
+            return self.answer(411, {"error": "content-length required"})
+        if not 0 <= length <= MAX_WEBHOOK_BODY:
+            return self.answer(413, {"error": f"at most {MAX_WEBHOOK_BODY} bytes"})
+        body = self.rfile.read(length)
+        request = self.server.spoke.webhook_request(body, dict(self.headers.items()))
+        status, answer = asyncio.run_coroutine_threadsafe(request, self.server.loop).result()
+        self.answer(status, answer)
+        if status == 200:
+            self.server.loop.call_soon_threadsafe(self.server.spoke.answered)
+
+    def answer(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format, *args):
+        log.debug("webhook: %s %s", self.address_string(), format % args)
+
+
+def host_port(text):
+    """"127.0.0.1:8080" or "[::1]:8080" as (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
 
 
 # --- command line ------------------------------------------------------------------
@@ -543,11 +708,28 @@ def parse_args(argv=None):
     p.add_argument("--backoff-base", type=float, default=1.0, metavar="SECONDS", help="first reconnect delay (default: 1)")
     p.add_argument("--events-file", help="append one JSON line per directive handled and metric batch pushed")
     p.add_argument(
+        "--webhook-listen",
+        metavar="HOST:PORT",
+        help=f"webhook mode: serve the webhook handler here and register with webhook_url http://HOST:PORT{WEBHOOK_PATH}",
+    )
+    p.add_argument(
+        "--webhook-url",
+        metavar="URL",
+        help=f"with --webhook-listen: register this URL instead (a proxy in front that forwards to {WEBHOOK_PATH})",
+    )
+    p.add_argument(
         "--crash-before-ack",
         action="store_true",
         help="for tests: exit 3 right after recording the first new outcome, before acking it, as a crash would",
     )
     args = p.parse_args(argv)
+    if args.webhook_url and not args.webhook_listen:
+        p.error("--webhook-url needs --webhook-listen")
+    if args.webhook_listen:
+        try:
+            args.webhook_address = host_port(args.webhook_listen)
+        except argparse.ArgumentTypeError as e:
+            p.error(f"--webhook-listen: {e}")
     args.state_dir = args.state_dir or f"target/spoke-state/{args.name}"
     return args
 
@@ -558,6 +740,16 @@ async def main(args):
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, main_task.cancel)
+    server = None
+    if args.webhook_listen:
+        # Listening before the hub learns the URL.
+        try:
+            server = WebhookServer(args.webhook_address, spoke, loop)
+        except OSError as e:
+            log.error("cannot listen on %s: %s", args.webhook_listen, e)
+            return 2
+        threading.Thread(target=server.serve_forever, name="webhook", daemon=True).start()
+        log.info("webhook handler on http://%s%s; the hub posts to %s", args.webhook_listen, WEBHOOK_PATH, spoke.webhook_url)
     try:
         await spoke.run()
     except asyncio.CancelledError:
@@ -567,6 +759,10 @@ async def main(args):
     except Fatal as e:
         log.error("the hub refused this spoke: %s", e)
         return 2
+    finally:
+        if server is not None:
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()
     return 0
 
 

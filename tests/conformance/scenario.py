@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """The conformance scenario: one spoke client against the real hub binary.
 
-    python tests/conformance/scenario.py --client NAME [--expect-ack-stream] -- COMMAND [ARG...]
+    python tests/conformance/scenario.py --client NAME [--expect-ack-stream] [--webhook] -- COMMAND [ARG...]
 
 runs the scenario below for the spoke started by COMMAND (run from the
 repository root) and checks what an operator observes through AdminService.
 Every client gets the same checks; tests/polyglot.sh lists the clients.
 With --expect-ack-stream it also checks, on the hub's /metrics, that the
-spoke acks over SpokeService.AckStream and never with unary Ack.
+spoke acks over SpokeService.AckStream and never with unary Ack. With
+--webhook it also runs the webhook phase: the spoke takes its directives as
+signed HTTP POSTs from the hub (webhook mode) and answers with the outcomes.
 
 The client contract. The scenario appends these options to COMMAND:
 
@@ -26,6 +28,11 @@ The client contract. The scenario appends these options to COMMAND:
     --exit-after N                 (some runs) exit 0 after handling N new directives
     --crash-before-ack             (one run) exit 3 right after recording the
                                    first new outcome, before acking it
+    --webhook-listen 127.0.0.1:PORT   (--webhook only) webhook mode: serve
+                                   POST /hub/directives there and register with
+                                   webhook_url http://127.0.0.1:PORT/hub/directives
+    --webhook-url URL              (with --webhook-listen) register this URL
+                                   instead: a proxy there forwards to the spoke
 
 and expects the spoke to: declare the directive types `echo` (result = the
 payload) and `sum` ({"numbers": [...]} -> {"sum": total}; anything else is
@@ -36,13 +43,26 @@ its credentials, treat a stream silent for three keepalive intervals as
 dead, and still work through a hub without AckStream (a proxy that answers it
 UNIMPLEMENTED, as an older hub does), acking with unary Ack there.
 
+In webhook mode (--webhook) it must also: keep the webhook secret the
+Register reply shows, verify each request's Standard Webhooks signature
+(answer 401 and run nothing when it does not match), run the same handlers
+and answer 200 with {"outcome": "COMPLETED", "result": ...} or
+{"outcome": "FAILED" | "REJECTED", "error": ...}, answer a request for a
+directive it already finished from its record without running it again,
+and keep heartbeating.
+
 Needs the hub.v1 Python stubs (python -m grpc_tools.protoc -Iproto ...) in
 target/python-stubs or $HUB_PY_STUBS. Prints one line per check and, last,
 "conformance[NAME]: N passed, M failed"; stops at the first failed check.
 """
 
 import argparse
+import base64
 import collections
+import hashlib
+import hmac
+import http.client
+import http.server
 import json
 import os
 import re
@@ -52,9 +72,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import urllib.request
+import uuid
 from concurrent import futures
 from pathlib import Path
 
@@ -269,6 +291,69 @@ class HubWithoutAckStream(grpc.GenericRpcHandler):
         return grpc.unary_unary_rpc_method_handler(unary)
 
 
+def post(address, path, body, headers):
+    """POSTs body to http://address/path: (status, the answer parsed as JSON, or its text)."""
+    connection = http.client.HTTPConnection(address, timeout=10)
+    try:
+        connection.request("POST", path, body=body, headers={"content-type": "application/json", **headers})
+        response = connection.getresponse()
+        status, text = response.status, response.read().decode(errors="replace")
+    finally:
+        connection.close()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+class RecordingProxy:
+    """The URL the hub posts webhooks to, in front of the spoke's handler:
+    forwards each request unchanged and keeps it, with the answer, so the
+    scenario can send a signed request again (and forge others)."""
+
+    def __init__(self, spoke_address):
+        self.requests = []  # dicts: headers, body, status, answer
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                headers = {k.lower(): v for k, v in self.headers.items() if k.lower().startswith(("webhook-", "hub-"))}
+                try:
+                    status, answer = post(spoke_address, self.path, body, headers)
+                except OSError as e:  # the spoke is down or died answering
+                    status, answer = 502, {"error": f"proxy: {e}"}
+                proxy.requests.append({"headers": headers, "body": body, "status": status, "answer": answer})
+                data = json.dumps(answer).encode() if not isinstance(answer, str) else answer.encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hub/directives"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def request_for(self, directive_id):
+        """The first request that carried this directive and was answered 200."""
+        return next((r for r in self.requests if r["headers"].get("webhook-id") == directive_id and r["status"] == 200), None)
+
+
+def sign(key, msg_id, timestamp, body):
+    """A Standard Webhooks signature with the raw key bytes."""
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
 class Operator:
     """AdminService, as an operator calls it with the admin token."""
 
@@ -285,9 +370,9 @@ class Operator:
     def spoke(self, name):
         return self.call("GetSpoke", admin_pb2.GetSpokeRequest(spoke_name=name)).spoke
 
-    def create(self, spoke, type_, payload=None, force=False):
+    def create(self, spoke, type_, payload=None, force=False, max_attempts=0):
         request = admin_pb2.CreateDirectiveRequest(
-            target=admin_pb2.DirectiveTarget(spoke_name=spoke), type=type_, force=force
+            target=admin_pb2.DirectiveTarget(spoke_name=spoke), type=type_, force=force, max_attempts=max_attempts
         )
         if payload is not None:
             request.payload.update(payload)
@@ -312,11 +397,17 @@ class Operator:
     def points(self, spoke):
         return list(self.call("QueryMetrics", admin_pb2.QueryMetricsRequest(spoke_name=spoke, page_size=1000)).points)
 
+    def events(self, spoke_id, *types):
+        """The stored events about this spoke, of these types."""
+        request = admin_pb2.WatchEventsRequest(types=types, spoke_id=spoke_id, stop_after_replay=True)
+        return [r.event for r in self.stub.WatchEvents(request, metadata=self.metadata, timeout=10)]
+
 
 class Scenario:
-    def __init__(self, client, command, hub_bin, work, expect_ack_stream=False):
+    def __init__(self, client, command, hub_bin, work, expect_ack_stream=False, webhook=False):
         self.client = client
         self.expect_ack_stream = expect_ack_stream
+        self.webhook = webhook
         self.passed = 0
         self.hub = Hub(hub_bin, work)
         self.name = f"conformance-{client}"
@@ -329,8 +420,8 @@ class Scenario:
         self.passed += 1
         print(f"ok {self.passed} - [{self.client}] {what}", flush=True)
 
-    def create(self, type_, payload, expect_result, force=False):
-        directive_id = self.op.create(self.name, type_, payload, force=force)
+    def create(self, type_, payload, expect_result, force=False, max_attempts=0):
+        directive_id = self.op.create(self.name, type_, payload, force=force, max_attempts=max_attempts)
         self.expected[directive_id] = (types_pb2.DIRECTIVE_STATE_COMPLETED, expect_result)
         return directive_id
 
@@ -358,6 +449,7 @@ class Scenario:
         self.frozen_hub()
         self.spoke_restart()
         self.hub_without_ack_stream()
+        self.webhook_delivery()
         self.exactly_once()
         self.refused_credentials()
         status = self.hub.stop()
@@ -384,6 +476,9 @@ class Scenario:
             first and first.status == types_pb2.SPOKE_STATUS_OK and first.health == types_pb2.SPOKE_HEALTH_ONLINE,
             str(first),
         )
+        self.check_heartbeat_interval(first)
+
+    def check_heartbeat_interval(self, first, phase=""):
         # Only a spoke that follows the hub's 1 s interval (rather than a
         # default of its own, such as 10 s) heartbeats twice more within 7 s.
         seen = {first.last_heartbeat_at.ToNanoseconds()}
@@ -393,7 +488,7 @@ class Scenario:
             return len(seen) >= 3
 
         self.check(
-            f"it heartbeats at the hub's interval ({HEARTBEAT_INTERVAL_S} s)",
+            f"it heartbeats at the hub's interval ({HEARTBEAT_INTERVAL_S} s){phase}",
             eventually(beats, timeout=7 * HEARTBEAT_INTERVAL_S),
             f"{len(seen)} distinct heartbeats seen",
         )
@@ -573,6 +668,191 @@ class Scenario:
             self.spoke.stop()
             older.stop()
 
+    def webhook_delivery(self):
+        """With --webhook: the spoke restarts in webhook mode and the hub
+        POSTs its directives, signed, to its handler (through a proxy of the
+        scenario's that keeps each request and answer), instead of sending
+        them on the stream. The answers carry the outcomes."""
+        if not self.webhook:
+            print(f"# [{self.client}] webhook phase not enabled for this client", flush=True)
+            return
+        listen = f"127.0.0.1:{free_port()}"
+        proxy = RecordingProxy(listen)
+        try:
+            echo_id = self.webhook_directives(listen, proxy)
+            self.webhook_forged_and_replayed(listen, proxy, echo_id)
+            self.webhook_lost_answer(listen)
+        finally:
+            self.spoke.stop()
+            proxy.stop()
+
+    def webhook_directives(self, listen, proxy):
+        delivered_before = self.hub.metric_total("hub_webhook_attempts_total", result="delivered")
+        registrations = len(self.spoke.read_events("registered"))
+        proc = self.spoke.start("--webhook-listen", listen, "--webhook-url", proxy.url)
+
+        def switched():
+            if proc.poll() is not None:
+                raise CheckFailed(f"the spoke exited with status {proc.returncode} in webhook mode")
+            s = self.op.spoke(self.name)
+            return len(self.spoke.read_events("registered")) > registrations and s.delivery_mode == types_pb2.DELIVERY_MODE_WEBHOOK and s
+
+        spoke = eventually(switched)
+        self.check(
+            "restarted with --webhook-listen and --webhook-url, it re-registers for webhook delivery (GetSpoke: DELIVERY_MODE_WEBHOOK, its URL)",
+            spoke and spoke.webhook_url == proxy.url and spoke.id == self.spoke_id,
+            str(spoke or self.op.spoke(self.name)),
+        )
+        self.check_heartbeat_interval(spoke, " in webhook mode")
+
+        ids = [
+            self.create("echo", {"via": "webhook", "n": 1}, {"via": "webhook", "n": 1}),
+            self.create("echo", {"nested": {"list": [1, "two", True]}, "empty": {}}, {"nested": {"list": [1, "two", True]}, "empty": {}}),
+            self.create("echo", {}, {}),
+            self.create("sum", {"numbers": [1, 2, 3.5]}, {"sum": 6.5}),
+            self.create("sum", {"numbers": []}, {"sum": 0}),
+        ]
+        self.check_completed("via webhook, echo and sum directives end COMPLETED with the expected results", ids)
+        bad = self.op.create(self.name, "sum", {"numbers": "seven"})
+        forced = self.op.create(self.name, "reboot", {"now": True}, force=True)
+        self.expected[bad] = self.expected[forced] = None
+        final = self.op.wait_final([bad, forced])
+        self.check(
+            "via webhook, a sum with a bad payload ends FAILED and a forced undeclared type REJECTED, each with an error",
+            final[bad].state == types_pb2.DIRECTIVE_STATE_FAILED
+            and final[bad].error
+            and final[forced].state == types_pb2.DIRECTIVE_STATE_REJECTED
+            and final[forced].error,
+            f"{final[bad]}\n{final[forced]}",
+        )
+
+        # What the spoke answered, as the proxy saw it.
+        every = ids + [bad, forced]
+        wrong = []
+        for i in every:
+            request = proxy.request_for(i)
+            answer = request and request["answer"]
+            if i in ids:
+                ok = answer == {"outcome": "COMPLETED", "result": self.expected[i][1]}
+            else:
+                want = "FAILED" if i == bad else "REJECTED"
+                ok = isinstance(answer, dict) and answer.get("outcome") == want and isinstance(answer.get("error"), str) and answer["error"]
+            if not ok:
+                wrong.append(f"{i}: {request and request['status']} {answer}")
+        self.check(
+            'it answered each request 200 with {"outcome": "COMPLETED", "result": ...}, or FAILED/REJECTED and an "error"',
+            not wrong,
+            "\n".join(wrong) + f"\nall requests: {proxy.requests}",
+        )
+        delivered = self.hub.metric_total("hub_webhook_attempts_total", result="delivered") - delivered_before
+        self.check(
+            'the hub\'s /metrics counts them in hub_webhook_attempts_total{result="delivered"}',
+            delivered >= len(every),
+            f"{delivered:g} delivered for {len(every)} directives",
+        )
+
+        def via():
+            found = collections.defaultdict(list)
+            for event in self.op.events(self.spoke_id, types_pb2.EVENT_TYPE_DIRECTIVE_DELIVERED):
+                if event.directive_id in every:
+                    found[event.directive_id].append(json_format.MessageToDict(event.details).get("via"))
+            return found if set(found) == set(every) else None
+
+        found = eventually(via, timeout=10)
+        self.check(
+            'their directive.delivered events say "via": "webhook"',
+            found and all(v == ["webhook"] for v in found.values()),
+            str(found and dict(found)),
+        )
+        last = self.op.spoke(self.name).last_webhook
+        self.check(
+            "GetSpoke shows the last webhook request, delivered",
+            last.result == "delivered" and last.directive_id in every and last.http_status == 200,
+            str(last),
+        )
+        return ids[0]
+
+    def webhook_forged_and_replayed(self, listen, proxy, echo_id):
+        """Requests sent by the scenario straight to the spoke's handler:
+        forged ones, and a copy of the hub's signed request for echo_id."""
+        handled_before = self.spoke.read_events("handled")
+        original = proxy.request_for(echo_id)
+        forged_id = str(uuid.uuid4())
+        body = original["body"].replace(echo_id.encode(), forged_id.encode())
+        now = str(int(time.time()))
+        forged = {
+            "another secret's signature": {
+                "webhook-id": forged_id,
+                "webhook-timestamp": now,
+                "webhook-signature": sign(os.urandom(32), forged_id, now, body),
+            },
+            "another request's signature": {**original["headers"], "webhook-id": forged_id},
+            "no signature": {"webhook-id": forged_id, "webhook-timestamp": now},
+            "a malformed signature": {"webhook-id": forged_id, "webhook-timestamp": now, "webhook-signature": "v1"},
+            "the signed request's headers over another body": original["headers"],
+        }
+        answers = {what: post(listen, "/hub/directives", body, headers)[0] for what, headers in forged.items()}
+        self.check(
+            "a request it cannot verify is answered 401: " + ", ".join(forged),
+            all(status == 401 for status in answers.values()),
+            str(answers),
+        )
+        handled = self.spoke.read_events("handled")
+        self.check(
+            "and runs nothing",
+            handled == handled_before and self.spoke.proc.poll() is None,
+            f"handled events {len(handled_before)} -> {len(handled)}: {handled[len(handled_before):]}",
+        )
+
+        status, answer = post(listen, "/hub/directives", original["body"], original["headers"])
+        reacked = [e for e in self.spoke.read_events("reacked") if e["directive_id"] == echo_id]
+        runs = [e for e in self.spoke.read_events("handled") if e["directive_id"] == echo_id]
+        self.check(
+            "the signed request of a directive it finished, sent again, is answered from its record: same outcome, not run again",
+            status == 200 and answer == original["answer"] and reacked and len(runs) == 1,
+            f"HTTP {status} {answer} (first: {original['answer']}); reacked {reacked}; handled {runs}",
+        )
+
+    def webhook_lost_answer(self, listen):
+        """The spoke dies after the work, before answering the hub's
+        request: the hub posts it again, and the spoke answers from its
+        record."""
+        status = self.spoke.stop()
+        self.check("the spoke stops on SIGTERM with exit status 0 in webhook mode", status == 0, f"exit status {status}")
+        registrations = len(self.spoke.read_events("registered"))
+        proc = self.spoke.start("--webhook-listen", listen, "--crash-before-ack")
+        direct = f"http://{listen}/hub/directives"
+
+        def registered():
+            if proc.poll() is not None:
+                raise CheckFailed(f"the spoke exited with status {proc.returncode} before registering")
+            return len(self.spoke.read_events("registered")) > registrations and self.op.spoke(self.name).webhook_url == direct
+
+        self.check(f"with --webhook-listen alone, it registers webhook_url {direct}", eventually(registered), str(self.op.spoke(self.name)))
+        # Attempts to spare: the hub retries while the spoke restarts.
+        directive_id = self.create("sum", {"numbers": [40, 2]}, {"sum": 42}, max_attempts=10)
+        try:
+            status = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            status = "still running after 30 s"
+        d = self.op.directive(directive_id)
+        self.check(
+            "a spoke that dies before answering a webhook request leaves the directive outstanding",
+            status == 3 and d.state not in FINAL and d.attempt >= 1,
+            f"exit status {status}; {state_name(d.state)}",
+        )
+        self.spoke.start("--webhook-listen", listen)
+        self.check_completed("restarted, it gets the request again and answers it COMPLETED", [directive_id])
+        reacked = [e for e in self.spoke.read_events("reacked") if e["directive_id"] == directive_id]
+        attempt = self.op.directive(directive_id).attempt
+        self.check(
+            "it answered the redelivery from its record instead of running the work again",
+            reacked and attempt >= 2,
+            f"reacked events {reacked}; attempt {attempt}",
+        )
+        status = self.spoke.stop()
+        self.check("the spoke stops on SIGTERM with exit status 0", status == 0, f"exit status {status}")
+
     def exactly_once(self):
         handled = collections.Counter(e["directive_id"] for e in self.spoke.read_events("handled"))
         twice = {i: n for i, n in handled.items() if n > 1}
@@ -620,6 +900,11 @@ def main():
         action="store_true",
         help="also check (on the hub's /metrics) that the spoke acks over AckStream, never with unary Ack",
     )
+    parser.add_argument(
+        "--webhook",
+        action="store_true",
+        help="also run the webhook phase (the client's --webhook-listen and --webhook-url)",
+    )
     parser.add_argument("command", nargs="+", help="the client's command (after --)")
     args = parser.parse_args()
     hub_bin = Path(args.hub_bin)
@@ -631,7 +916,7 @@ def main():
     # Stopped from outside: unwind, so the finally below stops hub and spoke.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix=f"hub-conformance-{args.client}."))
-    scenario = Scenario(args.client, args.command, str(hub_bin), work, args.expect_ack_stream)
+    scenario = Scenario(args.client, args.command, str(hub_bin), work, args.expect_ack_stream, args.webhook)
     failed = 0
     try:
         scenario.run()
