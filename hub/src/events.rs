@@ -127,6 +127,11 @@ const ALL: [(Kind, &str, proto::EventType); 16] = [
 ];
 
 impl Kind {
+    /// Every kind, in the contract's order.
+    pub fn all() -> impl Iterator<Item = Kind> {
+        ALL.iter().map(|(k, ..)| *k)
+    }
+
     /// The name stored in the database.
     pub fn as_str(self) -> &'static str {
         ALL.iter()

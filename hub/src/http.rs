@@ -1,26 +1,23 @@
 //! The HTTP side: `/healthz` (the process answers), `/readyz` (the
 //! database answers and every migration is applied), `/metrics` (Prometheus
-//! text), and the admin page at `/` (see [`crate::dashboard`]).
+//! text), and the operator console at `/` (see [`crate::console`]).
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::get;
 
 use crate::api::Hub;
-use crate::dashboard;
+use crate::console;
 
 /// The HTTP routes.
 pub fn router(hub: Hub) -> Router {
-    Router::new()
-        .route("/", get(dashboard::page))
-        .route("/login", post(dashboard::login))
-        .route("/logout", post(dashboard::logout))
+    console::routes()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .layer(axum::middleware::map_response(dashboard::security_headers))
+        .layer(axum::middleware::map_response(console::security_headers))
         .with_state(hub)
 }
 

@@ -22,7 +22,7 @@
 //!   listener; [`limits`]: the statuses of requests tonic
 //!   could not read (too large, undecodable);
 //! - [`http`]: health, readiness, `/metrics` and the admin page over HTTP;
-//!   [`dashboard`]: the admin page; [`telemetry`]: the hub's own
+//!   [`console`]: the operator console (admin pages); [`telemetry`]: the hub's own
 //!   Prometheus metrics; [`shutdown`]: the
 //!   drain signal;
 //! - [`wire`]: well-known protobuf types to and from stored values;
@@ -36,7 +36,7 @@ pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod config;
-pub mod dashboard;
+pub mod console;
 pub mod directives;
 pub mod error;
 pub mod events;

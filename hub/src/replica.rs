@@ -527,7 +527,7 @@ fn standby_router(forward: Forward) -> axum::Router {
                  whose HTTP port serves the admin page and /metrics\n",
             )
         })
-        .layer(axum::middleware::map_response(crate::dashboard::security_headers))
+        .layer(axum::middleware::map_response(crate::console::security_headers))
 }
 
 #[cfg(test)]

@@ -258,17 +258,21 @@ async fn every_response_carries_the_security_headers() {
         let path = req.lines().next().unwrap();
         let csp = header(&response, "Content-Security-Policy")
             .unwrap_or_else(|| panic!("{path}: no CSP in {response}"));
-        // No scripts, no foreign resources, no framing; the page's own
-        // inline style and forms to the hub only.
+        // Only the hub's own script file (no inline script, no eval), no
+        // foreign resources, no framing; the page's own inline style,
+        // connections (the live stream) and forms to the hub only.
         for directive in [
             "default-src 'none'",
+            "script-src 'self';",
+            "connect-src 'self';",
             "style-src 'unsafe-inline'",
             "form-action 'self'",
             "frame-ancestors 'none'",
         ] {
             assert!(csp.contains(directive), "{path}: {csp}");
         }
-        assert!(!csp.contains("script-src"), "{csp}");
+        assert_eq!(csp.matches("unsafe-inline").count(), 1, "{csp}");
+        assert!(!csp.contains("unsafe-eval"), "{csp}");
         assert_eq!(header(&response, "X-Frame-Options"), Some("DENY"), "{path}");
         assert_eq!(
             header(&response, "X-Content-Type-Options"),

@@ -17,7 +17,7 @@ use tonic::metadata::MetadataMap;
 
 use crate::auth::{TokenHash, bearer, hash_secret};
 use crate::clock::Clock;
-use crate::dashboard::Sessions;
+use crate::console::Sessions;
 use crate::directives::CreateDefaults;
 use crate::error::{Error, Result};
 use crate::guard::Guard;

@@ -1,42 +1,83 @@
-//! The admin page: spokes with health, outstanding directives and recent
-//! events, rendered on the server as plain HTML that refreshes itself. No
-//! JavaScript. Read-only, and guarded by the admin token: a sign-in form
-//! sets a session cookie (HttpOnly, SameSite=Strict, and Secure when the
-//! HTTP port serves TLS), or a client sends `Authorization: Bearer <admin
-//! token>`. A wrong token counts against the peer address's budget of
-//! failed authentications, shared with the gRPC port (`guard`): past it,
-//! tokens from that address are answered 429 without a look. Everything
-//! shown is escaped: names, labels, payloads and messages come from spokes
-//! and operators; and every HTTP response carries headers that forbid
-//! scripts, framing and content sniffing ([`security_headers`]).
+//! The operator console: pages for the fleet, a spoke (with its metrics as
+//! charts), a directive and the event log; forms that act (send, cancel,
+//! revoke, rotate a key, delete); and live updates from the event log.
+//!
+//! Rendered on the server as plain HTML, readable without JavaScript. A
+//! small script of the hub's own (`/console.js`, no other source) follows
+//! the event log over Server-Sent Events (`/live`, fed by the same commit
+//! signal as `WatchEvents`) and refreshes the page's live sections in
+//! place; it says so when the connection drops and resumes after the last
+//! event it saw.
+//!
+//! Guarded by the admin token: a sign-in form sets a session cookie
+//! (HttpOnly, SameSite=Strict, and Secure when the HTTP port serves TLS),
+//! or a client sends `Authorization: Bearer <admin token>`. A wrong token
+//! counts against the peer address's budget of failed authentications,
+//! shared with the gRPC port (`guard`): past it, tokens from that address
+//! are answered 429 without a look. Every form POST carries the session's
+//! own random token (checked in constant time, on top of SameSite), and a
+//! destructive action asks to be confirmed first. Every action calls the
+//! same `AdminService` code the CLI reaches over gRPC, so it answers with
+//! the same errors. Everything shown is escaped: names, labels, payloads,
+//! metric labels and messages come from spokes and operators; and every
+//! HTTP response carries headers that allow only the hub's own script,
+//! and forbid framing and content sniffing ([`security_headers`]).
+
+mod actions;
+mod charts;
+mod directive;
+mod events;
+mod fleet;
+mod layout;
+mod live;
+mod spoke;
 
 use std::collections::HashMap;
-use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::Form;
+use axum::Router;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use hub_proto::v1 as proto;
+use axum::routing::{get, post};
 
+use self::layout::escape;
+pub use self::layout::escape as escape_html;
 use crate::api::Hub;
 use crate::error::Error;
-use crate::wire::ago;
 
 const COOKIE: &str = "hub_session";
 /// How long a sign-in lasts.
 const SESSION_MS: i64 = 12 * 3600 * 1000;
-/// Rows per section.
-const ROWS: u32 = 200;
 
 /// The content security policy of every HTTP response: nothing may load or
-/// run (the page has no scripts, images or external styles) except its own
-/// inline `<style>`; forms post only to the hub; no one may frame it.
-const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'unsafe-inline'; \
-     form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+/// run but the hub's own script and inline `<style>`, connections go to the
+/// hub only (the live stream), forms post only to the hub, no one may
+/// frame it.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
+     connect-src 'self'; style-src 'unsafe-inline'; form-action 'self'; \
+     frame-ancestors 'none'; base-uri 'none'";
+
+/// The console's routes (the HTTP port adds health and metrics).
+pub fn routes() -> Router<Hub> {
+    Router::new()
+        .route("/", get(fleet::page))
+        .route("/spokes/{name}", get(spoke::page))
+        .route("/directives/{id}", get(directive::page))
+        .route("/events", get(events::page))
+        .route("/live", get(live::stream))
+        .route("/console.js", get(live::script))
+        .route("/spokes/{name}/send", post(actions::send))
+        .route("/spokes/{name}/revoke", post(actions::revoke))
+        .route("/spokes/{name}/rotate", post(actions::rotate))
+        .route("/spokes/{name}/delete", post(actions::delete))
+        .route("/directives/{id}/cancel", post(actions::cancel))
+        .route("/login", post(login))
+        .route("/logout", post(logout))
+}
 
 /// Adds the security headers to a response (a layer on every HTTP route).
 pub async fn security_headers(mut response: Response) -> Response {
@@ -52,36 +93,48 @@ pub async fn security_headers(mut response: Response) -> Response {
     response
 }
 
-/// Signed-in browser sessions: random ids and when they end. Kept in
-/// memory; a restart signs everyone out.
+/// A signed-in browser session: when it ends, and the token its forms
+/// carry.
+#[derive(Debug, Clone)]
+struct Session {
+    until: i64,
+    csrf: String,
+}
+
+/// Signed-in browser sessions by random id. Kept in memory; a restart signs
+/// everyone out.
 #[derive(Debug, Default)]
-pub struct Sessions(Mutex<HashMap<String, i64>>);
+pub struct Sessions(Mutex<HashMap<String, Session>>);
 
 impl Sessions {
-    fn create(&self, now_ms: i64) -> String {
-        let id = crate::auth::generate_secret();
-        let mut map = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.retain(|_, until| *until > now_ms);
-        map.insert(id.clone(), now_ms + SESSION_MS);
-        id
-    }
-
-    fn valid(&self, id: &str, now_ms: i64) -> bool {
-        let map = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.get(id).is_some_and(|until| *until > now_ms)
-    }
-
-    fn remove(&self, id: &str) {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(id);
+    }
+
+    fn create(&self, now_ms: i64) -> String {
+        let id = crate::auth::generate_secret();
+        let mut map = self.map();
+        map.retain(|_, s| s.until > now_ms);
+        let session = Session {
+            until: now_ms + SESSION_MS,
+            csrf: crate::auth::generate_secret(),
+        };
+        map.insert(id.clone(), session);
+        id
+    }
+
+    /// The session's form token, while it is valid.
+    fn csrf(&self, id: &str, now_ms: i64) -> Option<String> {
+        self.map()
+            .get(id)
+            .filter(|s| s.until > now_ms)
+            .map(|s| s.csrf.clone())
+    }
+
+    fn remove(&self, id: &str) {
+        self.map().remove(id);
     }
 }
 
@@ -96,12 +149,30 @@ fn session_id(headers: &HeaderMap) -> Option<&str> {
         .map(|(_, v)| v)
 }
 
-/// Whether a request may see the page.
-enum Access {
-    Granted,
-    Denied,
-    /// A Bearer token from a throttled address: not looked at.
-    Throttled(Duration),
+/// Who is looking: a browser session (its forms carry `csrf`), or a client
+/// with the admin token in a header (no cookie, so no forgery to fear).
+#[derive(Debug, Clone)]
+pub(crate) struct Viewer {
+    csrf: Option<String>,
+}
+
+impl Viewer {
+    /// The hidden form field every POST form carries.
+    fn csrf_field(&self) -> String {
+        format!(
+            "<input type=\"hidden\" name=\"csrf\" value=\"{}\">",
+            escape(self.csrf.as_deref().unwrap_or(""))
+        )
+    }
+
+    /// Whether a form's token is this session's (always, for a Bearer
+    /// client).
+    fn form_token_ok(&self, sent: &str) -> bool {
+        match &self.csrf {
+            None => true,
+            Some(csrf) => crate::auth::hashes_match(csrf, sent),
+        }
+    }
 }
 
 /// How long `peer` must wait before a token it sends is looked at, if it
@@ -122,46 +193,36 @@ fn failed(hub: &Hub, peer: SocketAddr) {
     hub.guard().limits.auth_failed(Some(peer));
 }
 
-/// A Bearer token counts against the throttle like a sign-in; a session
-/// cookie does not (a stale one after a restart is no guess, and the page
-/// refreshes itself).
-fn access(hub: &Hub, peer: SocketAddr, headers: &HeaderMap) -> Access {
+/// Lets a request in, or answers it: the sign-in form (401) or 429. A
+/// Bearer token counts against the throttle like a sign-in; a session
+/// cookie does not (a stale one after a restart is no guess).
+fn authorize(hub: &Hub, peer: SocketAddr, headers: &HeaderMap) -> Result<Viewer, Box<Response>> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     if let Some(token) = bearer {
         if let Some(wait) = throttled(hub, peer) {
-            return Access::Throttled(wait);
+            return Err(Box::new(too_many(wait)));
         }
         if hub.is_admin_token(token.trim()) {
-            return Access::Granted;
+            return Ok(Viewer { csrf: None });
         }
         failed(hub, peer);
-        return Access::Denied;
+        return Err(Box::new(sign_in(StatusCode::UNAUTHORIZED, "")));
     }
-    match session_id(headers).is_some_and(|id| hub.sessions().valid(id, hub.now_ms())) {
-        true => Access::Granted,
-        false => Access::Denied,
+    match session_id(headers).and_then(|id| hub.sessions().csrf(id, hub.now_ms())) {
+        Some(csrf) => Ok(Viewer { csrf: Some(csrf) }),
+        None => Err(Box::new(sign_in(StatusCode::UNAUTHORIZED, ""))),
     }
 }
 
-/// `GET /`: the page, the sign-in form (401), or 429 for a Bearer token
-/// from a throttled address.
-pub async fn page(
-    State(hub): State<Hub>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    match access(&hub, peer, &headers) {
-        Access::Granted => {}
-        Access::Denied => return sign_in(StatusCode::UNAUTHORIZED, ""),
-        Access::Throttled(wait) => return too_many(wait),
-    }
-    match render(&hub).await {
+/// A rendered page, or why there is none.
+fn html_page(rendered: crate::Result<String>) -> Response {
+    match rendered {
         Ok(html) => ([(header::CACHE_CONTROL, "no-store")], Html(html)).into_response(),
         Err(e) => {
-            tracing::warn!(error = %e, "rendering the admin page failed");
+            tracing::warn!(error = %e, "rendering a console page failed");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the database is unavailable\n",
@@ -240,259 +301,16 @@ fn sign_in(status: StatusCode, message: &str) -> Response {
         format!("<p class=\"error\" role=\"alert\">{}</p>", escape(message))
     };
     let body = format!(
-        "{HEAD}<title>hub: sign in</title></head><body><main class=\"narrow\">\
+        "{}<title>hub: sign in</title></head><body><main class=\"narrow\">\
          <h1>hub</h1>{note}<form method=\"post\" action=\"/login\">\
          <label for=\"token\">Admin token</label>\
          <input id=\"token\" name=\"token\" type=\"password\" autocomplete=\"current-password\" required>\
          <button type=\"submit\">Sign in</button></form>\
          <p class=\"hint\">The token is in <code>hub-data/admin.token</code> on the hub's machine.</p>\
-         </main></body></html>"
+         </main></body></html>",
+        layout::HEAD
     );
     (status, [(header::CACHE_CONTROL, "no-store")], Html(body)).into_response()
-}
-
-const HEAD: &str = "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>\
-body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}\
-main{max-width:1200px;margin:0 auto;padding:16px 24px}main.narrow{max-width:420px}\
-header{display:flex;justify-content:space-between;align-items:baseline}\
-h1{font-size:22px}h2{font-size:16px;margin-top:28px}\
-table{border-collapse:collapse;width:100%;background:#fff}\
-th,td{text-align:left;padding:6px 10px;border-bottom:1px solid #e3e6ea;vertical-align:top}\
-th{background:#eef0f3;font-weight:600}td.mono,code{font-family:ui-monospace,monospace;font-size:12px}\
-.health{display:inline-block;padding:1px 8px;border-radius:10px;font-weight:600;font-size:12px}\
-.ONLINE{background:#d3f5dc;color:#0b6b2a}.STALE{background:#fff0c2;color:#7a5a00}\
-.OFFLINE{background:#fde0e0;color:#9b1c1c}.REVOKED{background:#e4e4e7;color:#3f3f46}\
-.error{color:#9b1c1c}.hint,.muted{color:#6b7280}input{display:block;width:100%;margin:6px 0 12px;padding:6px}\
-</style>";
-
-async fn render(hub: &Hub) -> crate::Result<String> {
-    let now = hub.now_ms();
-    let store = hub.store();
-    let spokes = hub.ledger().list_spokes("", ROWS as usize);
-    let outstanding = hub.ledger().outstanding(ROWS as usize);
-    let mut payloads = store.payloads(&outstanding.missing_payloads).await?;
-    let outstanding: Vec<_> = outstanding
-        .directives
-        .into_iter()
-        .map(|mut d| {
-            if let Some(payload) = payloads.remove(&d.id) {
-                d.payload = payload;
-            }
-            d
-        })
-        .collect();
-    let events = store.recent_events(50).await?;
-    let names: HashMap<String, String> = spokes
-        .iter()
-        .map(|s| (s.id.to_string(), s.name.clone()))
-        .collect();
-    let refresh = hub.settings().heartbeat_interval.as_secs().clamp(2, 10);
-
-    let mut html = String::with_capacity(16 * 1024);
-    let _ = write!(
-        html,
-        "{HEAD}<meta http-equiv=\"refresh\" content=\"{refresh}\"><title>hub</title></head><body><main>\
-         <header><h1>hub</h1><form method=\"post\" action=\"/logout\"><button type=\"submit\">Sign out</button></form></header>\
-         <p class=\"muted\">Refreshes every {refresh} s. Last update: {}.</p>",
-        escape(&fmt_time(now))
-    );
-
-    let _ = write!(
-        html,
-        "<h2 id=\"spokes\">Spokes ({})</h2><table id=\"spokes-table\"><thead><tr><th>Name</th><th>Health</th>\
-         <th>Status</th><th>Last heartbeat</th><th>Version</th><th>Labels</th><th>Outstanding</th><th>Delivery</th></tr></thead><tbody>",
-        spokes.len()
-    );
-    if spokes.is_empty() {
-        html.push_str("<tr><td colspan=\"8\" class=\"muted\">No spokes registered yet.</td></tr>");
-    }
-    for s in &spokes {
-        let wire = hub.spoke_to_proto(s);
-        let health = proto::SpokeHealth::try_from(wire.health)
-            .map(|h| h.as_str_name().trim_start_matches("SPOKE_HEALTH_"))
-            .unwrap_or("OFFLINE");
-        let status = match (s.status, s.status_message.as_str()) {
-            (proto::SpokeStatus::Unspecified, _) => String::new(),
-            (st, "") => st
-                .as_str_name()
-                .trim_start_matches("SPOKE_STATUS_")
-                .to_owned(),
-            (st, msg) => format!(
-                "{}: {msg}",
-                st.as_str_name().trim_start_matches("SPOKE_STATUS_")
-            ),
-        };
-        let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let _ = write!(
-            html,
-            "<tr><td>{}</td><td><span class=\"health {health}\">{health}</span></td><td>{}</td><td>{}</td>\
-             <td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            escape(&s.name),
-            escape(&status),
-            escape(&ago(s.last_heartbeat_at, now)),
-            escape(&s.version),
-            escape(&labels.join(", ")),
-            s.outstanding,
-            delivery_cell(s, wire.connected, now),
-        );
-    }
-    html.push_str("</tbody></table>");
-
-    let _ = write!(
-        html,
-        "<h2 id=\"directives\">Outstanding directives ({})</h2><table id=\"directives-table\"><thead><tr>\
-         <th>Id</th><th>Spoke</th><th>Type</th><th>State</th><th>Attempts</th><th>Age</th><th>Payload</th>\
-         </tr></thead><tbody>",
-        outstanding.len()
-    );
-    if outstanding.is_empty() {
-        html.push_str("<tr><td colspan=\"7\" class=\"muted\">Nothing outstanding.</td></tr>");
-    }
-    for d in &outstanding {
-        let _ = write!(
-            html,
-            "<tr><td class=\"mono\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} of {}</td><td>{}</td>\
-             <td class=\"mono\">{}</td></tr>",
-            d.id,
-            escape(&d.spoke_name),
-            escape(&d.directive_type),
-            d.state.as_str(),
-            d.attempts,
-            d.max_attempts,
-            escape(&ago(Some(d.created_at), now).replace(" ago", "")),
-            escape(&truncate(&d.payload, 200))
-        );
-    }
-    html.push_str("</tbody></table>");
-
-    html.push_str(
-        "<h2 id=\"events\">Recent events</h2><table id=\"events-table\"><thead><tr><th>#</th><th>Time</th>\
-         <th>Type</th><th>Spoke</th><th>Directive</th><th>Details</th></tr></thead><tbody>",
-    );
-    if events.is_empty() {
-        html.push_str("<tr><td colspan=\"6\" class=\"muted\">No events yet.</td></tr>");
-    }
-    for e in &events {
-        let spoke = e
-            .spoke_id
-            .as_ref()
-            .map(|id| names.get(id).cloned().unwrap_or_else(|| id.clone()))
-            .unwrap_or_default();
-        let _ = write!(
-            html,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"mono\">{}</td><td class=\"mono\">{}</td></tr>",
-            e.seq,
-            escape(&fmt_time(e.time)),
-            e.kind.as_str(),
-            escape(&spoke),
-            escape(e.directive_id.as_deref().unwrap_or("")),
-            escape(&truncate(&e.details, 200))
-        );
-    }
-    html.push_str("</tbody></table>");
-    if let Some(nats) = &hub.settings().nats {
-        publisher_section(&mut html, nats, &hub.publisher().get(), store.last_event());
-    }
-    html.push_str("</main></body></html>");
-    Ok(html)
-}
-
-/// The NATS events publisher's state (with `--events-nats-url`).
-fn publisher_section(
-    html: &mut String,
-    nats: &crate::nats::NatsSettings,
-    state: &crate::nats::PublisherState,
-    committed: i64,
-) {
-    let status = match (&state.last_error, state.connected) {
-        (_, true) => "publishing".to_owned(),
-        (Some(e), false) => format!("not publishing: {e}"),
-        (None, false) => "connecting".to_owned(),
-    };
-    let _ = write!(
-        html,
-        "<h2 id=\"nats\">Events to NATS JetStream</h2><table id=\"nats-table\"><tbody>\
-         <tr><th>Stream</th><td class=\"mono\">{}</td></tr>\
-         <tr><th>Subjects</th><td class=\"mono\">{}.&gt;</td></tr>\
-         <tr><th>Status</th><td>{}</td></tr>\
-         <tr><th>Last published</th><td>{}</td></tr>\
-         <tr><th>Behind the log</th><td>{}</td></tr>\
-         <tr><th>Removed by retention before publishing</th><td>{}</td></tr>\
-         </tbody></table>",
-        escape(&nats.stream),
-        escape(&nats.subject_prefix),
-        escape(&status),
-        state.published,
-        committed.saturating_sub(state.published),
-        state.skipped,
-    );
-}
-
-/// How a spoke gets its directives: "stream" (open or not), or its webhook
-/// with the latest request's result; escaped.
-fn delivery_cell(s: &crate::spokes::SpokeRecord, connected: bool, now: i64) -> String {
-    let Some(url) = &s.webhook_url else {
-        return if connected {
-            "stream (open)"
-        } else {
-            "stream / poll"
-        }
-        .to_owned();
-    };
-    let last = match &s.last_webhook {
-        None => "no request yet".to_owned(),
-        Some(w) => webhook_outcome(w, now),
-    };
-    format!(
-        "webhook <span class=\"mono\">{}</span><br><span class=\"muted\">last: {}</span>",
-        escape(&truncate(url, 80)),
-        escape(&last)
-    )
-}
-
-/// The latest webhook request in words: result, HTTP status, attempt,
-/// error, age.
-pub fn webhook_outcome(w: &crate::spokes::WebhookAttempt, now: i64) -> String {
-    let mut text = w.result.to_owned();
-    if let Some(status) = w.http_status {
-        let _ = write!(text, " (HTTP {status})");
-    }
-    let _ = write!(text, ", attempt {} of {}", w.attempt, w.directive_id);
-    if !w.error.is_empty() {
-        let _ = write!(text, ": {}", truncate(&w.error, 200));
-    }
-    let _ = write!(text, ", {}", ago(Some(w.at), now));
-    text
-}
-
-/// Escapes text for HTML element content and quoted attribute values.
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_owned(),
-    }
-}
-
-fn fmt_time(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms).map_or_else(String::new, |t| {
-        t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
-    })
 }
 
 #[cfg(test)]
@@ -500,17 +318,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn escaping_covers_markup_and_quotes() {
-        assert_eq!(
-            escape(r#"<script>alert("x")</script> & 'y'"#),
-            "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#39;y&#39;"
-        );
-    }
-
-    #[test]
     fn session_cookie_is_found_among_others() {
         let mut headers = HeaderMap::new();
         headers.insert(header::COOKIE, "a=1; hub_session=abc; b=2".parse().unwrap());
         assert_eq!(session_id(&headers), Some("abc"));
+    }
+
+    #[test]
+    fn a_session_has_its_own_form_token_until_it_ends() {
+        let sessions = Sessions::default();
+        let a = sessions.create(0);
+        let b = sessions.create(0);
+        let (ta, tb) = (sessions.csrf(&a, 1).unwrap(), sessions.csrf(&b, 1).unwrap());
+        assert_ne!(ta, tb);
+        assert_eq!(ta.len(), 64);
+        assert!(sessions.csrf(&a, SESSION_MS).is_none());
+        let viewer = Viewer {
+            csrf: Some(ta.clone()),
+        };
+        assert!(viewer.form_token_ok(&ta));
+        assert!(!viewer.form_token_ok(&tb));
+        assert!(!viewer.form_token_ok(""));
     }
 }
