@@ -76,10 +76,12 @@ impl Hub {
         shutdown: Shutdown,
     ) -> Self {
         let guard = Arc::new(Guard::new(&settings.guard));
+        // Console sessions last as long as the admin token (across restarts).
+        let sessions = Sessions::new(admin_token.derive("hub console sessions v1"));
         Self {
             inner: Arc::new(Inner {
                 ledger,
-                sessions: Sessions::default(),
+                sessions,
                 settings,
                 admin_token,
                 enrollment_token,

@@ -93,48 +93,66 @@ pub async fn security_headers(mut response: Response) -> Response {
     response
 }
 
-/// A signed-in browser session: when it ends, and the token its forms
-/// carry.
-#[derive(Debug, Clone)]
-struct Session {
-    until: i64,
-    csrf: String,
+/// Signed-in browser sessions. A session id is `<end>.<nonce>.<mac>`: when
+/// it ends (Unix ms), 32 random bytes, and an HMAC of both under a key
+/// derived from the admin token; so sessions outlive a restart of the hub
+/// (a console's live stream resumes) and end when the admin token changes.
+/// The form token of a session is another HMAC of its nonce. Signing out
+/// ends a session in this process (and deletes the browser's cookie).
+pub struct Sessions {
+    key: ring::hmac::Key,
+    /// Sessions signed out, until they would have ended.
+    ended: Mutex<HashMap<String, i64>>,
 }
 
-/// Signed-in browser sessions by random id. Kept in memory; a restart signs
-/// everyone out.
-#[derive(Debug, Default)]
-pub struct Sessions(Mutex<HashMap<String, Session>>);
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sessions(..)")
+    }
+}
 
 impl Sessions {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Sessions signed with `key`.
+    pub fn new(key: [u8; 32]) -> Self {
+        Self {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key),
+            ended: Mutex::default(),
+        }
+    }
+
+    fn mac(&self, text: &str) -> String {
+        let tag = ring::hmac::sign(&self.key, text.as_bytes());
+        tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
     }
 
     fn create(&self, now_ms: i64) -> String {
-        let id = crate::auth::generate_secret();
-        let mut map = self.map();
-        map.retain(|_, s| s.until > now_ms);
-        let session = Session {
-            until: now_ms + SESSION_MS,
-            csrf: crate::auth::generate_secret(),
-        };
-        map.insert(id.clone(), session);
-        id
+        let signed = format!("{}.{}", now_ms + SESSION_MS, crate::auth::generate_secret());
+        format!("{signed}.{}", self.mac(&signed))
     }
 
     /// The session's form token, while it is valid.
     fn csrf(&self, id: &str, now_ms: i64) -> Option<String> {
-        self.map()
-            .get(id)
-            .filter(|s| s.until > now_ms)
-            .map(|s| s.csrf.clone())
+        let (signed, mac) = id.rsplit_once('.')?;
+        let (until, nonce) = signed.split_once('.')?;
+        if !crate::auth::hashes_match(&self.mac(signed), mac) {
+            return None;
+        }
+        let until: i64 = until.parse().ok()?;
+        let ended = self
+            .ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(id);
+        (until > now_ms && !ended).then(|| self.mac(&format!("csrf.{nonce}")))
     }
 
-    fn remove(&self, id: &str) {
-        self.map().remove(id);
+    fn remove(&self, id: &str, now_ms: i64) {
+        let mut ended = self
+            .ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        ended.retain(|_, until| *until > now_ms);
+        ended.insert(id.to_owned(), now_ms + SESSION_MS);
     }
 }
 
@@ -264,7 +282,7 @@ pub async fn login(
 /// `POST /logout`: ends the session.
 pub async fn logout(State(hub): State<Hub>, headers: HeaderMap) -> Response {
     if let Some(id) = session_id(&headers) {
-        hub.sessions().remove(id);
+        hub.sessions().remove(id, hub.now_ms());
     }
     let cookie = format!(
         "{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{}",
@@ -325,14 +343,24 @@ mod tests {
     }
 
     #[test]
-    fn a_session_has_its_own_form_token_until_it_ends() {
-        let sessions = Sessions::default();
+    fn a_session_has_its_own_form_token_until_it_ends_or_signs_out() {
+        let sessions = Sessions::new([7; 32]);
         let a = sessions.create(0);
         let b = sessions.create(0);
         let (ta, tb) = (sessions.csrf(&a, 1).unwrap(), sessions.csrf(&b, 1).unwrap());
         assert_ne!(ta, tb);
         assert_eq!(ta.len(), 64);
         assert!(sessions.csrf(&a, SESSION_MS).is_none());
+        // Another process with the same admin token knows it; another
+        // token, or a changed end, does not.
+        assert_eq!(Sessions::new([7; 32]).csrf(&a, 1), Some(ta.clone()));
+        assert!(Sessions::new([8; 32]).csrf(&a, 1).is_none());
+        let (end, rest) = a.split_once('.').unwrap();
+        assert_eq!(end, SESSION_MS.to_string());
+        let forged = format!("{}.{rest}", SESSION_MS * 9);
+        assert!(sessions.csrf(&forged, 1).is_none());
+        sessions.remove(&b, 1);
+        assert!(sessions.csrf(&b, 2).is_none());
         let viewer = Viewer {
             csrf: Some(ta.clone()),
         };
