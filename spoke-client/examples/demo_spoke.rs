@@ -11,6 +11,10 @@
 //! The first start registers with the enrollment token in
 //! `hub-data/enrollment.token`; the key it gets is kept in `--state-dir` and
 //! reused. Ctrl-C shuts down gracefully.
+//!
+//! With `--status-page target/demo-spoke-status.html` it also writes its
+//! "hub status" widget (`Status::to_html`) into a small page every 10 s, as
+//! a spoke would embed it in its own admin page; open the file in a browser.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -35,6 +39,9 @@ struct Args {
     /// Where the spoke keeps its key, directives and metric buffer.
     #[arg(long, default_value = "target/demo-spoke-state")]
     state_dir: PathBuf,
+    /// Write a page showing the hub status here every 10 s.
+    #[arg(long)]
+    status_page: Option<PathBuf>,
 }
 
 /// Payload of `sync_doc`.
@@ -86,8 +93,10 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("starting the spoke client")?;
 
-    // A gauge every 10 s, whatever the hub is doing.
+    // A gauge (and the status page, if asked for) every 10 s, whatever the
+    // hub is doing.
     let gauges = client.clone();
+    let status_page = args.status_page.clone();
     tokio::spawn(async move {
         loop {
             let s = gauges.status();
@@ -97,6 +106,19 @@ async fn main() -> anyhow::Result<()> {
                 s.buffered_points as f64,
                 &[],
             );
+            if let Some(path) = &status_page {
+                // The snippet escapes everything it shows; the page around
+                // it is the application's own.
+                let page = format!(
+                    "<!doctype html><html lang=\"en\"><meta charset=\"utf-8\">\
+                     <meta http-equiv=\"refresh\" content=\"10\">\
+                     <title>Demo spoke</title><h1>Demo spoke</h1>{}</html>",
+                    s.to_html()
+                );
+                if let Err(e) = tokio::fs::write(path, page).await {
+                    tracing::warn!(path = %path.display(), error = %e, "writing the status page");
+                }
+            }
             tokio::time::sleep(Duration::from_secs(10)).await;
         }
     });

@@ -36,6 +36,47 @@
 //! }
 //! ```
 //!
+//! # Showing the hub status in the spoke's own admin page
+//!
+//! [`Client::status`] is a snapshot of what the client knows: whether it is
+//! connected and to which endpoint, the last heartbeat, pending and
+//! in-flight directives, buffered, dropped and rejected points, failed
+//! pushes, the latest error, whether the hub takes the key, and the status
+//! the application reports. [`Status::to_json`] renders it with stable
+//! snake_case field names (times in RFC 3339 UTC), and [`Status::to_html`]
+//! as a self-contained snippet — one `<section aria-label="Hub status">`
+//! that says "Connected" or "Disconnected" in words, every value escaped,
+//! no script, nothing external, a small `<style>` scoped to `hub-status-*`
+//! classes. Serve either from the admin server the spoke already has; the
+//! client itself never binds a port. With axum, say:
+//!
+//! ```ignore
+//! use axum::{Json, Router, extract::State, response::Html, routing::get};
+//!
+//! let admin = Router::new()
+//!     .route("/hub-status", get(|State(c): State<spoke_client::Client>| async move {
+//!         Html(c.status().to_html())
+//!     }))
+//!     .route("/hub-status.json", get(|State(c): State<spoke_client::Client>| async move {
+//!         Json(c.status().to_json())
+//!     }))
+//!     .with_state(client.clone());
+//! ```
+//!
+//! or inline the snippet in a page rendered by hand:
+//!
+//! ```no_run
+//! # fn demo(client: spoke_client::Client) {
+//! let page = format!(
+//!     "<!doctype html><html lang=\"en\"><title>Billing admin</title><h1>Billing</h1>{}</html>",
+//!     client.status().to_html()
+//! );
+//! # }
+//! ```
+//!
+//! [`Status::to_json_at`] and [`Status::to_html_at`] take the time to
+//! measure the heartbeat's age from, for tests of the page.
+//!
 //! Components:
 //! - [`config`]: the builder and its validation;
 //! - [`client`]: the handle and `run`, which wires the rest together;
@@ -53,7 +94,8 @@
 //! - `link`: the current connection, shared by every caller; `acks`: its
 //!   ack stream (an actor; unary `Ack` with an older hub);
 //! - `tls`: CA, server name and client identity for `https://` endpoints;
-//! - [`status`]: what [`Client::status`] reports; [`event`]: what an
+//! - [`status`]: what [`Client::status`] reports, and (`widget`) its JSON
+//!   and HTML renderings; [`event`]: what an
 //!   observer is told; `wire`: protobuf well-known types; [`error`]: the
 //!   crate's error type.
 #![forbid(unsafe_code)]
@@ -78,6 +120,7 @@ mod session;
 pub mod status;
 mod store;
 mod tls;
+mod widget;
 mod wire;
 
 pub use backoff::Backoff;

@@ -5,7 +5,9 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
-/// A snapshot of the client: what a "hub status" widget shows.
+/// A snapshot of the client: what a "hub status" widget shows, rendered
+/// for the spoke's own admin page by [`to_json`](Self::to_json) and
+/// [`to_html`](Self::to_html).
 ///
 /// ```no_run
 /// # async fn demo(client: spoke_client::Client) {
