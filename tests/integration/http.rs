@@ -393,10 +393,11 @@ async fn the_http_port_serves_tls_and_the_session_cookie_is_secure() {
     .await
     .unwrap();
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let sign_out = format!("csrf={}", csrf_of(&page));
     let logout = https(
         addr,
         &pki.ca,
-        &request("POST", "/logout", &[("Cookie", session)], ""),
+        &request("POST", "/logout", &[("Cookie", session), FORM], &sign_out),
     )
     .await
     .unwrap();
@@ -477,4 +478,246 @@ async fn the_admin_page_and_metrics_show_the_nats_publisher() {
         metrics.contains("hub_events_nats_published_sequence 0"),
         "{metrics}"
     );
+}
+
+/// Signs in; answers the session cookie (`hub_session=...`).
+async fn session(hub: &TestHub) -> String {
+    let login = http(
+        hub.http_addr,
+        "POST",
+        "/login",
+        &[FORM],
+        &format!("token={ADMIN_TOKEN}"),
+    )
+    .await;
+    let line = login
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .expect("a session cookie");
+    line.split_once(": ")
+        .unwrap()
+        .1
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// The form token a console page carries for its session.
+fn csrf_of(page: &str) -> String {
+    let at = page.find("name=\"csrf\" value=\"").expect("a form token") + 19;
+    page[at..at + page[at..].find('"').unwrap()].to_owned()
+}
+
+async fn spoke_health(hub: &TestHub, name: &str) -> i32 {
+    hub.admin()
+        .await
+        .get_spoke(authed(
+            proto::GetSpokeRequest {
+                spoke_name: name.into(),
+                ..Default::default()
+            },
+            ADMIN_TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .spoke
+        .unwrap()
+        .health
+}
+
+/// A console action needs the session's own form token, asks to be
+/// confirmed when destructive, and answers errors as the CLI does.
+#[tokio::test]
+async fn console_actions_need_the_form_token_and_confirmation() {
+    let hub = TestHub::start().await;
+    hub.register("billing", &["sync_doc"], &[]).await;
+    let cookie = session(&hub).await;
+    let other = session(&hub).await;
+    let page = http(
+        hub.http_addr,
+        "GET",
+        "/spokes/billing",
+        &[("Cookie", &cookie)],
+        "",
+    )
+    .await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let token = csrf_of(&page);
+    let other_token = csrf_of(
+        &http(
+            hub.http_addr,
+            "GET",
+            "/spokes/billing",
+            &[("Cookie", &other)],
+            "",
+        )
+        .await,
+    );
+    assert_ne!(token, other_token, "each session has its own");
+
+    // Without the token, or with another session's: refused, nothing done.
+    for body in [
+        "confirm=yes".to_owned(),
+        format!("confirm=yes&csrf={other_token}"),
+    ] {
+        let forged = http(
+            hub.http_addr,
+            "POST",
+            "/spokes/billing/revoke",
+            &[("Cookie", &cookie), FORM],
+            &body,
+        )
+        .await;
+        assert!(forged.starts_with("HTTP/1.1 403"), "{forged}");
+    }
+    assert_eq!(
+        spoke_health(&hub, "billing").await,
+        proto::SpokeHealth::Online as i32
+    );
+
+    // With it: first a confirmation, then the revoke.
+    let asked = http(
+        hub.http_addr,
+        "POST",
+        "/spokes/billing/revoke",
+        &[("Cookie", &cookie), FORM],
+        &format!("csrf={token}"),
+    )
+    .await;
+    assert!(asked.starts_with("HTTP/1.1 200"), "{asked}");
+    assert!(asked.contains("name=\"confirm\" value=\"yes\""), "{asked}");
+    assert_eq!(
+        spoke_health(&hub, "billing").await,
+        proto::SpokeHealth::Online as i32
+    );
+
+    // A send the hub refuses shows the hub's error, as the CLI prints it.
+    let refused = http(
+        hub.http_addr,
+        "POST",
+        "/spokes/billing/send",
+        &[("Cookie", &cookie), FORM],
+        &format!("csrf={token}&type=nope&payload=%7B%7D"),
+    )
+    .await;
+    assert!(refused.starts_with("HTTP/1.1 409"), "{refused}");
+    assert!(
+        refused.contains("FAILED_PRECONDITION: spoke &quot;billing&quot; did not declare"),
+        "{refused}"
+    );
+    let bad_json = http(
+        hub.http_addr,
+        "POST",
+        "/spokes/billing/send",
+        &[("Cookie", &cookie), FORM],
+        &format!("csrf={token}&type=sync_doc&payload=%5B1%5D"),
+    )
+    .await;
+    assert!(bad_json.starts_with("HTTP/1.1 400"), "{bad_json}");
+    assert!(bad_json.contains("INVALID_ARGUMENT: payload"), "{bad_json}");
+    let sent = http(
+        hub.http_addr,
+        "POST",
+        "/spokes/billing/send",
+        &[("Cookie", &cookie), FORM],
+        &format!("csrf={token}&type=sync_doc&payload=%7B%22doc%22%3A1%7D&priority=3"),
+    )
+    .await;
+    assert!(sent.starts_with("HTTP/1.1 303"), "{sent}");
+    let location = header(&sent, "location").expect("to the directive's page");
+    let id = location
+        .strip_prefix("/directives/")
+        .and_then(|l| l.strip_suffix("?done=sent"))
+        .expect("the new directive's page");
+    let created = hub.directive(id).await;
+    assert_eq!(created.priority, 3);
+    assert_eq!(created.r#type, "sync_doc");
+
+    let revoked = http(
+        hub.http_addr,
+        "POST",
+        "/spokes/billing/revoke",
+        &[("Cookie", &cookie), FORM],
+        &format!("csrf={token}&confirm=yes"),
+    )
+    .await;
+    assert!(revoked.starts_with("HTTP/1.1 303"), "{revoked}");
+    assert_eq!(
+        spoke_health(&hub, "billing").await,
+        proto::SpokeHealth::Revoked as i32
+    );
+    // Revoking a revoked spoke is fine; rotating its key is not.
+    let rotate = http(
+        hub.http_addr,
+        "POST",
+        "/spokes/billing/rotate",
+        &[("Cookie", &cookie), FORM],
+        &format!("csrf={token}&confirm=yes"),
+    )
+    .await;
+    assert!(rotate.starts_with("HTTP/1.1 409"), "{rotate}");
+    assert!(rotate.contains("FAILED_PRECONDITION"), "{rotate}");
+
+    // Signing out needs the token too; then the session and its token
+    // are done.
+    let forged = http(hub.http_addr, "POST", "/logout", &[("Cookie", &cookie)], "").await;
+    assert!(forged.starts_with("HTTP/1.1 403"), "{forged}");
+    let out = http(
+        hub.http_addr,
+        "POST",
+        "/logout",
+        &[("Cookie", &cookie), FORM],
+        &format!("csrf={token}"),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 303"), "{out}");
+    let after = http(
+        hub.http_addr,
+        "POST",
+        "/spokes/billing/delete",
+        &[("Cookie", &cookie), FORM],
+        &format!("csrf={token}&confirm=yes"),
+    )
+    .await;
+    assert!(after.starts_with("HTTP/1.1 401"), "{after}");
+}
+
+/// `/live` streams the event log after a sequence as Server-Sent Events.
+#[tokio::test]
+async fn the_live_stream_sends_events_after_the_one_named() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hub = TestHub::start().await;
+    hub.register("a", &["t"], &[]).await;
+    hub.register("b", &["t"], &[]).await;
+    let mut conn = tokio::net::TcpStream::connect(hub.http_addr).await.unwrap();
+    let req = format!(
+        "GET /live?after=1 HTTP/1.1\r\nHost: hub\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\r\n"
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    // Event 2 (b registered), then a directive created while it streams.
+    hub.send("a", "t", json!({})).await;
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !text.contains("id: 3\n") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no event 3 on the live stream: {text}"
+        );
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(200), conn.read(&mut buf)).await
+        {
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("content-type: text/event-stream")
+    );
+    assert!(!text.contains("id: 1\n"), "{text}");
+    assert!(text.contains("id: 2\n"), "{text}");
+    assert!(text.contains("EVENT_TYPE_DIRECTIVE_CREATED"), "{text}");
 }

@@ -51,6 +51,7 @@ fn admit(
     let viewer = authorize(hub, peer, headers)?;
     if !viewer.form_token_ok(&fields.csrf) {
         return Err(Box::new(page(
+            &viewer,
             StatusCode::FORBIDDEN,
             "Refused",
             "<p class=\"error\" role=\"alert\">This form did not come from your console session \
@@ -60,13 +61,15 @@ fn admit(
     Ok(viewer)
 }
 
-fn page(status: StatusCode, title: &str, body: &str) -> Response {
-    (status, Html(frame(&format!("hub: {title}"), 0, body))).into_response()
+fn page(viewer: &Viewer, status: StatusCode, title: &str, body: &str) -> Response {
+    let html = frame(viewer, &format!("hub: {title}"), 0, body);
+    (status, Html(html)).into_response()
 }
 
 /// 404 with a message.
-pub fn not_found(message: &str) -> Response {
+pub fn not_found(viewer: &Viewer, message: &str) -> Response {
     page(
+        viewer,
         StatusCode::NOT_FOUND,
         "not found",
         &format!("<p class=\"error\" role=\"alert\">{}</p>", escape(message)),
@@ -97,8 +100,9 @@ fn error_text(status: &Status) -> String {
 }
 
 /// A page for a refused call.
-pub fn refused(status: &Status) -> Response {
+pub fn refused(viewer: &Viewer, status: &Status) -> Response {
     page(
+        viewer,
         http_status(status.code()),
         "refused",
         &format!(
@@ -126,7 +130,7 @@ fn confirm(
         escape(button),
         escape(back),
     );
-    page(StatusCode::OK, "confirm", &body)
+    page(viewer, StatusCode::OK, "confirm", &body)
 }
 
 /// `POST /spokes/{name}/send`: CreateDirective for the spoke.
@@ -352,7 +356,7 @@ pub async fn rotate(
                 escape(&r.spoke_key),
                 escape(&back)
             );
-            let mut response = page(StatusCode::OK, "new key", &body);
+            let mut response = page(&viewer, StatusCode::OK, "new key", &body);
             response.headers_mut().insert(
                 axum::http::header::CACHE_CONTROL,
                 axum::http::HeaderValue::from_static("no-store"),

@@ -60,9 +60,9 @@ pub async fn render(
     let d = match got {
         Ok(r) => match r.into_inner().directive {
             Some(d) => d,
-            None => return super::actions::not_found("No such directive."),
+            None => return super::actions::not_found(viewer, "No such directive."),
         },
-        Err(status) => return super::actions::refused(&status),
+        Err(status) => return super::actions::refused(viewer, &status),
     };
     let after = hub.store().last_event();
     let events = match timeline(hub, &d, after).await {
@@ -171,7 +171,12 @@ pub async fn render(
         );
     }
     html.push_str("</section>");
-    let page = html_page(Ok(frame(&format!("hub: directive {}", d.id), after, &html)));
+    let page = html_page(Ok(frame(
+        viewer,
+        &format!("hub: directive {}", d.id),
+        after,
+        &html,
+    )));
     match error {
         Some((status, _)) => (status, page).into_response(),
         None => page,

@@ -40,13 +40,14 @@ pub async fn page(
     headers: HeaderMap,
     Query(query): Query<EventsQuery>,
 ) -> Response {
-    if let Err(refused) = authorize(&hub, peer, &headers) {
-        return *refused;
-    }
-    html_page(render(&hub, &query).await)
+    let viewer = match authorize(&hub, peer, &headers) {
+        Ok(v) => v,
+        Err(refused) => return *refused,
+    };
+    html_page(render(&hub, &viewer, &query).await)
 }
 
-async fn render(hub: &Hub, query: &EventsQuery) -> crate::Result<String> {
+async fn render(hub: &Hub, viewer: &super::Viewer, query: &EventsQuery) -> crate::Result<String> {
     let last = hub.store().last_event();
     let upto = if query.before > 0 {
         (query.before - 1).min(last)
@@ -136,7 +137,7 @@ async fn render(hub: &Hub, query: &EventsQuery) -> crate::Result<String> {
         );
     }
     html.push_str("</section>");
-    Ok(frame("hub: events", last, &html))
+    Ok(frame(viewer, "hub: events", last, &html))
 }
 
 fn form(html: &mut String, query: &EventsQuery) {

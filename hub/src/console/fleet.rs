@@ -44,13 +44,14 @@ pub async fn page(
     headers: HeaderMap,
     Query(query): Query<FleetQuery>,
 ) -> Response {
-    if let Err(refused) = authorize(&hub, peer, &headers) {
-        return *refused;
-    }
-    html_page(render(&hub, &query).await)
+    let viewer = match authorize(&hub, peer, &headers) {
+        Ok(v) => v,
+        Err(refused) => return *refused,
+    };
+    html_page(render(&hub, &viewer, &query).await)
 }
 
-async fn render(hub: &Hub, query: &FleetQuery) -> crate::Result<String> {
+async fn render(hub: &Hub, viewer: &super::Viewer, query: &FleetQuery) -> crate::Result<String> {
     let now = hub.now_ms();
     let store = hub.store();
     let after = store.last_event();
@@ -205,7 +206,7 @@ async fn render(hub: &Hub, query: &FleetQuery) -> crate::Result<String> {
     if let Some(nats) = &hub.settings().nats {
         publisher_section(&mut html, nats, &hub.publisher().get(), store.last_event());
     }
-    Ok(frame("hub", after, &html))
+    Ok(frame(viewer, "hub", after, &html))
 }
 
 /// The filter form: label, health, order (a GET form: works without

@@ -36,16 +36,17 @@ figure{background:#fff;border:1px solid #e3e6ea;margin:12px 0;padding:8px}figcap
 /// A whole page: head, title, navigation, the live-status line, `body`.
 /// `after` is the last event sequence the page reflects: the live script
 /// resumes after it.
-pub fn frame(title: &str, after: i64, body: &str) -> String {
+pub fn frame(viewer: &Viewer, title: &str, after: i64, body: &str) -> String {
     format!(
         "{HEAD}<title>{}</title><script src=\"/console.js\" defer></script></head>\
          <body data-after=\"{after}\"><main>\
          <header><h1><a href=\"/\">hub</a></h1>\
          <nav aria-label=\"Console\"><a href=\"/\">Fleet</a><a href=\"/events\">Events</a></nav>\
          <p id=\"live\" role=\"status\" aria-live=\"polite\" class=\"muted\">Without JavaScript: reload to update.</p>\
-         <form method=\"post\" action=\"/logout\"><button type=\"submit\">Sign out</button></form></header>\
+         {}<button type=\"submit\">Sign out</button></form></header>\
          {body}</main></body></html>",
-        escape(title)
+        escape(title),
+        form_open(viewer, "/logout", "logout"),
     )
 }
 

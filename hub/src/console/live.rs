@@ -57,9 +57,10 @@ pub async fn stream(
     headers: HeaderMap,
     Query(query): Query<LiveQuery>,
 ) -> Response {
-    if let Err(refused) = authorize(&hub, peer, &headers) {
-        return *refused;
-    }
+    let viewer = match authorize(&hub, peer, &headers) {
+        Ok(v) => v,
+        Err(refused) => return *refused,
+    };
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -79,10 +80,10 @@ pub async fn stream(
             after = 0;
             match watch(after).await {
                 Ok(r) => r.into_inner(),
-                Err(status) => return super::actions::refused(&status),
+                Err(status) => return super::actions::refused(&viewer, &status),
             }
         }
-        Err(status) => return super::actions::refused(&status),
+        Err(status) => return super::actions::refused(&viewer, &status),
     };
     let messages = events.map(|item| match item {
         Ok(proto::WatchEventsResponse { event: Some(event) }) => {

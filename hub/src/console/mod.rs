@@ -279,10 +279,26 @@ pub async fn login(
     ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
 }
 
-/// `POST /logout`: ends the session.
-pub async fn logout(State(hub): State<Hub>, headers: HeaderMap) -> Response {
+/// `POST /logout`: ends the session (with its form token: a forged sign-out
+/// is refused like any forged form).
+pub async fn logout(State(hub): State<Hub>, headers: HeaderMap, body: String) -> Response {
+    // The token is hex: no decoding needed.
+    let sent = body
+        .split('&')
+        .find_map(|field| field.strip_prefix("csrf="))
+        .unwrap_or_default();
     if let Some(id) = session_id(&headers) {
-        hub.sessions().remove(id, hub.now_ms());
+        let now = hub.now_ms();
+        if let Some(csrf) = hub.sessions().csrf(id, now) {
+            if !crate::auth::hashes_match(&csrf, sent) {
+                return (
+                    StatusCode::FORBIDDEN,
+                    "sign out from the console's own form\n",
+                )
+                    .into_response();
+            }
+            hub.sessions().remove(id, now);
+        }
     }
     let cookie = format!(
         "{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{}",

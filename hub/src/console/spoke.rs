@@ -62,7 +62,7 @@ pub async fn page(
     };
     match render(&hub, &viewer, &name, &query, None).await {
         Ok(Some(html)) => html_page(Ok(html)),
-        Ok(None) => super::actions::not_found(&format!("No spoke is named {name:?}.")),
+        Ok(None) => super::actions::not_found(&viewer, &format!("No spoke is named {name:?}.")),
         Err(e) => html_page(Err(e)),
     }
 }
@@ -249,7 +249,12 @@ pub async fn render(
     );
 
     actions(&mut html, viewer, &s);
-    Ok(Some(frame(&format!("hub: {}", s.name), after, &html)))
+    Ok(Some(frame(
+        viewer,
+        &format!("hub: {}", s.name),
+        after,
+        &html,
+    )))
 }
 
 /// The spoke's points since `from`, oldest first (through QueryMetrics,
@@ -338,7 +343,7 @@ pub async fn with_error(
 ) -> Response {
     match render(hub, viewer, name, &SpokeQuery::default(), Some(error)).await {
         Ok(Some(html)) => (status, html_page(Ok(html))).into_response(),
-        Ok(None) => super::actions::not_found(error),
+        Ok(None) => super::actions::not_found(viewer, error),
         Err(e) => html_page(Err(e)),
     }
 }
