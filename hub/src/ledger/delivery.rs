@@ -20,6 +20,9 @@ use crate::error::{Error, Result};
 use crate::events::{Kind, NewEvent};
 use crate::store::Change;
 
+/// Cancel notices kept per spoke for its next stream.
+const MAX_NOTICES: usize = 1024;
+
 /// Why a stream must end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum End {
@@ -73,8 +76,14 @@ impl Stream {
         self.current.is_some()
     }
 
-    /// Queues a cancel notice for the current or next stream.
+    /// Queues a cancel notice for the current or next stream. A spoke that
+    /// never holds a stream (it polls, or takes webhooks) keeps only the
+    /// newest [`MAX_NOTICES`]: a notice is advice (an ack of a cancelled
+    /// directive is refused anyway), and memory must stay bounded.
     pub(super) fn notice(&mut self, directive_id: Uuid, reason: String) {
+        if self.notices.len() >= MAX_NOTICES {
+            self.notices.pop_front();
+        }
         self.notices.push_back((directive_id, reason));
         self.wake();
     }
@@ -400,5 +409,22 @@ impl State {
             spoke.ready.insert((Reverse(entry.fixed.priority), id));
             spoke.wake();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_for_a_spoke_without_a_stream_stay_bounded_keeping_the_newest() {
+        let mut stream = Stream::default();
+        let ids: Vec<Uuid> = (0..MAX_NOTICES + 10).map(|_| Uuid::now_v7()).collect();
+        for id in &ids {
+            stream.notice(*id, "cancelled".into());
+        }
+        assert_eq!(stream.notices.len(), MAX_NOTICES);
+        assert_eq!(stream.notices.front().map(|n| n.0), Some(ids[10]));
+        assert_eq!(stream.notices.back().map(|n| n.0), ids.last().copied());
     }
 }

@@ -190,17 +190,24 @@ async fn post(
     webhook: &Webhook,
     _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 ) {
-    let directives = match crate::api::with_payloads(hub, delivery).await {
-        Ok(d) => d,
+    let Some((id, attempt)) = delivery.directives.first().map(|d| (d.id, d.attempts)) else {
+        return;
+    };
+    let directive = match crate::api::with_payloads(hub, delivery).await {
+        Ok(d) => d.into_iter().next(),
         Err(e) => {
-            tracing::warn!(error = %e, "webhook: cannot read a payload; retried later");
+            // Not the spoke's doing: retried, not counted as a request.
+            tracing::warn!(error = %e, directive_id = %id, "webhook: cannot read the payload; retried later");
+            let wait = i64::try_from(backoff(attempt).as_millis()).unwrap_or(i64::MAX);
+            let why = format!("the hub could not read the payload: {e}");
+            hub.ledger()
+                .webhook_failed(spoke_id, id, attempt, &why, wait, hub.now_ms());
             return;
         }
     };
-    let Some(directive) = directives.into_iter().next() else {
+    let Some(directive) = directive else {
         return;
     };
-    let (id, attempt) = (directive.id, directive.attempts);
     let answer = match request(&directive) {
         Ok(body) => {
             let url = match WebhookUrl::parse(&webhook.url) {
