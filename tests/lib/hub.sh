@@ -4,6 +4,9 @@
 #   source tests/lib/hub.sh
 #   start_hub DIR LOG [extra serve flags...]   # sets HUB_PID GRPC_ADDR HTTP_ADDR
 #
+# A caller that must restart the hub on the same ports chooses them:
+# HUB_TEST_LISTEN and HUB_TEST_HTTP_LISTEN (HOST:PORT; default 127.0.0.1:0).
+#
 # Needs HUB_BIN, python3 and curl. Returns non-zero (with the reason on
 # stderr) if the hub exits or is not ready within 10 s.
 
@@ -14,7 +17,8 @@ start_hub() {
   (
     cd "$dir"
     exec env -u HUB_DATA_DIR -u DATABASE_URL -u HUB_ADMIN_TOKEN -u HUB_ENROLLMENT_TOKEN \
-      "$HUB_BIN" serve --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --log-format json "$@"
+      "$HUB_BIN" serve --listen "${HUB_TEST_LISTEN:-127.0.0.1:0}" \
+      --http-listen "${HUB_TEST_HTTP_LISTEN:-127.0.0.1:0}" --log-format json "$@"
   ) >"$log" 2>&1 &
   HUB_PID=$!
   GRPC_ADDR=''

@@ -16,7 +16,7 @@ const WIDTH: f64 = 760.0;
 const HEIGHT: f64 = 220.0;
 const LEFT: f64 = 70.0;
 const RIGHT: f64 = 16.0;
-const TOP: f64 = 12.0;
+const TOP: f64 = 24.0;
 const BOTTOM: f64 = 30.0;
 /// Points drawn per series at most (the newest).
 const MAX_SERIES_POINTS: usize = 500;
@@ -130,6 +130,18 @@ fn chart(
         b = HEIGHT - BOTTOM,
         r = WIDTH - RIGHT
     );
+    // The value axis's unit above it; the time axis's zone at its end.
+    let _ = write!(
+        html,
+        "<text class=\"unit\" x=\"4\" y=\"14\" font-size=\"11\" fill=\"#1d2330\">{}</text>\
+         <text x=\"{}\" y=\"{}\" text-anchor=\"end\" font-size=\"11\" fill=\"#5b6170\">UTC</text>",
+        escape(&super::layout::truncate(
+            if unit.is_empty() { "value" } else { unit },
+            40
+        )),
+        WIDTH - RIGHT,
+        HEIGHT - 2.0,
+    );
     for i in 0..=4 {
         let v = lo + (hi - lo) * f64::from(i) / 4.0;
         let yy = y(v);
@@ -137,11 +149,7 @@ fn chart(
             html,
             "<line x1=\"{LEFT}\" y1=\"{yy:.1}\" x2=\"{r}\" y2=\"{yy:.1}\" stroke=\"#e3e6ea\"/>\
              <text x=\"{tx}\" y=\"{ty:.1}\" text-anchor=\"end\" font-size=\"11\" fill=\"#1d2330\">{}</text>",
-            escape(&format!(
-                "{}{}{unit}",
-                number(v),
-                if unit.is_empty() { "" } else { " " }
-            )),
+            number(v),
             r = WIDTH - RIGHT,
             tx = LEFT - 6.0,
             ty = yy + 4.0,
