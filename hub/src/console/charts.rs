@@ -101,6 +101,11 @@ fn chart(
     if (hi - lo).abs() < f64::EPSILON {
         hi = lo + 1.0;
     }
+    // Round steps (1, 2 or 5 times a power of ten), the axis on them.
+    let step = nice_step((hi - lo) / 4.0);
+    lo = (lo / step).floor() * step;
+    hi = (hi / step).ceil() * step;
+    let ticks = ((hi - lo) / step).round() as i32;
     let span = (to - from).max(1) as f64;
     let x = |at: i64| LEFT + (at - from) as f64 / span * (WIDTH - LEFT - RIGHT);
     let y = |v: f64| TOP + (hi - v) / (hi - lo) * (HEIGHT - TOP - BOTTOM);
@@ -142,8 +147,8 @@ fn chart(
         WIDTH - RIGHT,
         HEIGHT - 2.0,
     );
-    for i in 0..=4 {
-        let v = lo + (hi - lo) * f64::from(i) / 4.0;
+    for i in 0..=ticks {
+        let v = lo + step * f64::from(i);
         let yy = y(v);
         let _ = write!(
             html,
@@ -227,6 +232,16 @@ fn chart(
     let _ = write!(html, "</svg><div class=\"legend\">{legend}</div></figure>");
 }
 
+/// The smallest of 1, 2 or 5 times a power of ten that is at least `raw`.
+fn nice_step(raw: f64) -> f64 {
+    let power = 10f64.powf(raw.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * power)
+        .find(|s| *s >= raw * (1.0 - 1e-9))
+        .unwrap_or(10.0 * power)
+}
+
 /// A value as axis and tooltip text: whole numbers without a fraction,
 /// others with up to 3 significant decimals.
 fn number(v: f64) -> String {
@@ -288,6 +303,14 @@ mod tests {
     #[test]
     fn no_points_say_so() {
         assert!(render(&[], 0, 1).contains("No metric points"));
+    }
+
+    #[test]
+    fn axis_steps_are_round() {
+        assert_eq!(nice_step(13.975), 20.0);
+        assert_eq!(nice_step(0.3), 0.5);
+        assert_eq!(nice_step(250.0), 500.0);
+        assert_eq!(nice_step(1.0), 1.0);
     }
 
     #[test]
