@@ -265,6 +265,47 @@ pub async fn cancel(
     }
 }
 
+/// A destructive action on a spoke: its path, what it asks, its button.
+struct Ask {
+    what: &'static str,
+    question: String,
+    button: &'static str,
+}
+
+/// A destructive action on spoke `name`: admitted, confirmed first, then
+/// `act` (the AdminService call and what its success shows); a refusal
+/// shows the spoke's page with the hub's error.
+async fn on_spoke<F, Fut>(
+    hub: Hub,
+    peer: SocketAddr,
+    headers: HeaderMap,
+    name: String,
+    fields: Fields,
+    ask: Ask,
+    act: F,
+) -> Response
+where
+    F: FnOnce(AdminApi, String, Viewer) -> Fut,
+    Fut: std::future::Future<Output = Result<Response, Status>>,
+{
+    let viewer = match admit(&hub, peer, &headers, &fields) {
+        Ok(v) => v,
+        Err(r) => return *r,
+    };
+    let back = format!("/spokes/{}", encode(&name));
+    if fields.confirm != "yes" {
+        let action = format!("{back}/{}", ask.what);
+        return confirm(&viewer, &action, &ask.question, ask.button, "", &back);
+    }
+    match act(AdminApi::new(hub.clone()), name.clone(), viewer.clone()).await {
+        Ok(response) => response,
+        Err(status) => {
+            let why = error_text(&status);
+            super::spoke::with_error(&hub, &viewer, &name, http_status(status.code()), &why).await
+        }
+    }
+}
+
 /// `POST /spokes/{name}/revoke`: RevokeSpoke, once confirmed.
 pub async fn revoke(
     State(hub): State<Hub>,
@@ -273,36 +314,30 @@ pub async fn revoke(
     Path(name): Path<String>,
     Form(fields): Form<Fields>,
 ) -> Response {
-    let viewer = match admit(&hub, peer, &headers, &fields) {
-        Ok(v) => v,
-        Err(r) => return *r,
+    let ask = Ask {
+        what: "revoke",
+        question: format!(
+            "Revoke spoke {name}? Its key stops working at once and its stream ends."
+        ),
+        button: "Revoke",
     };
-    let back = format!("/spokes/{}", encode(&name));
-    if fields.confirm != "yes" {
-        let question =
-            format!("Revoke spoke {name}? Its key stops working at once and its stream ends.");
-        return confirm(
-            &viewer,
-            &format!("{back}/revoke"),
-            &question,
-            "Revoke",
-            "",
-            &back,
-        );
-    }
-    let revoked = AdminApi::new(hub.clone())
-        .revoke_spoke(tonic::Request::new(proto::RevokeSpokeRequest {
-            spoke_name: name.clone(),
-            ..Default::default()
-        }))
-        .await;
-    match revoked {
-        Ok(_) => Redirect::to(&format!("{back}?done=revoked")).into_response(),
-        Err(status) => {
-            let why = error_text(&status);
-            super::spoke::with_error(&hub, &viewer, &name, http_status(status.code()), &why).await
-        }
-    }
+    on_spoke(
+        hub,
+        peer,
+        headers,
+        name,
+        fields,
+        ask,
+        |admin, name, _| async move {
+            let request = proto::RevokeSpokeRequest {
+                spoke_name: name.clone(),
+                ..Default::default()
+            };
+            admin.revoke_spoke(tonic::Request::new(request)).await?;
+            Ok(Redirect::to(&format!("/spokes/{}?done=revoked", encode(&name))).into_response())
+        },
+    )
+    .await
 }
 
 /// `POST /spokes/{name}/rotate`: RotateSpokeKey, once confirmed; the new
@@ -314,60 +349,44 @@ pub async fn rotate(
     Path(name): Path<String>,
     Form(fields): Form<Fields>,
 ) -> Response {
-    let viewer = match admit(&hub, peer, &headers, &fields) {
-        Ok(v) => v,
-        Err(r) => return *r,
+    let ask = Ask {
+        what: "rotate",
+        question: format!(
+            "Rotate the key of spoke {name}? Its current key stops working at once; the new one \
+             is shown once."
+        ),
+        button: "Rotate",
     };
-    let back = format!("/spokes/{}", encode(&name));
-    if fields.confirm != "yes" {
-        let question = format!(
-            "Rotate the key of spoke {name}? Its current key stops working at once; the new one is shown once."
-        );
-        return confirm(
-            &viewer,
-            &format!("{back}/rotate"),
-            &question,
-            "Rotate",
-            "",
-            &back,
-        );
-    }
-    let rotated = AdminApi::new(hub.clone())
-        .rotate_spoke_key(tonic::Request::new(proto::RotateSpokeKeyRequest {
+    on_spoke(hub, peer, headers, name, fields, ask, |admin, name, viewer| async move {
+        let request = proto::RotateSpokeKeyRequest {
             spoke_name: name.clone(),
             ..Default::default()
-        }))
-        .await;
-    match rotated {
-        Ok(r) => {
-            let r = r.into_inner();
-            let secret = if r.webhook_secret.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "<p>Its new webhook secret:</p><p><code class=\"secret\" id=\"new-webhook-secret\">{}</code></p>",
-                    escape(&r.webhook_secret)
-                )
-            };
-            let body = format!(
-                "<h2>New key for {}</h2><p>Shown this once: give it to the spoke now.</p>\
-                 <p><code class=\"secret\" id=\"new-key\">{}</code></p>{secret}<p><a href=\"{}\">Back to the spoke</a></p>",
-                escape(&name),
-                escape(&r.spoke_key),
-                escape(&back)
-            );
-            let mut response = page(&viewer, StatusCode::OK, "new key", &body);
-            response.headers_mut().insert(
-                axum::http::header::CACHE_CONTROL,
-                axum::http::HeaderValue::from_static("no-store"),
-            );
-            response
-        }
-        Err(status) => {
-            let why = error_text(&status);
-            super::spoke::with_error(&hub, &viewer, &name, http_status(status.code()), &why).await
-        }
-    }
+        };
+        let r = admin.rotate_spoke_key(tonic::Request::new(request)).await?.into_inner();
+        let secret = if r.webhook_secret.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "<p>Its new webhook secret:</p><p><code class=\"secret\" id=\"new-webhook-secret\">{}</code></p>",
+                escape(&r.webhook_secret)
+            )
+        };
+        let body = format!(
+            "<h2>New key for {}</h2><p>Shown this once: give it to the spoke now.</p>\
+             <p><code class=\"secret\" id=\"new-key\">{}</code></p>{secret}\
+             <p><a href=\"/spokes/{}\">Back to the spoke</a></p>",
+            escape(&name),
+            escape(&r.spoke_key),
+            encode(&name)
+        );
+        let mut response = page(&viewer, StatusCode::OK, "new key", &body);
+        response.headers_mut().insert(
+            axum::http::header::CACHE_CONTROL,
+            axum::http::HeaderValue::from_static("no-store"),
+        );
+        Ok(response)
+    })
+    .await
 }
 
 /// `POST /spokes/{name}/delete`: DeleteSpoke, once confirmed.
@@ -378,35 +397,29 @@ pub async fn delete(
     Path(name): Path<String>,
     Form(fields): Form<Fields>,
 ) -> Response {
-    let viewer = match admit(&hub, peer, &headers, &fields) {
-        Ok(v) => v,
-        Err(r) => return *r,
+    let ask = Ask {
+        what: "delete",
+        question: format!(
+            "Delete spoke {name}? Its key stops working, its directives that are not final are \
+             cancelled, and its name is free again."
+        ),
+        button: "Delete",
     };
-    let back = format!("/spokes/{}", encode(&name));
-    if fields.confirm != "yes" {
-        let question = format!(
-            "Delete spoke {name}? Its key stops working, its directives that are not final are cancelled, and its name is free again."
-        );
-        return confirm(
-            &viewer,
-            &format!("{back}/delete"),
-            &question,
-            "Delete",
-            "",
-            &back,
-        );
-    }
-    let deleted = AdminApi::new(hub.clone())
-        .delete_spoke(tonic::Request::new(proto::DeleteSpokeRequest {
-            spoke_name: name.clone(),
-            ..Default::default()
-        }))
-        .await;
-    match deleted {
-        Ok(_) => Redirect::to("/?done=deleted").into_response(),
-        Err(status) => {
-            let why = error_text(&status);
-            super::spoke::with_error(&hub, &viewer, &name, http_status(status.code()), &why).await
-        }
-    }
+    on_spoke(
+        hub,
+        peer,
+        headers,
+        name,
+        fields,
+        ask,
+        |admin, name, _| async move {
+            let request = proto::DeleteSpokeRequest {
+                spoke_name: name,
+                ..Default::default()
+            };
+            admin.delete_spoke(tonic::Request::new(request)).await?;
+            Ok(Redirect::to("/?done=deleted").into_response())
+        },
+    )
+    .await
 }

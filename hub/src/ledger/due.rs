@@ -83,6 +83,22 @@ impl Ledger {
 }
 
 impl State {
+    /// Makes a directive whose attempts are used up FAILED with `error`,
+    /// logging its event.
+    pub(super) fn exhausted(&mut self, id: Uuid, error: &str, now_ms: i64) {
+        if let Some(entry) = self.finish(id, DState::Failed, None, error, now_ms) {
+            self.log.changes.push(Change::Event {
+                event: NewEvent::directive(
+                    Kind::DirectiveFailed,
+                    entry.spoke_id,
+                    id,
+                    json!({"error": error, "attempts": entry.attempts}),
+                ),
+                at: now_ms,
+            });
+        }
+    }
+
     fn next_due(&self) -> Option<i64> {
         [&self.ack_due, &self.expiry, &self.retry_due]
             .into_iter()
@@ -138,19 +154,7 @@ impl State {
             };
             entry.ack_due_at = None;
             if entry.attempts >= entry.fixed.max_attempts {
-                let attempts = entry.attempts;
-                let spoke_id = entry.spoke_id;
-                let error = "delivery attempts exhausted";
-                self.finish(id, DState::Failed, None, error, now_ms);
-                self.log.changes.push(Change::Event {
-                    event: NewEvent::directive(
-                        Kind::DirectiveFailed,
-                        spoke_id,
-                        id,
-                        json!({"error": error, "attempts": attempts}),
-                    ),
-                    at: now_ms,
-                });
+                self.exhausted(id, "delivery attempts exhausted", now_ms);
             } else {
                 entry.state = DState::Pending;
                 entry.updated_at = now_ms;

@@ -200,16 +200,7 @@ impl Ledger {
         if entry.attempts >= entry.fixed.max_attempts {
             let attempts = entry.attempts;
             let error = format!("webhook delivery failed {attempts} times; last: {error}");
-            state.finish(id, DState::Failed, None, &error, now_ms);
-            state.log.changes.push(Change::Event {
-                event: NewEvent::directive(
-                    Kind::DirectiveFailed,
-                    spoke_id,
-                    id,
-                    json!({"error": error, "attempts": attempts}),
-                ),
-                at: now_ms,
-            });
+            state.exhausted(id, &error, now_ms);
         } else {
             let at = now_ms.saturating_add(backoff_ms);
             entry.retry_at = Some(at);
