@@ -15,12 +15,11 @@
 
 mod common;
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
@@ -31,15 +30,16 @@ use proto::watch_directives_response::Message;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
-use common::{authed, channel, free_ports, http_get, postgres_test_database, replay_events};
+use common::{
+    PATIENCE, authed, channel, eventually, free_ports, http_get, postgres_test_database,
+    replay_events,
+};
 
 const ADMIN: &str = "admin-token-for-nats-tests-0123";
 const ENROLL: &str = "enrollment-token-for-nats-tests";
 const STREAM: &str = "HUB_EVENTS";
 const PREFIX: &str = "hub.events";
 const SOURCE: &str = "nats-test-hub";
-/// How long any condition may take to come true.
-const PATIENCE: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------- processes
 
@@ -266,25 +266,6 @@ impl Drop for Hub {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// Polls `check` until it answers `Ok`, for at most [`PATIENCE`]; panics
-/// with its last answer otherwise.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let start = Instant::now();
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(why) if start.elapsed() > PATIENCE => {
-                panic!("{what}: not within {PATIENCE:?}; last: {why}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
     }
 }
 

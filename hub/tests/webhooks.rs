@@ -16,7 +16,6 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,13 +29,10 @@ use serde_json::{Value, json};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use common::{authed, channel, free_ports, http_get, replay_events};
+use common::{PATIENCE, authed, channel, eventually, free_ports, http_get, replay_events};
 
 const ADMIN: &str = "admin-token-for-webhook-tests-0123";
 const ENROLL: &str = "enrollment-token-for-webhook-tests";
-/// How long any condition may take to come true (a bound against a hang,
-/// not a timing requirement).
-const PATIENCE: Duration = Duration::from_secs(30);
 /// Acks are never due during a test: an unacked delivery is not sent again.
 const LONG_ACK_DEADLINE: i64 = 600;
 
@@ -635,25 +631,6 @@ fn now_s() -> f64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs_f64()
-}
-
-/// Polls `check` until it answers `Ok`, for at most [`PATIENCE`]; panics
-/// with its last answer otherwise.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let start = Instant::now();
-    loop {
-        match check().await {
-            Ok(value) => return value,
-            Err(why) if start.elapsed() > PATIENCE => {
-                panic!("{what}: not within {PATIENCE:?}; last: {why}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
 }
 
 fn tail(log: &str) -> String {

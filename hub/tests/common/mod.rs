@@ -3,7 +3,9 @@
 //! ports, and a plain HTTP GET for the hub's HTTP port.
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 
@@ -101,4 +103,27 @@ pub fn postgres_test_database(what: &str) -> Option<String> {
     );
     let (base, _) = server.rsplit_once('/').expect("a URL naming a database");
     Some(format!("{base}/{name}"))
+}
+
+/// How long any condition may take to come true (a bound against a hang,
+/// not a timing requirement).
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Polls `check` until it answers `Ok`, for at most [`PATIENCE`]; panics
+/// with its last answer otherwise.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(why) if start.elapsed() > PATIENCE => {
+                panic!("{what}: not within {PATIENCE:?}; last: {why}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
