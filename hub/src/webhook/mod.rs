@@ -17,7 +17,7 @@ mod client;
 mod sign;
 mod target;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -115,7 +115,7 @@ pub async fn run_dispatcher(hub: Hub) {
         let changed = ledger.webhooks_changed();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        let spokes = ledger.webhook_spokes();
+        let spokes: HashSet<Uuid> = ledger.webhook_spokes().into_iter().collect();
         workers.retain(|id, worker| {
             let keep = spokes.contains(id) && !worker.is_finished();
             if !keep {
