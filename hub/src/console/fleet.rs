@@ -57,6 +57,10 @@ async fn render(hub: &Hub, viewer: &super::Viewer, query: &FleetQuery) -> crate:
     let after = store.last_event();
     let all = hub.ledger().list_spokes("", usize::MAX);
     let total = all.len();
+    let names: HashMap<String, String> = all
+        .iter()
+        .map(|s| (s.id.to_string(), s.name.clone()))
+        .collect();
     let mut spokes: Vec<(SpokeRecord, hub_proto::v1::Spoke)> = all
         .into_iter()
         .map(|s| {
@@ -80,12 +84,6 @@ async fn render(hub: &Hub, viewer: &super::Viewer, query: &FleetQuery) -> crate:
         _ => {}
     }
     spokes.truncate(ROWS);
-    let names: HashMap<String, String> = hub
-        .ledger()
-        .list_spokes("", usize::MAX)
-        .iter()
-        .map(|s| (s.id.to_string(), s.name.clone()))
-        .collect();
     let outstanding = hub.ledger().outstanding(ROWS);
     let mut payloads = store.payloads(&outstanding.missing_payloads).await?;
     let outstanding: Vec<_> = outstanding
@@ -101,12 +99,8 @@ async fn render(hub: &Hub, viewer: &super::Viewer, query: &FleetQuery) -> crate:
     let events = store.recent_events(50).await?;
 
     let mut html = String::with_capacity(16 * 1024);
-    match query.done.as_str() {
-        "deleted" => {
-            html.push_str("<p class=\"notice\" role=\"status\">The spoke was deleted.</p>")
-        }
-        "" => {}
-        _ => {}
+    if query.done == "deleted" {
+        html.push_str("<p class=\"notice\" role=\"status\">The spoke was deleted.</p>");
     }
     filters(&mut html, query);
     let _ = write!(

@@ -110,10 +110,10 @@ pub async fn render(
 
     let mut html = String::with_capacity(32 * 1024);
     let _ = write!(html, "<h2>Spoke {}</h2>", escape(&s.name));
-    match query.done.as_str() {
-        "revoked" => html.push_str("<p class=\"notice\" role=\"status\">The spoke is revoked: its key no longer works.</p>"),
-        "" => {}
-        _ => {}
+    if query.done == "revoked" {
+        html.push_str(
+            "<p class=\"notice\" role=\"status\">The spoke is revoked: its key no longer works.</p>",
+        );
     }
     if let Some(error) = error {
         let _ = write!(
